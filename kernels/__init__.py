@@ -1,0 +1,6 @@
+"""Triton kernels of roberta_fast, one op per file (installed as roberta_fast.kernels).
+
+Each file holds the @triton.jit kernels, the host functions the op layer calls (inputs already
+checked and laid out by roberta_fast.ops), and `aot_specs()`: every specialization and config the
+host functions can launch, for the ahead-of-time compile check (tests/test_compile_targets.py).
+"""

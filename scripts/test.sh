@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up, then run the test suite (CPU: Triton kernels under TRITON_INTERPRET=1; `gpu` tests run
+# only where CUDA is available).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec python3 -m pytest -q -ra "$@"

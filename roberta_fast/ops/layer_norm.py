@@ -1,9 +1,145 @@
-"""Stub until the Triton op lands: torch path only (signature is final)."""
+"""layer_norm: fused LayerNorm(x + x_bias + residual) over the last dim (torch | triton | cuda).
+
+The kernel backends are reached through two torch.library custom ops, roberta_fast::layer_norm_fwd
+and roberta_fast::layer_norm_bwd (fake impls for torch.compile, autograd registered on the forward);
+the backend name travels through the forward so the backward runs on the same backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
 
 from .. import reference
+from . import _dispatch
+
+_OP = "layer_norm"
 
 
 def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, backend=None):
-    if backend not in (None, "torch"):
-        raise NotImplementedError("layer_norm: only the torch backend exists yet")
-    return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
+    """LayerNorm(x + x_bias + residual) over the last dim, with optional affine weight and bias.
+
+    x         (..., N) float16 / bfloat16 / float32, any strides, any number of leading dims
+    weight    (N,) x's dtype or float32, or None (no scale)
+    bias      (N,) x's dtype or float32, or None (no shift)
+    eps       float >= 0, added to the variance
+    residual  (..., N) same shape and dtype as x, or None
+    x_bias    (N,) x's dtype or float32, or None: a bias added to x before the residual (the bias
+              of the GEMM that produced x, fused here)
+    backend   None (automatic), "torch", "triton" or "cuda"
+    returns   (..., N) x's dtype. Statistics and arithmetic in float32; differentiable in x,
+              residual, weight, bias and x_bias (gradients in each tensor's own dtype).
+    """
+    _dispatch.check_tensor(_OP, "x", x, ndim_min=1)
+    N = x.shape[-1]
+    params = (("weight", weight), ("bias", bias), ("x_bias", x_bias))
+    for name, p in params:
+        if p is not None:
+            _dispatch.check_tensor(_OP, name, p)
+    if residual is not None:
+        _dispatch.check_tensor(_OP, "residual", residual)
+    _dispatch.check_same_device(_OP, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
+    for name, p in params:
+        _dispatch.check_shape(_OP, name, p, (N,))
+        _dispatch.check_param_dtype(_OP, name, p, x)
+    if residual is not None:
+        _dispatch.check_shape(_OP, "residual", residual, tuple(x.shape))
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{_OP}: residual must have x's dtype ({str(x.dtype).replace('torch.', '')}), "
+                            f"got {str(residual.dtype).replace('torch.', '')}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{_OP}: eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
+
+    M = x.numel() // N if N else 0
+
+    def supports(b):
+        why = _dispatch.check_backend_dtype(_OP, b, "x", x)
+        if why is None and b != "torch":
+            try:
+                max_n = getattr(_dispatch.kernel_module(b, "layer_norm"), "MAX_N", None)
+            except ImportError as e:
+                return f"backend {b!r} has no layer_norm module ({e})"
+            if max_n is not None and N > max_n:
+                why = f"backend {b!r} supports N <= {max_n} (the last dim of x), got N={N}"
+        return why
+
+    b = _dispatch.resolve_backend(_OP, backend, x.device, supports=supports,
+                                  tune_key=(M, N, str(x.dtype).replace("torch.", "")))
+    if b == "torch" or x.numel() == 0:
+        # empty input: plain autograd on empty tensors, nothing is launched
+        return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
+
+    x2 = _rows(x, N)
+    r2 = _rows(residual, N) if residual is not None else None
+    w, bb, xb = (p.contiguous() if p is not None else None for p in (weight, bias, x_bias))
+    y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)
+    return y.view(x.shape)
+
+
+def _rows(t: Tensor, N: int) -> Tensor:
+    """(M, N) with unit column stride: a view when the layout allows it (any row stride), else a copy."""
+    t2 = t.reshape(-1, N)
+    if N > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("roberta_fast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                    residual: Tensor | None, x_bias: Tensor | None, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    return _dispatch.kernel_module(backend, "layer_norm").layer_norm_fwd(x, weight, bias, eps, residual, x_bias)
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, residual, x_bias, backend):
+    M = x.shape[0]
+    return (x.new_empty(x.shape), x.new_empty((M,), dtype=torch.float32),
+            x.new_empty((M,), dtype=torch.float32))
+
+
+@torch.library.custom_op("roberta_fast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                    rstd: Tensor, residual: Tensor | None, x_bias: Tensor | None, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dx_bias); a missing parameter's gradient is an empty (0,) placeholder."""
+    dx, dw, db, dxb = _dispatch.kernel_module(backend, "layer_norm").layer_norm_bwd(
+        dy, x, weight, bias, mean, rstd, residual, x_bias)
+    none = lambda g: g if g is not None else x.new_zeros((0,))
+    return dx, none(dw), none(db), none(dxb)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, residual, x_bias, backend):
+    grad = lambda p: p.new_empty(p.shape) if p is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), grad(weight), grad(bias), grad(x_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _eps, residual, x_bias, backend = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd, residual, x_bias)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd, residual, x_bias = ctx.saved_tensors
+    if x.shape[1] > 1 and dy.stride(1) != 1:  # e.g. an expanded gradient of y.sum()
+        dy = dy.contiguous()
+    dx, dw, db, dxb = torch.ops.roberta_fast.layer_norm_bwd(dy, x, weight, bias, mean, rstd, residual,
+                                                             x_bias, ctx.backend)
+    keep = lambda g, p: g if p is not None else None
+    # the residual's gradient is dx itself (autograd copies before it would accumulate in place,
+    # as for torch.add, whose backward also hands one tensor to both inputs)
+    return (dx, keep(dw, weight), keep(db, bias), None, keep(dx, residual), keep(dxb, x_bias), None)
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

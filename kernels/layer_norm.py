@@ -1,0 +1,378 @@
+"""Fused bias + residual + LayerNorm over the last dim, forward and backward (Triton).
+
+    h = x + x_bias + residual          (fp32, never stored)
+    y = (h - mean(h)) * rstd(h) * weight + bias
+
+Bytes each pass must move (M rows of N elements, s = sizeof(x.dtype)):
+  forward   reads x (+ residual), writes y and 8 B/row of statistics (mean, rstd):
+            M*N*s*(2 + has_residual) + 8*M
+  backward  reads dy, x (+ residual) and the statistics, recomputes h, writes dx:
+            M*N*s*(3 + has_residual) + 8*M, plus a (programs, N) fp32 partial row per parameter
+            gradient that a second small kernel sums in a fixed order (deterministic).
+
+Layout and tuning: one program owns a (ROWS, BLOCK) tile, BLOCK = the power of two class that holds
+a whole row, so a row is read once and reduced in registers. Small rows get several rows per program
+so every program moves a few KiB. All choices live in `_row_config` and `_bwd_programs`.
+
+Optional inputs (weight, bias, x_bias, residual) are runtime 0/1 flags, not constexprs: a missing
+input is a masked-off load (no memory traffic), which keeps the number of compiled variants small.
+Its column mask is written `cols < N * FLAG` (all false when FLAG is 0); `cmask & (FLAG != 0)` would
+be the same on a GPU but the Triton interpreter rejects the mask it makes.
+Parameters share one pointer type: when weight/bias/x_bias come in different dtypes (x's dtype and
+float32 mixed), the host upcasts the x-dtype ones to float32 (exact, N elements).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import AOTSpec, ptr
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # (M, N) rows, input; row stride stride_x
+    RES,  # (M, N) rows, residual in x's dtype; any pointer of that type when HAS_RES == 0
+    W,  # (N,) weight (param dtype)
+    B,  # (N,) bias (param dtype)
+    XB,  # (N,) x_bias (param dtype)
+    Y,  # (M, N) contiguous output, x's dtype
+    MEAN,  # (M,) fp32 mean of h
+    RSTD,  # (M,) fp32 1 / sqrt(var(h) + eps)
+    stride_x,
+    stride_res,
+    M,
+    N,
+    eps,
+    HAS_W,  # 0/1: weight given (else 1)
+    HAS_B,  # 0/1: bias given (else 0)
+    HAS_XB,  # 0/1: x_bias given (else 0)
+    HAS_RES,  # 0/1: residual given (else 0)
+    BLOCK: tl.constexpr,  # power of two >= N
+    ROWS: tl.constexpr,  # rows per program
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
+    cols = tl.arange(0, BLOCK)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+
+    h = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xb = tl.load(XB + cols, mask=cols < N * HAS_XB, other=0.0).to(tl.float32)
+    h += xb[None, :]
+    res_mask = rmask[:, None] & (cols < N * HAS_RES)[None, :]
+    r = tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=res_mask, other=0.0)
+    h += r.to(tl.float32)
+
+    mean = tl.sum(h, axis=1) / N  # (ROWS,)
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    w = tl.load(W + cols, mask=cols < N * HAS_W, other=1.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < N * HAS_B, other=0.0).to(tl.float32)
+    y = d * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # (M, N) rows, upstream gradient in x's dtype; row stride stride_dy
+    X,  # (M, N) rows, forward input
+    RES,  # (M, N) rows, residual (x's dtype); any pointer of that type when HAS_RES == 0
+    W,  # (N,) weight (param dtype)
+    XB,  # (N,) x_bias (param dtype)
+    MEAN,  # (M,) fp32 from the forward
+    RSTD,  # (M,) fp32 from the forward
+    DX,  # (M, N) contiguous output, x's dtype (also the residual's gradient)
+    DW_PART,  # (programs, N) fp32 partial sums of dy * xhat; written when NEED_DW
+    DB_PART,  # (programs, N) fp32 partial sums of dy; written when NEED_DB
+    DXB_PART,  # (programs, N) fp32 partial sums of dx; written when NEED_DXB
+    stride_dy,
+    stride_x,
+    stride_res,
+    M,
+    N,
+    tiles_per_prog,  # this program owns row tiles [pid * tiles_per_prog, (pid + 1) * tiles_per_prog)
+    HAS_W,
+    HAS_XB,
+    HAS_RES,
+    NEED_DW,
+    NEED_DB,
+    NEED_DXB,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cols < N * HAS_W, other=1.0).to(tl.float32)
+    xb = tl.load(XB + cols, mask=cols < N * HAS_XB, other=0.0).to(tl.float32)
+
+    acc_dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    acc_db = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    acc_dxb = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
+    tile0 = pid.to(tl.int64) * tiles_per_prog
+    n_mine = tl.minimum(tiles_per_prog, tl.cdiv(M, ROWS) - pid * tiles_per_prog)
+    for i in range(0, n_mine):
+        rows = (tile0 + i) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        # recompute h exactly as the forward did (same fp32 adds, same order)
+        h = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h += xb[None, :]
+        res_mask = rmask[:, None] & (cols < N * HAS_RES)[None, :]
+        r = tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=res_mask, other=0.0)
+        h += r.to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+        wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+        acc_dw += dy * xhat
+        acc_db += dy
+        acc_dxb += tl.where(mask, dx, 0.0)
+
+    part = pid.to(tl.int64) * N + cols
+    tl.store(DW_PART + part, tl.sum(acc_dw, axis=0), mask=cols < N * NEED_DW)
+    tl.store(DB_PART + part, tl.sum(acc_db, axis=0), mask=cols < N * NEED_DB)
+    tl.store(DXB_PART + part, tl.sum(acc_dxb, axis=0), mask=cols < N * NEED_DXB)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PART,  # (K, P, N) fp32 contiguous partial rows, K <= 3
+    OUT0,  # (N,) sum of PART[0] over P, param dtype
+    OUT1,  # (N,) sum of PART[1]; unused when K < 2
+    OUT2,  # (N,) sum of PART[2]; unused when K < 3
+    P,
+    N,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    k = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < N
+    base = PART + k.to(tl.int64) * P * N
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):  # fixed order: deterministic
+        prow = p0 + tl.arange(0, BLOCK_P)
+        m = (prow < P)[:, None] & cmask[None, :]
+        acc += tl.load(base + prow[:, None].to(tl.int64) * N + cols[None, :], mask=m, other=0.0)
+    s = tl.sum(acc, axis=0)
+    if k == 0:
+        tl.store(OUT0 + cols, s.to(OUT0.dtype.element_ty), mask=cmask)
+    elif k == 1:
+        tl.store(OUT1 + cols, s.to(OUT1.dtype.element_ty), mask=cmask)
+    else:
+        tl.store(OUT2 + cols, s.to(OUT2.dtype.element_ty), mask=cmask)
+
+
+# ----------------------------------------------------------------------------- tuning (one place)
+
+MAX_N = 8192
+# BLOCK classes: a row of N elements goes to the smallest class >= N. Few classes keep the number of
+# compiled variants (and the ahead-of-time compile check) small; small rows pack several per program.
+_BLOCKS = (128, 512, 1024, 2048, 4096, 8192)
+_SUM_BLOCK_P, _SUM_BLOCK_C, _SUM_WARPS = 32, 128, 4
+_NUM_STAGES = 2  # every launch; the row kernels keep nothing in shared memory across loop iterations
+
+
+def _row_config(N: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) for rows of N elements.
+
+    Forward: 8 elements per thread (one 16-byte fp16 vector) in tiles of at least 2048 elements, so
+    small rows pack several per program (N=768: 2 rows, 8 warps). Backward: it holds more fp32 values
+    per element (h, dy, dx and three gradient accumulators), so 4 per thread in tiles of at least 1024
+    (sm_90 and sm_80 builds: <= 64 registers, no spills, up to BLOCK 4096; BLOCK 8192 runs 8 per
+    thread at the 1024-thread limit).
+    """
+    if N > MAX_N:
+        raise ValueError(f"layer_norm: the Triton kernels support N <= {MAX_N}, got N={N}")
+    block = next(b for b in _BLOCKS if b >= N)
+    per_thread = 4 if backward else 8
+    tile = max(block, 1024 if backward else 2048)
+    return block, tile // block, min(32, max(4, tile // (32 * per_thread)))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _bwd_programs(n_tiles: int, device: torch.device) -> int:
+    """Programs of the backward: each owns a contiguous run of row tiles and writes one partial row."""
+    if device.type == "cuda":
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:  # interpreter: a few programs, so the partial sums are still exercised
+        target = 3
+    return max(1, min(n_tiles, target))
+
+
+# ----------------------------------------------------------------------------- host functions
+
+
+def _param_dtype(x: torch.Tensor, *params) -> torch.dtype:
+    dts = {p.dtype for p in params if p is not None}
+    if not dts:
+        return x.dtype
+    return dts.pop() if len(dts) == 1 else torch.float32
+
+
+def _as(p, dtype):
+    return None if p is None else p.to(dtype)
+
+
+def layer_norm_fwd(x, weight, bias, eps, residual, x_bias):
+    """y, mean, rstd = LayerNorm(x + x_bias + residual) (see docs/kernel_contracts.md).
+
+    x (M, N) rows; weight, bias, x_bias (N,) or None (x's dtype or float32); residual (M, N) rows of
+    x's dtype or None. Returns y (M, N) x.dtype contiguous, mean and rstd (M,) float32.
+    """
+    M, N = x.shape
+    pdt = _param_dtype(x, weight, bias, x_bias)
+    weight, bias, x_bias = _as(weight, pdt), _as(bias, pdt), _as(x_bias, pdt)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return y, mean, rstd
+    block, rows, num_warps = _row_config(N)
+    # stand-in for a missing parameter (never read): any tensor of the parameters' dtype
+    dummy = next((p for p in (weight, bias, x_bias) if p is not None), x)
+    res = residual if residual is not None else x
+    _layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
+        x, res,
+        weight if weight is not None else dummy,
+        bias if bias is not None else dummy,
+        x_bias if x_bias is not None else dummy,
+        y, mean, rstd,
+        x.stride(0), res.stride(0), M, N, float(eps),
+        int(weight is not None), int(bias is not None), int(x_bias is not None), int(residual is not None),
+        BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES,
+    )
+    return y, mean, rstd
+
+
+def layer_norm_bwd(dy, x, weight, bias, mean, rstd, residual, x_bias):
+    """dx, dweight, dbias, dx_bias of LayerNorm(x + x_bias + residual) (see docs/kernel_contracts.md).
+
+    dy, x (M, N) rows of x's dtype; residual (M, N) rows or None; weight, bias, x_bias (N,) or None;
+    mean, rstd (M,) float32 from the forward. Returns dx (M, N) x.dtype contiguous (also the residual's
+    gradient) and the parameter gradients in each parameter's dtype (None for a missing parameter).
+    """
+    M, N = x.shape
+    dev = x.device
+    pdt = _param_dtype(x, weight, bias, x_bias)
+    w, xb = _as(weight, pdt), _as(x_bias, pdt)
+    dx = torch.empty((M, N), dtype=x.dtype, device=dev)
+    need = [p is not None for p in (weight, bias, x_bias)]
+    if M == 0:
+        grads = [torch.zeros((N,), dtype=p.dtype, device=dev) if p is not None else None
+                 for p in (weight, bias, x_bias)]
+        return (dx, *grads)
+    block, rows, num_warps = _row_config(N, backward=True)
+    n_tiles = triton.cdiv(M, rows)
+    n_prog = _bwd_programs(n_tiles, dev)
+    tiles_per_prog = triton.cdiv(n_tiles, n_prog)
+    n_prog = triton.cdiv(n_tiles, tiles_per_prog)  # no program without rows
+
+    k = sum(need)
+    part = torch.empty((max(k, 1), n_prog, N), dtype=torch.float32, device=dev)
+    slot, slots = 0, []
+    for n in need:
+        slots.append(part[slot] if n else part[0])
+        slot += int(n)
+    dummy_p = w if w is not None else (xb if xb is not None else None)
+    if dummy_p is None:
+        dummy_p = x if pdt == x.dtype else mean
+    res = residual if residual is not None else x
+    _layer_norm_bwd_kernel[(n_prog,)](
+        dy, x, res,
+        w if w is not None else dummy_p,
+        xb if xb is not None else dummy_p,
+        mean, rstd, dx, slots[0], slots[1], slots[2],
+        dy.stride(0), x.stride(0), res.stride(0), M, N, tiles_per_prog,
+        int(w is not None), int(xb is not None), int(residual is not None),
+        int(need[0]), int(need[1]), int(need[2]),
+        BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES,
+    )
+    grads = [None, None, None]
+    if k:
+        outs = [torch.empty((N,), dtype=pdt, device=dev) for _ in range(k)]
+        o = outs + [outs[0]] * (3 - k)
+        _sum_partials_kernel[(triton.cdiv(N, _SUM_BLOCK_C), k)](
+            part, o[0], o[1], o[2], n_prog, N,
+            BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=_SUM_WARPS, num_stages=_NUM_STAGES,
+        )
+        it = iter(outs)
+        for i, p in enumerate((weight, bias, x_bias)):
+            if p is not None:
+                g = next(it)
+                grads[i] = g if g.dtype == p.dtype else g.to(p.dtype)
+    return (dx, *grads)
+
+
+# ----------------------------------------------------------------------------- ahead-of-time specs
+
+
+def _dtype_combos():
+    """(x dtype, param dtype) pairs the host functions can launch with."""
+    out = []
+    for xd in (torch.float16, torch.bfloat16, torch.float32):
+        out.append((xd, xd))
+        if xd != torch.float32:
+            out.append((xd, torch.float32))
+    return out
+
+
+def aot_specs() -> list[AOTSpec]:
+    """Every kernel specialization the host functions above can launch (generic integer signature)."""
+    specs = []
+    fwd_cfgs = sorted({_row_config(b) for b in _BLOCKS})
+    bwd_cfgs = sorted({_row_config(b, backward=True) for b in _BLOCKS})
+    for xd, pd in _dtype_combos():
+        X, P = ptr(xd), ptr(pd)
+        tag = f"{str(xd)[6:]},params={str(pd)[6:]}"
+        for block, rows, nw in fwd_cfgs:
+            sig = {"X": X, "RES": X, "W": P, "B": P, "XB": P, "Y": X, "MEAN": "*fp32", "RSTD": "*fp32",
+                   "stride_x": "i64", "stride_res": "i64", "M": "i32", "N": "i32", "eps": "fp32",
+                   "HAS_W": "i32", "HAS_B": "i32", "HAS_XB": "i32", "HAS_RES": "i32",
+                   "BLOCK": "constexpr", "ROWS": "constexpr"}
+            specs.append(AOTSpec(f"layer_norm_fwd[{tag},BLOCK={block},ROWS={rows}]", _layer_norm_fwd_kernel,
+                                 sig, {"BLOCK": block, "ROWS": rows}, num_warps=nw,
+                                 num_stages=_NUM_STAGES))
+        for block, rows, nw in bwd_cfgs:
+            sig = {"DY": X, "X": X, "RES": X, "W": P, "XB": P, "MEAN": "*fp32", "RSTD": "*fp32", "DX": X,
+                   "DW_PART": "*fp32", "DB_PART": "*fp32", "DXB_PART": "*fp32",
+                   "stride_dy": "i64", "stride_x": "i64", "stride_res": "i64", "M": "i32", "N": "i32",
+                   "tiles_per_prog": "i32", "HAS_W": "i32", "HAS_XB": "i32", "HAS_RES": "i32",
+                   "NEED_DW": "i32", "NEED_DB": "i32", "NEED_DXB": "i32",
+                   "BLOCK": "constexpr", "ROWS": "constexpr"}
+            specs.append(AOTSpec(f"layer_norm_bwd[{tag},BLOCK={block},ROWS={rows}]", _layer_norm_bwd_kernel,
+                                 sig, {"BLOCK": block, "ROWS": rows}, num_warps=nw,
+                                 num_stages=_NUM_STAGES))
+    for pd in (torch.float16, torch.bfloat16, torch.float32):
+        P = ptr(pd)
+        sig = {"PART": "*fp32", "OUT0": P, "OUT1": P, "OUT2": P, "P": "i32", "N": "i32",
+               "BLOCK_P": "constexpr", "BLOCK_C": "constexpr"}
+        specs.append(AOTSpec(f"layer_norm_sum_partials[{str(pd)[6:]}]", _sum_partials_kernel, sig,
+                             {"BLOCK_P": _SUM_BLOCK_P, "BLOCK_C": _SUM_BLOCK_C}, num_warps=_SUM_WARPS,
+                             num_stages=_NUM_STAGES))
+    return specs

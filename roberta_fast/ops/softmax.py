@@ -1,9 +1,163 @@
-"""Stub until the Triton op lands: torch path only (signature is final)."""
+"""masked_softmax: softmax(scale * scores, masked) over the last dim, with the gradient for scores.
+
+Kernel backends take 4-D (B, H, Q, K) scores and a mask view expanded to that shape (stride 0 on
+broadcast dims); this layer merges or pads the leading dims to three row dims using views only, so
+a broadcast mask is never materialized. Kernel backends run behind torch.library custom ops, so
+torch.compile and CUDA graphs see opaque ops with fake implementations.
+"""
+
+import numbers
+
+import torch
 
 from .. import reference
+from . import _dispatch
+
+_OP = "masked_softmax"
+_MASK_DTYPES = (torch.bool,) + _dispatch.FLOAT_DTYPES
+
+
+@torch.library.custom_op(
+    "roberta_fast::masked_softmax_fwd", mutates_args=(),
+    schema="(Tensor scores, Tensor? mask, float scale, str backend) -> Tensor",
+)
+def _fwd(scores, mask, scale, backend):
+    return _dispatch.kernel_module(backend, "softmax").masked_softmax_fwd(scores, mask, scale)
+
+
+@_fwd.register_fake
+def _fwd_fake(scores, mask, scale, backend):
+    return scores.new_empty(scores.shape)
+
+
+@torch.library.custom_op(
+    "roberta_fast::masked_softmax_bwd", mutates_args=(),
+    schema="(Tensor dprobs, Tensor probs, float scale, str backend) -> Tensor",
+)
+def _bwd(dprobs, probs, scale, backend):
+    return _dispatch.kernel_module(backend, "softmax").masked_softmax_bwd(dprobs, probs, scale)
+
+
+@_bwd.register_fake
+def _bwd_fake(dprobs, probs, scale, backend):
+    return probs.new_empty(probs.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, scale, backend = inputs
+    ctx.save_for_backward(output)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, dprobs):
+    (probs,) = ctx.saved_tensors
+    if dprobs.stride(-1) != 1:
+        dprobs = dprobs.contiguous()
+    # no gradient for the mask (an additive mask is treated as a constant)
+    return _bwd(dprobs, probs, ctx.scale, ctx.backend), None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _row_dims(shape, *strides_list):
+    """Merge the leading dims (all but the last) of tensors that share `shape` into as few row dims as
+    views allow. Returns [(size, (stride of each tensor))]; size-1 dims are dropped."""
+    out = []
+    for d in range(len(shape) - 1):
+        size = shape[d]
+        if size == 1:
+            continue
+        st = tuple(s[d] for s in strides_list)
+        if out:
+            psize, pst = out[-1]
+            if all(p == c * size for p, c in zip(pst, st)):
+                out[-1] = (psize * size, st)
+                continue
+        out.append((size, st))
+    return out
+
+
+def _kernel_path(scores, mask, scale, backend):
+    """Scores (..., K) and a mask already expanded to scores' shape (or None) -> probs (..., K)."""
+    K = scores.shape[-1]
+    if scores.stride(-1) != 1 and K > 1:
+        scores = scores.contiguous()
+    strides = [scores.stride()] + ([mask.stride()] if mask is not None else [])
+    dims = _row_dims(scores.shape, *strides)
+    if len(dims) > 3 and not scores.is_contiguous():
+        scores = scores.contiguous()
+        strides[0] = scores.stride()
+        dims = _row_dims(scores.shape, *strides)
+    if len(dims) > 3:
+        # the mask's broadcast pattern leaves more than three row dims: one call per leading index
+        # (never reached with 4-D scores, since three leading dims always fit)
+        return torch.stack([_kernel_path(scores[i], None if mask is None else mask[i], scale, backend)
+                            for i in range(scores.shape[0])])
+    dims = [(1, (0,) * len(strides))] * (3 - len(dims)) + dims
+    size4 = tuple(d[0] for d in dims) + (K,)
+    s4 = scores.reshape(size4)  # a view: the merged dims are contiguous in scores
+    m4 = None
+    if mask is not None:
+        mstride = tuple(d[1][1] for d in dims) + (mask.stride(-1),)
+        m4 = mask.as_strided(size4, mstride)
+    return _fwd(s4, m4, scale, backend).view(scores.shape)
 
 
 def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
-    if backend not in (None, "torch"):
-        raise NotImplementedError("masked_softmax: only the torch backend exists yet")
-    return reference.masked_softmax(scores, mask, scale)
+    """softmax(scale * scores, masked) over the last dim, with the gradient for scores.
+
+    scores   (..., K) float16 / bfloat16 / float32, at least 1-D, any number of leading dims and
+             any strides
+    mask     None; bool (True = keep); or an additive float mask of any float dtype (added after
+             scaling, e.g. transformers' extended mask (B, 1, 1, K) holding 0 / finfo.min).
+             Broadcastable to scores: (B, 1, 1, K), (B, H, Q, K), (K,), (1, 1, Q, K), ... A broadcast
+             mask is read through stride-0 views, never materialized. The mask gets no gradient.
+    scale    Python float applied to the scores before the additive mask
+    backend  None (automatic), "torch", "triton" or "cuda"
+    returns  (..., K) scores' dtype, contiguous; math in float32. An element is masked where the bool
+             mask is False or the additive mask is -inf; a row with every element masked is all zeros
+             (not NaN), and its gradient is zero. NaN in a kept score gives a NaN row.
+
+    The triton kernel takes rows of up to 8192 elements (longer rows fall back to torch when the
+    backend is automatic). An additive mask whose dtype is neither scores' nor float32 is converted
+    to float32 at its own (unbroadcast) size.
+    """
+    _dispatch.check_tensor(_OP, "scores", scores, ndim_min=1)
+    if mask is not None:
+        _dispatch.check_tensor(_OP, "mask", mask, dtypes=_MASK_DTYPES)
+        try:
+            shape = torch.broadcast_shapes(mask.shape, scores.shape)
+        except RuntimeError:
+            shape = None
+        if shape != scores.shape:
+            raise ValueError(f"{_OP}: mask of shape {tuple(mask.shape)} does not broadcast to scores of "
+                             f"shape {tuple(scores.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{_OP}: scale must be a Python float, got {type(scale).__name__}")
+    _dispatch.check_same_device(_OP, scores=scores, mask=mask)
+    K = scores.shape[-1]
+
+    def supports(b):
+        why = _dispatch.check_backend_dtype(_OP, b, "scores", scores)
+        if why is None and b == "triton" and K > 8192:
+            why = f"backend 'triton' takes rows of at most 8192 elements, got K={K}"
+        return why
+
+    mask_kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+    b = _dispatch.resolve_backend(_OP, backend, scores.device, supports=supports,
+                                  tune_key=(scores.numel() // max(K, 1), K,
+                                            str(scores.dtype).replace("torch.", ""), mask_kind))
+    if mask is not None:
+        mask = mask.detach()  # the mask gets no gradient, on every backend
+    if scores.numel() == 0:
+        return scores.clone(memory_format=torch.contiguous_format)
+    if b == "torch":
+        return reference.masked_softmax(scores, mask, float(scale))
+    if mask is not None:
+        if mask.dtype not in (torch.bool, scores.dtype, torch.float32):
+            mask = mask.float()
+        if mask.stride(-1) not in (0, 1) and mask.shape[-1] > 1:
+            mask = mask.contiguous()
+        mask = mask.expand(scores.shape)
+    return _kernel_path(scores, mask, float(scale), b)

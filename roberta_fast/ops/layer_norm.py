@@ -59,11 +59,11 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, backend
     def supports(b):
         why = _dispatch.check_backend_dtype(_OP, b, "x", x)
         if why is None and b != "torch":
-            try:
-                max_n = getattr(_dispatch.kernel_module(b, "layer_norm"), "MAX_N", None)
-            except ImportError as e:
-                return f"backend {b!r} has no layer_norm module ({e})"
-            if max_n is not None and N > max_n:
+            max_n = _max_n(b)
+            if max_n < 0:
+                pkg = "kernels" if b == "triton" else "cuda_ops"
+                why = f"backend {b!r} has no layer_norm module (roberta_fast.{pkg}.layer_norm is missing)"
+            elif N > max_n:
                 why = f"backend {b!r} supports N <= {max_n} (the last dim of x), got N={N}"
         return why
 
@@ -78,6 +78,17 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, backend
     w, bb, xb = (p.contiguous() if p is not None else None for p in (weight, bias, x_bias))
     y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)
     return y.view(x.shape)
+
+
+@torch.compiler.assume_constant_result
+def _max_n(backend: str) -> int:
+    """The widest row a kernel backend takes (its module's MAX_N); -1 when the module is missing.
+    A constant to torch.compile, so the public function traces without importing anything."""
+    try:
+        mod = _dispatch.kernel_module(backend, "layer_norm")
+    except ImportError:
+        return -1
+    return int(getattr(mod, "MAX_N", 1 << 62))
 
 
 def _rows(t: Tensor, N: int) -> Tensor:

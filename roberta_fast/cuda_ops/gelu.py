@@ -1,0 +1,50 @@
+"""CUDA C++ backend of bias_gelu (csrc/gelu.cu): y = GELU(x + bias), exact erf or tanh.
+
+Host functions with the signatures of docs/kernel_contracts.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import col_parts, device_guard, dtype_code, is_f32, lib, param, ptr, rows, stream
+
+_APPROXIMATE = {"none": 0, "tanh": 1}
+
+
+def _approx_code(approximate) -> int:
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"bias_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _APPROXIMATE[approximate]
+
+
+def bias_gelu_fwd(x, bias, approximate):
+    """x (M, N) rows; bias (N,) of x's dtype or float32, or None. Returns y (M, N) x.dtype."""
+    code = _approx_code(approximate)
+    x, bias = rows(x), param(bias)
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    with device_guard(x):
+        lib().bias_gelu_fwd(x=ptr(x), x_stride=x.stride(0), bias=ptr(bias), bias_f32=is_f32(bias), y=ptr(y),
+                            M=M, N=N, approximate=code, dtype=dtype_code(x.dtype), stream=stream(x))
+    return y
+
+
+def bias_gelu_bwd(dy, x, bias, approximate):
+    """dy, x (M, N) rows. Returns dx (M, N) x.dtype and dbias (N,) bias.dtype (the fp32 dx summed over
+    rows) or None."""
+    code = _approx_code(approximate)
+    dy, x, bias = rows(dy), rows(x), param(bias)
+    M, N = x.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dbias = col_ws = None
+    parts = 1
+    if bias is not None:
+        parts = col_parts(M)
+        dbias = torch.empty((N,), dtype=bias.dtype, device=x.device)
+        col_ws = torch.empty((parts, N), dtype=torch.float32, device=x.device)
+    with device_guard(x):
+        lib().bias_gelu_bwd(dy=ptr(dy), dy_stride=dy.stride(0), x=ptr(x), x_stride=x.stride(0), bias=ptr(bias),
+                            bias_f32=is_f32(bias), dx=ptr(dx), col_ws=ptr(col_ws), dbias=ptr(dbias), M=M, N=N,
+                            parts=parts, approximate=code, dtype=dtype_code(x.dtype), stream=stream(x))
+    return dx, dbias

@@ -1,0 +1,340 @@
+"""Encoder benchmarks: roberta-base / roberta-large (random init from transformers' RobertaConfig, no
+download) in inference, every provider, four workloads.
+
+Providers (cuda_graph=True rows replay one captured CUDA graph of the same forward):
+  hf_eager           transformers, attn_implementation="eager"
+  hf_sdpa            transformers, attn_implementation="sdpa"
+  hf_sdpa_compile    torch.compile(hf_sdpa, mode="max-autotune") (that mode captures CUDA graphs itself)
+  rf_padded          roberta_fast.optimize(hf_model) with padding_free=False (ops.attention + mask)
+  rf_padding_free    roberta_fast.optimize(hf_model) (unpad once, attention_varlen, repad once)
+
+Workloads: batch 32 x seqlen 128; batch 64 x seqlen 512; batch 64 with lengths uniform in
+[0.2 S, S] at S = 512 (seeded, padded to 512 with an attention mask); batch 1 x seqlen 128.
+
+Each row: tokens/s counting real tokens only, latency p50/p90, MFU (encoder_flops of the real
+lengths over p50, against the measured matmul ceiling and, where the GPU is in the table, the
+datasheet dense bf16 peak), peak memory, and the max error of last_hidden_state on real tokens
+against transformers' eager model in float32 with the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import torch
+
+from roberta_fast import flops
+
+from .common import Budget, Progress, dtype_name, short_error, time_cpu, time_gpu_loop
+
+BASE = {"vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
+        "bos_token_id": 0, "eos_token_id": 2, "layer_norm_eps": 1e-5, "hidden_act": "gelu"}
+MODELS = {
+    "roberta-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                     "intermediate_size": 3072},
+    "roberta-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                      "intermediate_size": 4096},
+    # the reduced CPU run: roberta-base's widths, two layers
+    "roberta-base-2layers": {"hidden_size": 768, "num_hidden_layers": 2, "num_attention_heads": 12,
+                             "intermediate_size": 3072},
+}
+WORKLOADS = {
+    "gpu": [("b32_s128", 32, 128, False), ("b64_s512", 64, 512, False), ("b64_s512_var", 64, 512, True),
+            ("b1_s128", 1, 128, False)],
+    "cpu": [("b4_s64", 4, 64, False), ("b4_s64_var", 4, 64, True), ("b1_s32", 1, 32, False)],
+}
+PAD_ID = 1
+
+
+def make_config(name: str):
+    from transformers import RobertaConfig
+
+    return RobertaConfig(**BASE, **MODELS[name])
+
+
+def make_workload(name: str, batch: int, seqlen: int, var: bool, device, vocab: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    if var:
+        lens = torch.randint(max(1, int(0.2 * seqlen)), seqlen + 1, (batch,), generator=gen)
+    else:
+        lens = torch.full((batch,), seqlen)
+    mask = (torch.arange(seqlen)[None, :] < lens[:, None]).long()
+    ids = torch.randint(3, vocab, (batch, seqlen), generator=gen)
+    ids = ids.masked_fill(mask == 0, PAD_ID)
+    return {"name": name, "batch": batch, "seqlen": seqlen, "lens": lens.tolist(),
+            "input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+# ----------------------------------------------------------------------------- model builders
+
+
+def build_reference(config):
+    """transformers' eager RobertaModel in float32 on the CPU, seeded random init, eval mode."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    return AutoModel.from_config(config, attn_implementation="eager").eval()
+
+
+def hf_copy(ref, impl: str, dtype, device):
+    """A copy of the reference with another attention implementation, in dtype on device."""
+    m = copy.deepcopy(ref)
+    if hasattr(m, "set_attn_implementation"):
+        m.set_attn_implementation(impl)
+    else:  # transformers 4.x picked the attention class at construction
+        from transformers import AutoModel
+
+        m = AutoModel.from_config(ref.config, attn_implementation=impl)
+        m.load_state_dict(ref.state_dict())
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def _set_padding_free(model, padding_free: bool) -> bool:
+    hit = False
+    for obj in [model, *model.modules(), getattr(model, "config", None)]:
+        if obj is not None and hasattr(obj, "padding_free"):
+            try:
+                obj.padding_free = padding_free
+                hit = True
+            except Exception:  # noqa: BLE001  (a frozen config)
+                pass
+    return hit
+
+
+def build_roberta_fast(ref, dtype, device, padding_free: bool):
+    """roberta_fast.optimize(hf_model, padding_free=...) on a copy of the reference; if optimize is
+    missing, the RobertaModel(config) route with the reference's weights."""
+    import roberta_fast
+
+    try:
+        hf = hf_copy(ref, "eager", dtype, device)
+        optimize = roberta_fast.optimize
+    except (ImportError, AttributeError) as e:
+        first_err = e
+    else:
+        try:
+            return optimize(hf, padding_free=padding_free).eval()
+        except TypeError as e:
+            if "padding_free" not in str(e):
+                raise
+        m = optimize(hf)
+        if not _set_padding_free(m, padding_free) and not padding_free:
+            raise NotImplementedError("roberta_fast.optimize has no padding_free switch")
+        return m.eval()
+    cls = roberta_fast.RobertaModel  # raises if model.py is missing too
+    try:
+        m = cls(ref.config, padding_free=padding_free)
+    except TypeError:
+        m = cls(ref.config)
+        if not _set_padding_free(m, padding_free) and not padding_free:
+            raise NotImplementedError(f"RobertaModel has no padding_free switch (optimize: "
+                                      f"{short_error(first_err)})") from None
+    m.load_state_dict(ref.state_dict(), strict=False)
+    return m.to(device=device, dtype=dtype).eval()
+
+
+def _forward(model, wl):
+    out = model(input_ids=wl["input_ids"], attention_mask=wl["attention_mask"])
+    return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+
+def _graphed(fn):
+    """Capture fn once into a CUDA graph; the returned callable replays it (static output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+
+    def replay():
+        g.replay()
+        return out
+
+    replay.graph = g
+    return replay
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+PROVIDERS = ("hf_eager", "hf_sdpa", "hf_sdpa_compile", "rf_padded", "rf_padding_free")
+
+
+def provider_variants(device, quick: bool):
+    """(provider, cuda_graph) pairs in run order."""
+    out = []
+    for p in PROVIDERS:
+        if p == "hf_sdpa_compile":
+            if device.type == "cuda":
+                out.append((p, None))  # max-autotune captures its own graphs
+            continue
+        out.append((p, False))
+        if device.type == "cuda":
+            out.append((p, True))
+    return out
+
+
+def run_encoder(*, device: torch.device, models, dtypes, quick: bool, ceilings: dict, datasheet: float | None,
+                budget: Budget, rep_ms: float, progress: bool = True, notes: list | None = None) -> list[dict]:
+    notes = [] if notes is None else notes
+    wls_spec = WORKLOADS["gpu" if device.type == "cuda" else "cpu"]
+    variants = provider_variants(device, quick)
+    total = len(models) * len(dtypes) * len(variants) * len(wls_spec)
+    bar = Progress(total, "encoder", enable=progress)
+    rows: list[dict] = []
+    if quick and device.type == "cuda":
+        notes.append("hf_sdpa_compile (torch.compile mode='max-autotune') skipped under --quick: its compile "
+                     "takes minutes per shape; run without --quick to include it")
+    for mname in models:
+        try:
+            config = make_config(mname)
+            ref = build_reference(config)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"encoder {mname}: cannot build the transformers model ({short_error(e)})")
+            bar.update()
+            continue
+        wls = [make_workload(n, b, s, v, device, config.vocab_size) for n, b, s, v in wls_spec]
+        # float32 reference outputs (TF32 off), computed once per model
+        refs = _reference_outputs(ref, wls, device)
+        for dt in dtypes:
+            group: list[dict] = []
+            for prov, graph in variants:
+                wrows = [_row(mname, config, dt, wl, prov, graph) for wl in wls]
+                group.extend(wrows)
+                skip = None
+                if prov == "hf_sdpa_compile" and quick:
+                    skip = "skipped under --quick (max-autotune compile takes minutes)"
+                elif budget.left() <= 0:
+                    skip = "skipped: time budget"
+                if skip:
+                    for r in wrows:
+                        r["error"] = skip
+                        bar.update()
+                    continue
+                try:
+                    model = _build(prov, ref, dt, device)
+                except Exception as e:  # noqa: BLE001
+                    msg = f"building the model: {short_error(e)}"
+                    for r in wrows:
+                        r["error"] = msg
+                        bar.update()
+                    continue
+                for wl, r, rf in zip(wls, wrows, refs):
+                    bar.update(f"{mname} {dtype_name(dt)} {prov}{'+graph' if graph else ''} {wl['name']}")
+                    if budget.left() <= 0:
+                        r["error"] = "skipped: time budget"
+                        continue
+                    _measure(r, model, wl, rf, graph, device, rep_ms, quick)
+                del model
+                _free(device)
+            _finish(group, config, ceilings, datasheet)
+            rows.extend(group)
+        del ref, refs
+        _free(device)
+    bar.close()
+    return rows
+
+
+def _build(prov, ref, dt, device):
+    if prov == "hf_eager":
+        return hf_copy(ref, "eager", dt, device)
+    if prov == "hf_sdpa":
+        return hf_copy(ref, "sdpa", dt, device)
+    if prov == "hf_sdpa_compile":
+        torch._dynamo.reset()
+        return torch.compile(hf_copy(ref, "sdpa", dt, device), mode="max-autotune", dynamic=False)
+    if prov == "rf_padded":
+        return build_roberta_fast(ref, dt, device, padding_free=False)
+    if prov == "rf_padding_free":
+        return build_roberta_fast(ref, dt, device, padding_free=True)
+    raise ValueError(prov)
+
+
+def _reference_outputs(ref, wls, device):
+    outs = []
+    m = ref.to(device)
+    prev = torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            for wl in wls:
+                outs.append(_forward(m, wl).float().cpu())
+    finally:
+        if prev is not None:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        ref.to("cpu")
+        _free(device)
+    return outs
+
+
+def _row(mname, config, dt, wl, prov, graph) -> dict:
+    return {
+        "suite": "encoder", "model": mname, "dtype": dtype_name(dt), "workload": wl["name"],
+        "provider": prov, "cuda_graph": graph, "batch": wl["batch"], "seqlen": wl["seqlen"],
+        "real_tokens": int(sum(wl["lens"])), "padded_tokens": wl["batch"] * wl["seqlen"],
+        "flops": flops.encoder_flops(config, wl["lens"]),
+        "ms_p50": None, "ms_p90": None, "tokens_per_s": None, "tflops": None, "mfu": None,
+        "mfu_datasheet": None, "peak_mem_mib": None, "max_err": None, "speedup": None, "error": None,
+        "note": None,
+    }
+
+
+def _measure(r, model, wl, ref_out, graph, device, rep_ms, quick):
+    fn = None
+    try:
+        with torch.no_grad():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            fn = (lambda: _forward(model, wl))
+            if graph:
+                fn = _graphed(fn)
+            out = fn()  # also compiles (hf_sdpa_compile)
+            mask = wl["attention_mask"].bool().cpu()
+            r["max_err"] = (out.float().cpu() - ref_out)[mask].abs().max().item()
+            del out
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                r["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                r["ms_p50"], r["ms_p90"] = time_gpu_loop(fn, rep_ms=rep_ms, min_reps=10 if quick else 30)
+            else:
+                r["ms_p50"], r["ms_p90"] = time_cpu(fn, rep_ms=rep_ms, min_reps=3, qs=(0.5, 0.9))
+    except NotImplementedError as e:
+        r["error"] = f"not implemented: {short_error(e)}"
+    except Exception as e:  # noqa: BLE001
+        r["error"] = short_error(e)
+    finally:
+        fn = None
+        _free(device)
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _finish(rows, config, ceilings, datasheet):
+    base = {(r["workload"]): r["ms_p50"] for r in rows
+            if r["provider"] == "hf_eager" and not r["cuda_graph"] and r["ms_p50"]}
+    peak = ceilings.get("matmul_tflops")
+    for r in rows:
+        ms = r["ms_p50"]
+        if not ms:
+            continue
+        r["tokens_per_s"] = r["real_tokens"] / (ms / 1e3)
+        r["tflops"] = r["flops"] / ms / 1e9
+        if peak:
+            r["mfu"] = r["tflops"] / peak
+        if datasheet:
+            r["mfu_datasheet"] = r["tflops"] / datasheet
+        b = base.get(r["workload"])
+        if b:
+            r["speedup"] = b / ms

@@ -1,0 +1,184 @@
+"""One encoder layer: kernel launches and bytes moved, roberta_fast against transformers eager.
+
+analytic   roberta_fast.flops.layer_kernels for a roberta-base / roberta-large layer (every kernel,
+           its bytes and FLOPs) and the summary (launches, non-GEMM bytes, total bytes)
+measured   the aten ops one layer dispatches, counted with a TorchDispatchMode as the difference
+           between a 2-layer and a 1-layer model on a tiny config (so embeddings, mask building and
+           unpad/repad, which run once per model, cancel out); view-only ops launch nothing and are
+           not counted. transformers eager runs on the CPU; roberta_fast runs with its kernel backend
+           (Triton under TRITON_INTERPRET=1 on a CPU), where each fused op is one custom op = one
+           launch. On a GPU, the CUDA kernels of one layer are also counted with torch.profiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+
+import torch
+
+from roberta_fast import flops
+
+from .common import short_error
+
+# aten ops that only make views or read metadata: no kernel launch
+VIEW_OPS = {
+    "view", "_unsafe_view", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze", "select",
+    "slice", "alias", "detach", "as_strided", "split", "split_with_sizes", "unbind", "chunk", "lift_fresh",
+    "_reshape_alias", "reshape", "unflatten", "flatten", "narrow", "view_as", "expand_as", "diagonal",
+    "sym_size", "sym_stride", "sym_numel", "is_same_size", "dim", "size", "stride", "numel", "_nested_tensor_size",
+    "contiguous", "_local_scalar_dense", "is_nonzero", "item", "equal",
+}
+TINY = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 128,
+        "max_position_embeddings": 40, "type_vocab_size": 1, "pad_token_id": 1}
+
+
+def analytic(model: str = "roberta-base", batch: int = 32, seqlen: int = 128, dtype_bytes: int = 2) -> dict:
+    from .bench_encoder import MODELS
+
+    c = MODELS[model]
+    dims = {"batch": batch, "seqlen": seqlen, "hidden": c["hidden_size"], "heads": c["num_attention_heads"],
+            "intermediate": c["intermediate_size"], "dtype_bytes": dtype_bytes}
+    out = {"model": model, **dims, "impls": {}}
+    for impl in ("hf_eager", "roberta_fast_padded", "roberta_fast"):
+        ks = flops.layer_kernels(impl, **dims)
+        out["impls"][impl] = {"kernels": [k.as_dict() for k in ks], "summary": flops.layer_summary(ks)}
+    return out
+
+
+def _op_name(func) -> str:
+    ns = getattr(func, "namespace", "aten")
+    base = func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+    return base if ns == "aten" else f"{ns}::{base}"
+
+
+def count_ops(fn) -> Counter:
+    """aten (and custom) ops fn dispatches, views excluded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = _op_name(func)
+            if name not in VIEW_OPS:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = _Count()
+    with torch.no_grad(), mode:
+        fn()
+    return mode.ops
+
+
+def count_cuda_kernels(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    n = 0
+    for e in prof.events():
+        dt = getattr(e, "device_type", None)
+        if dt is not None and "CUDA" in str(dt) and not str(e.name).startswith(("Memcpy", "Memset")):
+            n += 1
+    return n
+
+
+def _tiny_models(layers: int, device, dtype):
+    from transformers import AutoModel, RobertaConfig
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(num_hidden_layers=layers, **TINY)
+    return AutoModel.from_config(cfg, attn_implementation="eager").eval().to(device=device, dtype=dtype)
+
+
+def _tiny_inputs(device):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, TINY["vocab_size"], (2, 16), generator=gen)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    ids[1, 11:] = TINY["pad_token_id"]
+    return ids.to(device), mask.to(device)
+
+
+@contextlib.contextmanager
+def _env(key, value):
+    old = os.environ.get(key)
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _per_layer(build, device, counter):
+    ids, mask = _tiny_inputs(device)
+    counts = []
+    for layers in (1, 2):
+        m = build(layers)
+
+        def fwd(m=m):
+            with torch.no_grad():
+                return m(input_ids=ids, attention_mask=mask)
+
+        fwd()  # warm-up: caches (fused QKV weight, autotuning) are built outside the count
+        counts.append(counter(fwd))
+    if isinstance(counts[0], Counter):
+        diff = Counter(counts[1])
+        diff.subtract(counts[0])
+        return {k: v for k, v in sorted(diff.items()) if v}
+    return counts[1] - counts[0]
+
+
+def measured(device: torch.device, kernel_backend: str | None) -> dict:
+    """Per-layer op counts for transformers eager and roberta_fast (see the module docstring)."""
+    out: dict = {"config": dict(TINY), "batch": 2, "seqlen": 16}
+    dt = torch.float32 if device.type == "cpu" else torch.float16
+
+    def hf(layers):
+        return _tiny_models(layers, device, dt)
+
+    def ours(layers):
+        import roberta_fast
+
+        return roberta_fast.optimize(_tiny_models(layers, device, dt))
+
+    for name, build, backend in (("hf_eager", hf, None), ("roberta_fast", ours, kernel_backend)):
+        rec: dict = {}
+        try:
+            with _env("ROBERTA_FAST_BACKEND", backend):
+                ops = _per_layer(build, device, count_ops)
+                rec = {"backend": backend, "ops": ops, "launches": sum(ops.values())}
+                if device.type == "cuda":
+                    rec["cuda_kernels"] = _per_layer(build, device, count_cuda_kernels)
+        except NotImplementedError as e:
+            rec = {"backend": backend, "error": f"not implemented: {short_error(e)}"}
+        except Exception as e:  # noqa: BLE001
+            rec = {"backend": backend, "error": short_error(e)}
+        out[name] = rec
+    return out
+
+
+def run_layers(device: torch.device, avail: dict, quick: bool) -> dict:
+    res = {"analytic": [analytic("roberta-base", 32, 128)]}
+    if not quick:
+        res["analytic"].append(analytic("roberta-large", 64, 512))
+    kb = None
+    if avail.get("cuda"):
+        kb = "cuda"
+    elif avail.get("triton"):
+        kb = "triton"
+    res["measured"] = measured(device, kb)
+    return res

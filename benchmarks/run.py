@@ -1,0 +1,220 @@
+"""The one benchmark run behind `roberta-fast bench`, `python -m benchmarks.run` and
+`pytest benchmarks/ --benchmark-only`.
+
+    run(quick=False, out=None, only=None, time_budget=None) -> the results document (also written)
+
+GPU run: the copy and matmul ceilings, the kernel suite (benchmarks.bench_ops), the encoder suite
+(benchmarks.bench_encoder), the per-layer launch/byte analysis (benchmarks.layers).
+Without a GPU the same code runs a reduced mode: torch-backend timings on small CPU shapes with
+perf_counter, Triton checked for correctness under TRITON_INTERPRET=1 on tiny shapes, a two-layer
+roberta-base encoder on the CPU, and the FLOP / byte / launch counts. Its first output line says that
+GPU figures need a GPU.
+
+--only takes a comma-separated list of: kernels, encoder, layers, checks, an op name (layer_norm,
+bias_gelu, masked_softmax, attention, attention_varlen) or a model name (roberta-base, roberta-large).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import sys
+import time
+from pathlib import Path
+
+CPU_NOTE = ("GPU figures need a GPU: no CUDA device here, so this is the reduced CPU run (torch-backend "
+            "timings on small CPU shapes, Triton correctness under the interpreter, FLOP/byte/launch counts).")
+SUITES = ("kernels", "encoder", "layers", "checks")
+
+
+def _cuda_available() -> bool:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.cuda.is_available()
+
+
+def prepare_environment(device: str | None = None) -> str:
+    """Pick the device ("cuda" / "cpu") and, for the CPU, turn the Triton interpreter on before triton
+    is imported. Returns the device type."""
+    dev = device or ("cuda" if _cuda_available() else "cpu")
+    if dev == "cpu":
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            pass  # too late to switch the interpreter on; the checks will report the backend as unavailable
+        else:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return dev
+
+
+def parse_only(only) -> dict:
+    """The selection: which suites, ops and models run (None = everything)."""
+    from .bench_encoder import MODELS
+    from .bench_ops import OPS
+
+    names = [] if not only else [x.strip() for x in (only.split(",") if isinstance(only, str) else only)]
+    names = [n for n in names if n]
+    valid = set(SUITES) | set(OPS) | {m for m in MODELS if "layers" not in m}
+    bad = [n for n in names if n not in valid]
+    if bad:
+        raise ValueError(f"--only: unknown name(s) {bad}; choose from {sorted(valid)}")
+    if not names:
+        return {"suites": set(SUITES), "ops": list(OPS), "models": None}
+    ops = [o for o in OPS if o in names] or (list(OPS) if ("kernels" in names or "checks" in names) else [])
+    models = [m for m in MODELS if m in names]
+    suites = {s for s in SUITES if s in names}
+    if any(o in names for o in OPS):
+        suites |= {"kernels", "checks"}
+    if models:
+        suites.add("encoder")
+    return {"suites": suites, "ops": ops, "models": models or None}
+
+
+def run(*, quick: bool = False, out=None, only=None, time_budget: float | None = None, device: str | None = None,
+        plots: bool = True, progress: bool = True, echo=print) -> dict:
+    t_start = time.monotonic()
+    dev_type = prepare_environment(device)
+    if dev_type == "cpu":
+        echo(CPU_NOTE)
+    sel = parse_only(only)
+
+    import torch
+
+    from . import bench_encoder, bench_ops, layers, report
+    from .common import Budget, datasheet_tflops, default_out_dir, environment, measure_ceilings, short_error
+
+    dev = torch.device(dev_type)
+    env = environment(dev)
+    if dev_type == "cuda":
+        echo(f"roberta_fast bench on {env['gpu']} (driver {env['driver']}, torch {env['torch']}, CUDA "
+             f"{env['cuda']}, triton {env['triton']}), {'quick' if quick else 'full'} run")
+    out_dir = Path(out) if out else default_out_dir(env)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = Budget(time_budget)
+    notes: list[str] = []
+    avail = env.get("backends") or {}
+    if dev_type == "cuda" and not avail.get("cuda"):
+        notes.append("cuda backend not built (roberta_fast._C missing): no 'cuda' rows")
+    if dev_type == "cpu":
+        notes.append("reduced CPU run: kernel rows time eager PyTorch against roberta_fast's torch backend on "
+                     "small shapes (fp32, perf_counter); no torch.compile, no Triton timings (the interpreter "
+                     "is only a correctness check), no CUDA graphs; ceilings are the CPU's")
+
+    ceilings = measure_ceilings(dev, quick)
+    ceilings["datasheet_tflops"] = datasheet_tflops(env.get("gpu"))
+    echo(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s "
+         f"({ceilings['matmul_dtype']})")
+
+    rows: list[dict] = []
+    layers_res = None
+    if dev_type == "cuda":
+        kmode, kdtypes = ("quick", [torch.float16]) if quick else ("full", [torch.float16, torch.bfloat16])
+        rep_ms = 100.0 if quick else 300.0
+        models = sel["models"] or (["roberta-base"] if quick else ["roberta-base", "roberta-large"])
+        edtypes = [torch.float16] if quick else [torch.float16, torch.bfloat16]
+    else:
+        kmode, kdtypes, rep_ms = "cpu", [torch.float32], 30.0
+        models, edtypes = ["roberta-base-2layers"], [torch.float32]
+        if sel["models"]:
+            notes.append(f"reduced CPU run: {sel['models']} replaced by roberta-base-2layers")
+
+    if "kernels" in sel["suites"] and sel["ops"]:
+        kb = budget.sub(0.45) if "encoder" in sel["suites"] else budget
+        rows += bench_ops.run_kernels(device=dev, mode=kmode, ops=sel["ops"], dtypes=kdtypes, ceilings=ceilings,
+                                      avail=avail, budget=kb, rep_ms=rep_ms, progress=progress, notes=notes)
+    if "checks" in sel["suites"] and sel["ops"] and dev_type == "cpu":
+        if avail.get("triton"):
+            rows += bench_ops.check_triton(device=dev, ops=sel["ops"], progress=progress)
+        else:
+            notes.append(f"Triton checks skipped: {avail.get('triton_why', 'triton unavailable')}")
+    if "encoder" in sel["suites"]:
+        rows += bench_encoder.run_encoder(device=dev, models=models, dtypes=edtypes, quick=quick,
+                                          ceilings=ceilings, datasheet=ceilings["datasheet_tflops"], budget=budget,
+                                          rep_ms=rep_ms * (1 if dev_type == "cpu" else 3), progress=progress,
+                                          notes=notes)
+    if "layers" in sel["suites"]:
+        try:
+            layers_res = layers.run_layers(dev, avail, quick)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"layer analysis failed: {short_error(e)}")
+
+    doc = {
+        "schema": report.SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "gpu" if dev_type == "cuda" else "cpu-reduced",
+        "quick": bool(quick),
+        "only": sorted(sel["suites"]) + sel["ops"] + (sel["models"] or []) if only else None,
+        "env": env,
+        "ceilings": ceilings,
+        "notes": notes,
+        "rows": rows,
+        "layers": layers_res,
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+    }
+    problems = report.validate(doc)
+    if problems:
+        doc["notes"].append(f"schema problems: {problems[:5]}")
+    files = [report.write_json(doc, out_dir / report.FILES["json"])]
+    md = report.to_markdown(doc)
+    (out_dir / report.FILES["markdown"]).write_text(md)
+    files.append(out_dir / report.FILES["markdown"])
+    if plots:
+        try:
+            files += report.make_plots(doc, out_dir)
+        except ImportError as e:
+            doc["notes"].append(f"no plots: {short_error(e)}")
+        except Exception as e:  # noqa: BLE001
+            doc["notes"].append(f"plots failed: {short_error(e)}")
+    echo(md)
+    _summary(doc, echo)
+    echo("wrote " + ", ".join(str(f) for f in files))
+    doc["files"] = [str(f) for f in files]
+    return doc
+
+
+def _summary(doc, echo):
+    rows = doc["rows"]
+    errs = [r for r in rows if r.get("error") and not str(r["error"]).startswith("skipped")]
+    fails = [r for r in rows if r.get("ok") is False]
+    echo(f"{len(rows)} rows, {len(errs)} with errors, {len(fails)} failing the accuracy rule, "
+         f"{doc['elapsed_s']:.0f} s")
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--quick", action="store_true",
+                   help="the small set (GPU: 1-2 shapes per kernel in fp16, roberta-base fp16, ~100 ms per timing)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory (default bench_out/<date>_<gpu>)")
+    p.add_argument("--only", metavar="NAME", default=None,
+                   help="comma-separated: kernels, encoder, layers, checks, an op or a model name")
+    p.add_argument("--time-budget", metavar="SECONDS", type=float, default=None,
+                   help="skip (and say so) what would start after this many seconds")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    p.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description="roberta_fast benchmarks")
+    add_arguments(p)
+    a = p.parse_args(argv)
+    return run_from_args(a)
+
+
+def run_from_args(a) -> int:
+    try:
+        doc = run(quick=a.quick, out=a.out, only=a.only, time_budget=a.time_budget, device=a.device,
+                  plots=not a.no_plots, progress=not a.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fails = [r for r in doc["rows"] if r.get("ok") is False]
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

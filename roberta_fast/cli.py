@@ -1,0 +1,144 @@
+"""The `roberta-fast` command.
+
+    roberta-fast bench [--quick] [--out DIR] [--only NAME] [--time-budget S] [--device cuda|cpu]
+    roberta-fast demo [demo options]        (roberta_fast.demo.main)
+    roberta-fast env                        (versions, GPU, which backends can run here)
+
+`bench` runs the harness in the checkout's benchmarks/ directory (it is not part of the installed
+package: install the checkout editable, `pip install --no-build-isolation -e .`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+
+def load_benchmarks():
+    """Import the checkout's benchmarks package (as `benchmarks`) and return benchmarks.run."""
+    root = Path(__file__).resolve().parent.parent
+    init = root / "benchmarks" / "__init__.py"
+    if not init.exists():
+        raise SystemExit("roberta-fast bench needs a source checkout (benchmarks/ is not installed): clone the "
+                         "repository and install it editable with `pip install --no-build-isolation -e .`")
+    have = sys.modules.get("benchmarks")
+    if have is None or Path(getattr(have, "__file__", "") or "").resolve() != init.resolve():
+        spec = importlib.util.spec_from_file_location("benchmarks", init,
+                                                      submodule_search_locations=[str(init.parent)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = mod
+        spec.loader.exec_module(mod)
+    return importlib.import_module("benchmarks.run")
+
+
+def _needs_interpreter_restart(argv) -> bool:
+    """On a machine without a GPU, Triton must run under TRITON_INTERPRET=1, which has to be set before
+    any Triton kernel is defined. If triton was already imported without it (importing roberta_fast
+    may do so), the bench re-executes itself with the variable set."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or "triton" not in sys.modules:
+        return False
+    if "--device" in argv:
+        i = argv.index("--device")
+        if i + 1 < len(argv) and argv[i + 1] == "cuda":
+            return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def cmd_env() -> int:
+    import platform
+
+    import torch
+
+    from roberta_fast.ops import _dispatch
+
+    def ver(name):
+        try:
+            return getattr(importlib.import_module(name), "__version__", "unknown")
+        except Exception as e:  # noqa: BLE001
+            return f"not installed ({type(e).__name__})"
+
+    import roberta_fast
+
+    print(f"roberta_fast {roberta_fast.__version__} ({Path(roberta_fast.__file__).parent})")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    print(f"torch {torch.__version__}, CUDA (torch build) {torch.version.cuda}")
+    print(f"triton {ver('triton')}, transformers {ver('transformers')}")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"GPU {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
+                  f"{p.multi_processor_count} SMs")
+        try:
+            import subprocess
+
+            drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.split()
+            print(f"driver {drv[0] if drv else 'unknown'}")
+        except Exception:  # noqa: BLE001
+            print("driver unknown (nvidia-smi not found)")
+    else:
+        print("GPU: none (CUDA not available)")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+          f"ROBERTA_FAST_BACKEND={os.environ.get('ROBERTA_FAST_BACKEND', '(unset)')}")
+    dev = torch.device("cuda" if cuda else "cpu")
+    print(f"backends on {dev.type}:")
+    for b in _dispatch.BACKENDS:
+        why = _dispatch._why_unavailable(b, dev)
+        print(f"  {b:7s} {'available' if why is None else 'unavailable: ' + why}")
+    mod = _dispatch.cuda_module()
+    print(f"compiled module roberta_fast._C: {'built (' + str(mod.__file__) + ')' if mod else 'not built'}")
+    default = _dispatch.resolve_backend("layer_norm", None, dev)
+    print(f"default backend for {dev.type} tensors: {default}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="roberta-fast", description="roberta_fast: a fast BERT-family encoder")
+    sub = p.add_subparsers(dest="cmd", metavar="{bench,demo,env}")
+    sub.required = True
+    b = sub.add_parser("bench", help="kernel and encoder benchmarks (JSON, markdown, plots)",
+                       description="Benchmarks every op and the encoder against eager PyTorch and the "
+                                   "measured hardware ceilings. Without a GPU: the reduced CPU run.")
+    # the options live with the harness; they are declared here too so --help works without a checkout
+    b.add_argument("--quick", action="store_true", help="the small set (what gpu_suite.sh runs)")
+    b.add_argument("--out", metavar="DIR", default=None, help="output directory (default bench_out/<date>_<gpu>)")
+    b.add_argument("--only", metavar="NAME", default=None,
+                   help="comma-separated: kernels, encoder, layers, checks, an op name or a model name")
+    b.add_argument("--time-budget", metavar="SECONDS", type=float, default=None,
+                   help="skip (and say so) what would start after this many seconds")
+    b.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    b.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = sub.add_parser("demo", help="encode sample sentences and check parity with transformers", add_help=False)
+    d.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("env", help="versions, GPU and the backends available here")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":  # everything after `demo` belongs to the demo's own parser
+        demo = importlib.import_module("roberta_fast.demo")
+        rc = demo.main(argv[1:])
+        return int(rc or 0)
+    args = build_parser().parse_args(argv)
+    if args.cmd == "env":
+        return cmd_env()
+    if args.cmd == "bench":
+        if _needs_interpreter_restart(argv):
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, "-m", "roberta_fast.cli", *argv], env)
+        return load_benchmarks().run_from_args(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

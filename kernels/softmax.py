@@ -20,8 +20,6 @@ import triton.language as tl
 
 from ._aot import AOTSpec, ptr
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
@@ -66,7 +64,7 @@ def _masked_softmax_fwd_kernel(
     x = tl.where(ok, x, float("-inf"))
     row_max = tl.max(x, axis=1)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # fully masked row: exp gives 0s
-    e = tl.exp2((x - row_max[:, None]) * _LOG2E)
+    e = tl.exp2((x - row_max[:, None]) * 1.4426950408889634)  # exp(x) = exp2(x * log2(e))
     den = tl.sum(e, axis=1)
     den = tl.where(den == 0.0, 1.0, den)  # 0 only in a fully masked row (all e are 0); NaN stays NaN
     p = e * (1.0 / den)[:, None]

@@ -63,8 +63,8 @@ def bias_gelu(x, bias, approximate="none", *, backend=None):
     bias         (N,) of x's dtype or float32, or None (plain GELU)
     approximate  "none" (exact erf, RoBERTa's and BERT's) or "tanh"
     backend      None (automatic), "torch", "triton" or "cuda"
-    returns      (..., N) x's dtype, contiguous; the math runs in float32. x's gradient has x's dtype,
-                 bias's gradient has bias's dtype.
+    returns      (..., N) x's dtype (contiguous on the kernel backends); the math runs in float32.
+                 x's gradient has x's dtype, bias's gradient has bias's dtype.
     """
     _dispatch.check_tensor(_OP, "x", x, ndim_min=1)
     if bias is not None:

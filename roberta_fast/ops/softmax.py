@@ -115,9 +115,10 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
              mask is read through stride-0 views, never materialized. The mask gets no gradient.
     scale    Python float applied to the scores before the additive mask
     backend  None (automatic), "torch", "triton" or "cuda"
-    returns  (..., K) scores' dtype, contiguous; math in float32. An element is masked where the bool
-             mask is False or the additive mask is -inf; a row with every element masked is all zeros
-             (not NaN), and its gradient is zero. NaN in a kept score gives a NaN row.
+    returns  (..., K) scores' dtype (contiguous on the kernel backends); math in float32. An element
+             is masked where the bool mask is False or the additive mask is -inf; a row with every
+             element masked is all zeros (not NaN), and its gradient is zero. NaN in a kept score
+             gives a NaN row.
 
     The triton kernel takes rows of up to 8192 elements (longer rows fall back to torch when the
     backend is automatic). An additive mask whose dtype is neither scores' nor float32 is converted

@@ -93,6 +93,7 @@ def write_build_ninja(bdir: Path, out: Path, nvcc: str, cxx: str) -> list:
         f"cxx = {cxx}",
         f"cu_flags = {' '.join(cu_flags)}",
         f"cxx_flags = {' '.join(cxx_flags)}",
+        f"arch_flags = {' '.join(arch_flags)}",  # the link's (empty) device-link images get these archs too
         "rule cu",
         f"  command = $nvcc $cu_flags -MD -MF $out.d -c $in -o $out {keep_log}",
         "  depfile = $out.d",
@@ -104,7 +105,7 @@ def write_build_ninja(bdir: Path, out: Path, nvcc: str, cxx: str) -> list:
         "  deps = gcc",
         "  description = c++ $in",
         "rule link",
-        f"  command = $nvcc -shared -cudart static $in -o $out {keep_log}",
+        f"  command = $nvcc -shared -cudart static $arch_flags $in -o $out {keep_log}",
         "  description = link $out",
     ]
     objs = []
@@ -177,6 +178,7 @@ def ext_modules():
             raise SystemExit("roberta_fast: ROBERTA_FAST_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
         print("roberta_fast: nvcc not found, skipping the CUDA extension (Triton and torch backends only)")
         return []
+    cuda_archs()  # a bad ROBERTA_FAST_CUDA_ARCHS stops here, before anything is built
     return [Extension("roberta_fast._C", sources=[])]
 
 

@@ -1,0 +1,596 @@
+"""Fused non-causal attention for encoders: padded (batch, seqlen) and padding-free varlen batches.
+
+    o = softmax(scale * q k^T, masked keys) v      per sequence and head, never materializing S x S
+
+Forward (flash-style): one program per (query block, sequence, head); keys and values stream
+through in blocks with an online softmax in fp32 (exp2, log2(e) folded into the scale), and the
+program saves the log-sum-exp of each query row. Backward recomputes the probabilities from lse:
+    1. _attn_bwd_dq   per query block: delta = rowsum(dO * O) (stored), dq = scale * dS k
+    2. _attn_bwd_dkdv per key block:   dv = P^T dO, dk = scale * dS^T q          (reads delta)
+    with dS = P * (dO v^T - delta). Two kernels and no atomics: the gradients are deterministic.
+
+Work: forward 4 * sum(len_i^2) * heads * head_dim FLOPs, backward 2.5x that; q, k, v, o (and do,
+dq, dk, dv) are read once per block row, so every size worth timing is compute-bound.
+
+Padded and varlen share one kernel body and one compiled specialization; runtime arguments say
+how a program finds its sequence:
+    padded   (B, S, H, D) tensors: sequence b starts at b * stride_b and has S tokens; the key
+             padding mask (B, S) is loaded per key block and added to the scores as a 0 / -inf
+             bias (without a mask the kernel reads one True through a zero stride);
+    varlen   (T, H, D) tensors (stride_b = 0, is_varlen = 1): sequence b spans tokens
+             cu_seqlens[b] .. cu_seqlens[b + 1]; the grid covers max_seqlen rows per sequence and
+             programs past a sequence's end exit at once. One extra "sequence" b == n_seq owns the
+             rows past cu_seqlens[-1] and writes zeros there.
+A query row with no real key gives o = 0, lse = -inf and zero gradients. Key blocks are split into
+full blocks (no bounds checks) and one partial last block.
+
+Offsets of a sequence start (batch * stride, cu_seqlens[b] * stride) are int64; offsets inside one
+sequence (row * stride, < 2**31 elements) are int32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import AOTSpec, ptr
+
+HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _seq_bounds(CU, b, n_seq, seqlen, total_tokens, is_varlen):
+    """(first token, length, is the varlen tail) of sequence b. Padded: CU is one 0 read at index 0."""
+    seq_start = tl.load(CU + b * is_varlen)
+    seq_end = tl.load(CU + tl.minimum(b + 1, n_seq) * is_varlen)
+    is_tail = b == n_seq  # only varlen grids have this extra sequence
+    seq_end = tl.where(is_tail, total_tokens, seq_end)
+    seq_len = tl.where(is_varlen != 0, seq_end - seq_start, seqlen)
+    return seq_start, seq_len, is_tail
+
+
+@triton.jit
+def _zero_rows(X, stride_xs, stride_xh, h, seq_start, n_rows, pid, n_prog,
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Zeros to rows seq_start .. seq_start + n_rows of head h (the varlen rows past the last
+    sequence); programs pid = 0 .. n_prog - 1 stride over them."""
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = X + seq_start.to(tl.int64) * stride_xs + h.to(tl.int64) * stride_xh
+    zero = tl.zeros([BLOCK, HEAD_DIM], dtype=X.dtype.element_ty)
+    for start in range(pid * BLOCK, n_rows, n_prog * BLOCK):
+        rows = start + offs
+        tl.store(base + rows[:, None] * stride_xs + offs_d[None, :], zero, mask=(rows < n_rows)[:, None])
+
+
+@triton.jit
+def _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS: tl.constexpr):
+    """0 for a real key, -inf for a padded key or (BOUNDS) a column past the sequence end."""
+    if BOUNDS:
+        keep = tl.load(mask_base + cols * stride_ms, mask=cols < seq_len, other=0)
+    else:
+        keep = tl.load(mask_base + cols * stride_ms)
+    return tl.where(keep != 0, 0.0, float("-inf"))
+
+
+@triton.jit
+def _load_rows(base, rows, stride, seq_len, offs_d, BOUNDS: tl.constexpr):
+    """(len(rows), HEAD_DIM) tile; rows past seq_len read as 0 when BOUNDS."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if BOUNDS:
+        return tl.load(ptrs, mask=(rows < seq_len)[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+               lo, hi, seq_len, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr):
+    """Online softmax over the key blocks lo .. hi (BOUNDS: the partial last block)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, BOUNDS)
+        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, BOUNDS)
+        bias = _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]  # (BLOCK_M, BLOCK_N), log2 units
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no real key yet: avoid -inf - -inf
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q,  # (B, S, H, D) padded | (T, H, D) varlen; last stride 1
+    K,  # same shape as Q
+    V,  # same shape as Q
+    O,  # same shape as Q, contiguous (written)
+    LSE,  # (B, H, S) | (H, T) float32, natural log (written)
+    MASK,  # (B, S) bool key padding mask, True = real key | one True (stride 0)
+    CU,  # (n_seq + 1,) int32 cumulative sequence lengths | one 0 (padded)
+    n_seq, n_heads, seqlen, total_tokens, n_blocks, is_varlen,
+    qk_scale,  # scale * log2(e)
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_mb, stride_ms,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks
+    pid_bh = pid // n_blocks
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seq_start, seq_len, is_tail = _seq_bounds(CU, b, n_seq, seqlen, total_tokens, is_varlen)
+    if is_tail:
+        _zero_rows(O, stride_os, stride_oh, h, seq_start, seq_len, pid_m, n_blocks, HEAD_DIM, BLOCK_M)
+        offs = tl.arange(0, BLOCK_M)
+        lse_tail = LSE + h.to(tl.int64) * stride_lh + seq_start
+        for start in range(pid_m * BLOCK_M, seq_len, n_blocks * BLOCK_M):
+            tl.store(lse_tail + start + offs, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                     mask=start + offs < seq_len)
+        return
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    tok0 = seq_start.to(tl.int64)
+    q_base = Q + b64 * stride_qb + tok0 * stride_qs + h64 * stride_qh
+    k_base = K + b64 * stride_kb + tok0 * stride_ks + h64 * stride_kh
+    v_base = V + b64 * stride_vb + tok0 * stride_vs + h64 * stride_vh
+    o_base = O + b64 * stride_ob + tok0 * stride_os + h64 * stride_oh
+    lse_base = LSE + b64 * stride_lb + h64 * stride_lh + tok0
+    mask_base = MASK + b64 * stride_mb
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < seq_len
+    q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_full = (seq_len // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs,
+                               stride_ms, 0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs,
+                               stride_ms, n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True)
+
+    # a row with no real key has acc = 0 and l = 0: o = 0, lse = -inf
+    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    o = acc * (1.0 / l_safe)[:, None]
+    tl.store(o_base + rows[:, None] * stride_os + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_base + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                  lo, hi, seq_len, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr):
+    """dq of one query block over the key blocks lo .. hi (BOUNDS: the partial last block)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, BOUNDS)
+        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, BOUNDS)
+        bias = _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS)
+        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(qk * qk_scale - lse2[:, None] + bias[None, :])
+        dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = dq + tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q,  # (B, S, H, D) | (T, H, D); last stride 1
+    K,  # same shape as Q
+    V,  # same shape as Q
+    O,  # same shape as Q, contiguous (the forward output)
+    DO,  # same shape as Q; last stride 1
+    DQ,  # same shape as Q, contiguous (written)
+    LSE,  # (B, H, S) | (H, T) float32 from the forward
+    DELTA,  # like LSE, float32 (written: rowsum(dO * O))
+    MASK,  # (B, S) bool | one True (stride 0)
+    CU,  # (n_seq + 1,) int32 | one 0 (padded)
+    n_seq, n_heads, seqlen, total_tokens, n_blocks, is_varlen,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,  # O and DQ (contiguous, q's shape)
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,  # LSE and DELTA
+    stride_mb, stride_ms,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid % n_blocks
+    pid_bh = pid // n_blocks
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seq_start, seq_len, is_tail = _seq_bounds(CU, b, n_seq, seqlen, total_tokens, is_varlen)
+    if is_tail:
+        _zero_rows(DQ, stride_os, stride_oh, h, seq_start, seq_len, pid_m, n_blocks, HEAD_DIM, BLOCK_M)
+        return
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    tok0 = seq_start.to(tl.int64)
+    q_base = Q + b64 * stride_qb + tok0 * stride_qs + h64 * stride_qh
+    k_base = K + b64 * stride_kb + tok0 * stride_ks + h64 * stride_kh
+    v_base = V + b64 * stride_vb + tok0 * stride_vs + h64 * stride_vh
+    o_off = b64 * stride_ob + tok0 * stride_os + h64 * stride_oh
+    do_base = DO + b64 * stride_dob + tok0 * stride_dos + h64 * stride_doh
+    l_off = b64 * stride_lb + h64 * stride_lh + tok0
+    mask_base = MASK + b64 * stride_mb
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < seq_len
+    q = _load_rows(q_base, rows, stride_qs, seq_len, offs_d, True)
+    do = _load_rows(do_base, rows, stride_dos, seq_len, offs_d, True)
+    o = _load_rows(O + o_off, rows, stride_os, seq_len, offs_d, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + l_off + rows, delta, mask=row_ok)
+    lse = tl.load(LSE + l_off + rows, mask=row_ok, other=float("inf"))
+    # log2 units; a row with no real key (lse = -inf) gets +inf so that its p is exp2(-inf) = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_full = (seq_len // BLOCK_N) * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                       0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                       n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True)
+    dq = dq * sm_scale
+    tl.store(DQ + o_off + rows[:, None] * stride_os + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                    lo, hi, seq_len, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BOUNDS: tl.constexpr):
+    """dk, dv of one key block over the query blocks lo .. hi (BOUNDS: the partial last block)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        # rows past the end: q = do = delta = 0 and lse = +inf, so their p and ds are 0
+        q = _load_rows(q_base, rows, stride_qs, seq_len, offs_d, BOUNDS)
+        do = _load_rows(do_base, rows, stride_dos, seq_len, offs_d, BOUNDS)
+        if BOUNDS:
+            lse = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=rows < seq_len, other=0.0)
+        else:
+            lse = tl.load(lse_base + rows)
+            delta = tl.load(delta_base + rows)
+        # log2 units; a row with no real key (lse = -inf) gets +inf so that its p is exp2(-inf) = 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qk_t = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(qk_t * qk_scale - lse2[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q,  # (B, S, H, D) | (T, H, D); last stride 1
+    K,  # same shape as Q
+    V,  # same shape as Q
+    DO,  # same shape as Q; last stride 1
+    DK,  # same shape as Q, contiguous (written)
+    DV,  # same shape as Q, contiguous (written)
+    LSE,  # (B, H, S) | (H, T) float32 from the forward
+    DELTA,  # like LSE, float32 from _attn_bwd_dq
+    MASK,  # (B, S) bool | one True (stride 0)
+    CU,  # (n_seq + 1,) int32 | one 0 (padded)
+    n_seq, n_heads, seqlen, total_tokens, n_blocks, is_varlen,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,  # DK and DV (contiguous, q's shape)
+    stride_dob, stride_dos, stride_doh,
+    stride_lb, stride_lh,  # LSE and DELTA
+    stride_mb, stride_ms,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = pid % n_blocks
+    pid_bh = pid // n_blocks
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    seq_start, seq_len, is_tail = _seq_bounds(CU, b, n_seq, seqlen, total_tokens, is_varlen)
+    if is_tail:
+        _zero_rows(DK, stride_os, stride_oh, h, seq_start, seq_len, pid_n, n_blocks, HEAD_DIM, BLOCK_N)
+        _zero_rows(DV, stride_os, stride_oh, h, seq_start, seq_len, pid_n, n_blocks, HEAD_DIM, BLOCK_N)
+        return
+    start_n = pid_n * BLOCK_N
+    if start_n >= seq_len:
+        return
+
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    tok0 = seq_start.to(tl.int64)
+    q_base = Q + b64 * stride_qb + tok0 * stride_qs + h64 * stride_qh
+    k_base = K + b64 * stride_kb + tok0 * stride_ks + h64 * stride_kh
+    v_base = V + b64 * stride_vb + tok0 * stride_vs + h64 * stride_vh
+    o_off = b64 * stride_ob + tok0 * stride_os + h64 * stride_oh
+    do_base = DO + b64 * stride_dob + tok0 * stride_dos + h64 * stride_doh
+    l_off = b64 * stride_lb + h64 * stride_lh + tok0
+
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < seq_len
+    k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, True)
+    v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, True)
+    # a padded key gets zero gradients; its rows of p are never mixed with other keys' rows, so the
+    # mask is applied once to the result instead of to every p block
+    key_ok = tl.load(MASK + b64 * stride_mb + cols * stride_ms, mask=col_ok, other=0) != 0
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    n_full = (seq_len // BLOCK_M) * BLOCK_M
+    lse_base = LSE + l_off
+    delta_base = DELTA + l_off
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                             0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_M, False)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                             n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_M, True)
+    dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
+    out = cols[:, None] * stride_os + offs_d[None, :]
+    tl.store(DK + o_off + out, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + o_off + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------ tuning
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    block_m: int  # query rows per block
+    block_n: int  # key rows per block
+    num_warps: int
+    num_stages: int
+
+
+# Under TRITON_INTERPRET=1: small blocks, so that the tests' short sequences span several of them.
+INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
+
+SEQLEN_BUCKETS = (("short", 128), ("long", None))  # bucket of max_seqlen: <= 128, longer
+
+# (kernel, head_dim, bucket) -> config, for fp16 and bf16 alike (same tiles, same registers).
+# Hopper-oriented (wgmma wants the held tile >= 64 rows and a multiple of 4 warps) and valid on
+# sm_80. fwd holds BLOCK_M query rows and streams BLOCK_N keys; bwd_dq holds BLOCK_M query rows
+# and streams BLOCK_N keys; bwd_dkdv holds BLOCK_N key rows and streams BLOCK_M query rows.
+# Short sequences take smaller query tiles so the grid still fills the GPU.
+CONFIGS = {
+    ("fwd", 16, "short"): AttnConfig(64, 64, 4, 2),
+    ("fwd", 16, "long"): AttnConfig(128, 128, 8, 3),
+    ("fwd", 32, "short"): AttnConfig(64, 64, 4, 2),
+    ("fwd", 32, "long"): AttnConfig(128, 128, 8, 3),
+    ("fwd", 64, "short"): AttnConfig(64, 64, 4, 2),
+    ("fwd", 64, "long"): AttnConfig(128, 128, 8, 3),
+    ("fwd", 128, "short"): AttnConfig(64, 64, 4, 2),
+    ("fwd", 128, "long"): AttnConfig(128, 64, 8, 3),
+    ("bwd_dq", 16, "any"): AttnConfig(128, 64, 8, 3),
+    ("bwd_dq", 32, "any"): AttnConfig(128, 64, 8, 3),
+    ("bwd_dq", 64, "any"): AttnConfig(128, 64, 8, 3),
+    ("bwd_dq", 128, "any"): AttnConfig(128, 32, 8, 2),
+    ("bwd_dkdv", 16, "any"): AttnConfig(64, 128, 8, 3),
+    ("bwd_dkdv", 32, "any"): AttnConfig(64, 128, 8, 3),
+    ("bwd_dkdv", 64, "any"): AttnConfig(32, 128, 8, 3),
+    ("bwd_dkdv", 128, "any"): AttnConfig(32, 128, 8, 2),
+}
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # on GPUs; float32 too under the interpreter
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def seqlen_bucket(max_seqlen: int) -> str:
+    for name, top in SEQLEN_BUCKETS:
+        if top is None or max_seqlen <= top:
+            return name
+    raise AssertionError("unreachable")
+
+
+def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, max_seqlen: int) -> AttnConfig:
+    """The one place that picks block sizes, warps and stages; keyed on (kernel, head_dim, dtype,
+    bucket of max_seqlen)."""
+    if interpret_mode():
+        return INTERPRET_CONFIG
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"attention: head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"attention: the Triton kernels take float16 or bfloat16 on GPUs, got {dtype}")
+    key = (kernel, head_dim, "any") if kernel != "fwd" else (kernel, head_dim, seqlen_bucket(max_seqlen))
+    return CONFIGS[key]
+
+
+# ------------------------------------------------------------------------------------- host side
+
+_DUMMY: dict = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype, value) -> torch.Tensor:
+    """A cached one-element tensor for a pointer argument read through a zero stride."""
+    key = (device, dtype, value)
+    t = _DUMMY.get(key)
+    if t is None:
+        t = _DUMMY[key] = torch.full((1,), value, dtype=dtype, device=device)
+    return t
+
+
+def _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen):
+    """What every attention launch shares: sizes, the strides getter, mask / cu_seqlens pointers and
+    strides, and the lse shape and strides."""
+    if cu_seqlens is not None:
+        total, n_heads, head_dim = q.shape
+        n_seq = cu_seqlens.numel() - 1
+        sizes = (n_seq, n_heads, int(max_seqlen), total)
+        strides = lambda t: (0, t.stride(0), t.stride(1))  # noqa: E731
+        lse_shape, lse_strides = (n_heads, total), (0, total)
+        cu, extra_seq = cu_seqlens, 1  # one extra sequence zeroes the rows past cu_seqlens[-1]
+    else:
+        batch, seqlen, n_heads, head_dim = q.shape
+        sizes = (batch, n_heads, seqlen, batch * seqlen)
+        strides = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+        lse_shape, lse_strides = (batch, n_heads, seqlen), (n_heads * seqlen, seqlen)
+        cu, extra_seq = _dummy(q.device, torch.int32, 0), 0
+    if key_padding_mask is not None:
+        mask, mask_strides = key_padding_mask, (key_padding_mask.stride(0), key_padding_mask.stride(1))
+    else:
+        mask, mask_strides = _dummy(q.device, torch.bool, True), (0, 0)
+    n_bh = (sizes[0] + extra_seq) * n_heads
+    return dict(head_dim=head_dim, sizes=sizes, strides=strides, lse_shape=lse_shape,
+                lse_strides=lse_strides, cu=cu, mask=mask, mask_strides=mask_strides, n_bh=n_bh,
+                is_varlen=int(cu_seqlens is not None))
+
+
+def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """Flash forward.
+
+    padded (cu_seqlens None): q, k, v (B, S, H, D) with stride(3) == 1; key_padding_mask None or bool
+        (B, S), True = real key. Returns o (B, S, H, D) contiguous q.dtype, lse (B, H, S) float32.
+    varlen: q, k, v (T, H, D) with stride(2) == 1; cu_seqlens int32 (n_seq + 1,) from 0, non-decreasing;
+        max_seqlen int >= every length. Returns o (T, H, D) (rows past cu_seqlens[-1] zero), lse (H, T).
+    lse is the natural-log log-sum-exp of the scaled scores per query row (-inf: no real key).
+    """
+    a = _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(a["lse_shape"], dtype=torch.float32, device=q.device)
+    cfg = attention_config("fwd", a["head_dim"], q.dtype, a["sizes"][2])
+    n_blocks = max(triton.cdiv(a["sizes"][2], cfg.block_m), 1)
+    if a["n_bh"] * n_blocks == 0:
+        return o, lse
+    st = a["strides"]
+    _attn_fwd[(a["n_bh"] * n_blocks,)](
+        q, k, v, o, lse, a["mask"], a["cu"],
+        *a["sizes"], n_blocks, a["is_varlen"],
+        float(scale) * LOG2E,
+        *st(q), *st(k), *st(v), *st(o), *a["lse_strides"], *a["mask_strides"],
+        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """Flash backward: (dq, dk, dv), contiguous, in q's shape and dtype. do has q's shape and a unit
+    last stride; o (contiguous) and lse come from attention_fwd; the rest as in attention_fwd."""
+    a = _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if a["n_bh"] == 0:
+        return dq, dk, dv
+    if o.stride() != dq.stride():
+        o = o.contiguous()
+    delta = torch.empty(a["lse_shape"], dtype=torch.float32, device=q.device)
+    st, seqlen = a["strides"], a["sizes"][2]
+    common = (*a["sizes"],)
+    tail = (*st(q), *st(k), *st(v), *st(dq), *st(do), *a["lse_strides"], *a["mask_strides"])
+
+    cfg = attention_config("bwd_dq", a["head_dim"], q.dtype, seqlen)
+    n_blocks = max(triton.cdiv(seqlen, cfg.block_m), 1)
+    _attn_bwd_dq[(a["n_bh"] * n_blocks,)](
+        q, k, v, o, do, dq, lse, delta, a["mask"], a["cu"],
+        *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,
+        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = attention_config("bwd_dkdv", a["head_dim"], q.dtype, seqlen)
+    n_blocks = max(triton.cdiv(seqlen, cfg.block_n), 1)
+    _attn_bwd_dkdv[(a["n_bh"] * n_blocks,)](
+        q, k, v, do, dk, dv, lse, delta, a["mask"], a["cu"],
+        *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,
+        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------ ahead-of-time specs
+
+_KERNELS = {"fwd": _attn_fwd, "bwd_dq": _attn_bwd_dq, "bwd_dkdv": _attn_bwd_dkdv}
+_TENSORS = {
+    "fwd": ("Q", "K", "V", "O"),
+    "bwd_dq": ("Q", "K", "V", "O", "DO", "DQ"),
+    "bwd_dkdv": ("Q", "K", "V", "DO", "DK", "DV"),
+}
+
+
+def _signature(kernel: str, dtype: torch.dtype) -> dict:
+    """The generic Triton signature of one kernel (every int as i32, no alignment assumed)."""
+    sig = {name: ptr(dtype) for name in _TENSORS[kernel]}
+    sig.update({"LSE": "*fp32"} if kernel == "fwd" else {"LSE": "*fp32", "DELTA": "*fp32"})
+    sig.update({"MASK": "*i1", "CU": "*i32"})
+    for name in ("n_seq", "n_heads", "seqlen", "total_tokens", "n_blocks", "is_varlen"):
+        sig[name] = "i32"
+    sig["qk_scale"] = "fp32"
+    if kernel != "fwd":
+        sig["sm_scale"] = "fp32"
+    groups = ("q", "k", "v", "o") if kernel == "fwd" else ("q", "k", "v", "o", "do")
+    for g in groups:
+        for s in ("b", "s", "h"):
+            sig[f"stride_{g}{s}"] = "i32"
+    for name in ("stride_lb", "stride_lh", "stride_mb", "stride_ms"):
+        sig[name] = "i32"
+    for name in ("HEAD_DIM", "BLOCK_M", "BLOCK_N"):
+        sig[name] = "constexpr"
+    return sig
+
+
+def aot_specs() -> list[AOTSpec]:
+    """Every (kernel, dtype, head_dim, config) the host functions launch on a GPU. Padded, padded
+    with a key padding mask and varlen are runtime arguments of the same specialization."""
+    specs, seen = [], set()
+    for (kernel, head_dim, _bucket), cfg in CONFIGS.items():
+        for dt in KERNEL_DTYPES:
+            if (kernel, head_dim, cfg, dt) in seen:
+                continue
+            seen.add((kernel, head_dim, cfg, dt))
+            specs.append(AOTSpec(
+                name=(f"attention_{kernel}[{str(dt).replace('torch.', '')},D={head_dim},"
+                      f"M{cfg.block_m}N{cfg.block_n}]"),
+                fn=_KERNELS[kernel],
+                signature=_signature(kernel, dt),
+                constexprs={"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n},
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_mma=True,
+            ))
+    return specs

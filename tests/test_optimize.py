@@ -1,0 +1,140 @@
+"""roberta_fast.optimize on transformers models: same object, same Parameter objects, same outputs."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+
+from test_model import hf_config, make_batch, make_hf, real  # noqa: E402
+
+import roberta_fast  # noqa: E402
+from roberta_fast.model import Embeddings, Encoder  # noqa: E402
+
+CASES = [
+    ("RobertaModel", "roberta", "last_hidden_state"),
+    ("BertModel", "bert", "last_hidden_state"),
+    ("XLMRobertaModel", "xlm-roberta", "last_hidden_state"),
+    ("RobertaForMaskedLM", "roberta", "logits"),
+    ("RobertaForSequenceClassification", "roberta", "logits"),
+    ("RobertaForTokenClassification", "roberta", "logits"),
+    ("RobertaForQuestionAnswering", "roberta", "start_logits"),
+    ("BertForMaskedLM", "bert", "logits"),
+    ("BertForSequenceClassification", "bert", "logits"),
+    ("BertForTokenClassification", "bert", "logits"),
+    ("BertForQuestionAnswering", "bert", "end_logits"),
+    ("XLMRobertaForSequenceClassification", "xlm-roberta", "logits"),
+]
+
+
+def _encoder(model):
+    return model if model.base_model_prefix not in dict(model.named_children()) else model.base_model
+
+
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding_free", "padded"])
+@pytest.mark.parametrize("name,family,field", CASES, ids=[c[0] for c in CASES])
+def test_optimize_parity_and_shared_parameters(name, family, field, padding_free):
+    cfg = hf_config(family, 2, 2, 32, 48, num_labels=2)
+    model = make_hf(getattr(transformers, name), cfg)
+    ids, mask = make_batch(5, 9, cfg.pad_token_id, seed=1)
+    mask[:, 0] = 1
+    kw = dict(attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        before = model(ids, **kw)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    keys = list(model.state_dict())
+
+    out = roberta_fast.optimize(model, padding_free=padding_free)
+    assert out is model
+    enc = _encoder(model)
+    assert isinstance(enc.embeddings, Embeddings) and isinstance(enc.encoder, Encoder)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert after.keys() == params.keys()
+    for n, p in params.items():
+        assert after[n] is p, f"{n} is not the same Parameter object after optimize"
+    assert list(model.state_dict()) == keys
+    assert not enc.embeddings.training and not enc.encoder.layer[0].training  # kept eval mode
+
+    with torch.no_grad():
+        now = model(ids, **kw)
+    x, y = getattr(now, field), getattr(before, field)
+    torch.testing.assert_close(real(x, mask), real(y, mask), rtol=1e-4, atol=1e-5)
+    assert len(now.hidden_states) == 3 and len(now.attentions) == 2
+    for a, b in zip(now.hidden_states, before.hidden_states):
+        torch.testing.assert_close(real(a, mask), real(b, mask), rtol=1e-4, atol=1e-5)
+    q_real = mask.bool()[:, None, :, None].expand_as(before.attentions[0])
+    for a, b in zip(now.attentions, before.attentions):
+        torch.testing.assert_close(a[q_real], b[q_real], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        tup = model(ids, attention_mask=mask, return_dict=False)
+    assert isinstance(tup, tuple)
+    torch.testing.assert_close(real(tup[0], mask), real(getattr(before, field) if field != "end_logits"
+                                                        else before.start_logits, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_optimize_training_gradients_reach_original_parameters():
+    cfg = hf_config("roberta", 2, 2, 32, 48, num_labels=3)
+    model = make_hf(transformers.RobertaForSequenceClassification, cfg).train()  # dropout 0
+    ref = copy.deepcopy(model)
+    roberta_fast.optimize(model)
+    ids, mask = make_batch(4, 8, 1)
+    mask[:, 0] = 1
+    labels = torch.tensor([0, 2, 1, 2])
+    for m in (ref, model):
+        m(ids, attention_mask=mask, labels=labels).loss.backward()
+    g_ref = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f"no gradient reached {n}"
+        torch.testing.assert_close(p.grad, g_ref[n].grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_optimize_dropout_in_train_mode():
+    cfg = hf_config("bert", hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    model = roberta_fast.optimize(make_hf(transformers.BertModel, cfg))
+    ids, mask = make_batch(3, 7, 0)
+    model.train()
+    with torch.no_grad():
+        a, b = (model(ids, attention_mask=mask).last_hidden_state for _ in range(2))
+    assert not torch.allclose(real(a, mask), real(b, mask))
+    model.eval()
+    with torch.no_grad():
+        a, b = (model(ids, attention_mask=mask).last_hidden_state for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_optimize_again_updates_settings_and_survives_dtype_change():
+    cfg = hf_config("roberta")
+    model = make_hf(transformers.RobertaModel, cfg)
+    ids, mask = make_batch(3, 7, 1)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+    roberta_fast.optimize(model)
+    enc = model.encoder
+    roberta_fast.optimize(model, padding_free=False, backend="torch")
+    assert model.encoder is enc and model._roberta_fast["padding_free"] is False
+    params = dict(model.named_parameters())
+    model.to(torch.bfloat16)
+    assert all(p is params[n] and p.dtype == torch.bfloat16 for n, p in model.named_parameters())
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).last_hidden_state
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(real(out.float(), mask), real(ref, mask), rtol=0.1, atol=0.1)
+
+
+def test_optimize_rejects_unsupported_models():
+    for bad in (nn.Linear(3, 3), "bert",
+                transformers.DistilBertModel(transformers.DistilBertConfig(
+                    vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))):
+        with pytest.raises(TypeError, match="supported.*BertModel.*RobertaModel.*XLMRobertaModel"):
+            roberta_fast.optimize(bad)
+
+
+def test_optimize_is_callable_either_way():
+    import roberta_fast.optimize as mod  # the submodule shadows the package attribute once imported
+
+    cfg = hf_config("bert")
+    model = make_hf(transformers.BertModel, cfg)
+    assert roberta_fast.optimize(model) is model
+    assert mod.optimize(model) is model

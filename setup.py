@@ -7,7 +7,11 @@ CUDA extension roberta_fast._C (csrc/): built with nvcc through ninja when nvcc 
   ROBERTA_FAST_CUDA=0        skip the CUDA build
   ROBERTA_FAST_CUDA=1        require it: a missing nvcc or a failed build is an error
   (unset)                    build when nvcc is found, else skip with one line
-  ROBERTA_FAST_CUDA_ARCHS    semicolon/comma list of targets, default "80;90a"
+  ROBERTA_FAST_CUDA_ARCHS    semicolon/comma list of targets, default "80;90a" (90a: -gencode
+                             arch=compute_90a,code=sm_90a)
+  ROBERTA_FAST_CUDA_BUILD_DIR  where the objects and build.ninja live (default build/csrc)
+The build log with every kernel's ptxas report (registers, spills) is kept beside the module as
+roberta_fast/_C_build.log; tests/test_cuda_build.py reads it.
 """
 
 import os
@@ -28,7 +32,8 @@ DEFAULT_ARCHS = "80;90a"
 NVCC_FLAGS = ["-O3", "-lineinfo", "-std=c++17", "-Xptxas", "--warn-on-spills", "-Xptxas", "-v",
               "-Xptxas", "-Werror", "-Werror", "all-warnings", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror"]
 CXX_FLAGS = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror"]
-BUILD_DIR = ROOT / "build" / "csrc"  # persistent, so a re-install only recompiles what changed
+# persistent, so a re-install only recompiles what changed (ROBERTA_FAST_CUDA_BUILD_DIR moves it)
+BUILD_DIR = Path(os.environ.get("ROBERTA_FAST_CUDA_BUILD_DIR") or ROOT / "build" / "csrc").resolve()
 LOG_NAME = "_C_build.log"  # the compile commands and ptxas reports, kept beside the module
 
 

@@ -225,6 +225,22 @@ def test_setup_switches():
     assert bad.returncode != 0 and "not an architecture >= 80" in bad.stdout + bad.stderr
 
 
+def test_setup_failed_build(tmp_path):
+    """A failing nvcc: an error with ROBERTA_FAST_CUDA=1, one line and a normal finish without it."""
+    fake = tmp_path / "cuda" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "nvcc").write_text("#!/bin/sh\necho fake nvcc fails >&2\nexit 1\n")
+    (fake / "nvcc").chmod(0o755)
+    env = {"CUDA_HOME": str(tmp_path / "cuda"), "ROBERTA_FAST_CUDA_BUILD_DIR": str(tmp_path / "b")}
+    args = ("build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp"))
+    on = _setup_py({**env, "ROBERTA_FAST_CUDA": "1"}, *args)
+    assert on.returncode != 0 and "the nvcc build failed" in on.stdout + on.stderr
+    auto = _setup_py(env, *args)
+    assert auto.returncode == 0, auto.stdout + auto.stderr
+    assert "CUDA extension build failed" in auto.stdout and "continuing without roberta_fast._C" in auto.stdout
+    assert not list((tmp_path / "lib").rglob("_C*.so"))
+
+
 def test_package_imports_without_the_module():
     code = ("import sys; sys.modules['roberta_fast._C'] = None\n"
             "import roberta_fast, roberta_fast.cuda_ops.attention\n"

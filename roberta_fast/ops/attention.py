@@ -1,15 +1,315 @@
-"""Stub until the Triton op lands: torch path only (signature is final)."""
+"""attention and attention_varlen: non-causal softmax(scale * q k^T) v per head, for encoders.
+
+Kernel backends run behind torch.library custom ops (roberta_fast::attention_fwd / _bwd and
+roberta_fast::attention_varlen_fwd / _bwd) with fake implementations and autograd, so torch.compile
+and CUDA graphs see opaque ops. q, k, v reach the kernels as they are (any strides with a unit last
+stride), so views into one fused QKV projection cost no copy.
+
+The backward runs on the forward's backend when that backend has one; the CUDA C++ backend has only
+the forward, so its backward runs on triton (CUDA tensors) or, failing that, recomputes through the
+torch reference.
+"""
+
+import torch
 
 from .. import reference
+from . import _dispatch
+
+_OP = "attention"
+_OPV = "attention_varlen"
+_FILE = "attention"
+HEAD_DIMS = (16, 32, 64, 128)  # what the triton kernels take
+_TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16)  # float32 only under the interpreter (CPU)
+
+
+def _kernel(backend):
+    return _dispatch.kernel_module(backend, _FILE)
+
+
+# ------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op(
+    "roberta_fast::attention_fwd", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, str backend) "
+           "-> (Tensor, Tensor)",
+)
+def _fwd(q, k, v, key_padding_mask, scale, backend):
+    return _kernel(backend).attention_fwd(q, k, v, key_padding_mask, None, None, scale)
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, key_padding_mask, scale, backend):
+    B, S, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "roberta_fast::attention_bwd", mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, "
+           "float scale, str backend) -> (Tensor, Tensor, Tensor)",
+)
+def _bwd(do, q, k, v, o, lse, key_padding_mask, scale, backend):
+    if backend == "torch":
+        return _reference_grads(do, q, k, v, lambda a, b, c: reference.attention(a, b, c, key_padding_mask,
+                                                                                   scale))
+    return _kernel(backend).attention_bwd(do, q, k, v, o, lse, key_padding_mask, None, None, scale)
+
+
+@_bwd.register_fake
+def _bwd_fake(do, q, k, v, o, lse, key_padding_mask, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+@torch.library.custom_op(
+    "roberta_fast::attention_varlen_fwd", mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, str backend) "
+           "-> (Tensor, Tensor)",
+)
+def _vfwd(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+    return _kernel(backend).attention_fwd(q, k, v, None, cu_seqlens, max_seqlen, scale)
+
+
+@_vfwd.register_fake
+def _vfwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+    T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op(
+    "roberta_fast::attention_varlen_bwd", mutates_args=(),
+    schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor cu_seqlens, "
+           "SymInt max_seqlen, float scale, str backend) -> (Tensor, Tensor, Tensor)",
+)
+def _vbwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend):
+    if backend == "torch":
+        return _reference_grads(do, q, k, v, lambda a, b, c: reference.attention_varlen(
+            a, b, c, cu_seqlens, max_seqlen, scale))
+    return _kernel(backend).attention_bwd(do, q, k, v, o, lse, None, cu_seqlens, max_seqlen, scale)
+
+
+@_vbwd.register_fake
+def _vbwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _reference_grads(do, q, k, v, fn):
+    """(dq, dk, dv) by recomputing the torch reference under autograd (a backward for a kernel backend
+    that has only the forward, where triton cannot run)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, do)
+    return tuple(g.contiguous() for g in grads)
+
+
+def _bwd_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend that runs the backward of a forward that ran on `backend`."""
+    if backend != "cuda":
+        return backend
+    mod = _kernel("cuda")
+    supports = getattr(mod, "supports", None)
+    if supports is None or supports(q, backward=True) is None:
+        return "cuda"
+    if _dispatch.triton_can_run(q.device) and _triton_reason(q) is None:
+        return "triton"
+    return "torch"
+
+
+def _prep_grad(do):
+    return do if do.stride(-1) == 1 else do.contiguous()
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, mask, scale, backend = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.scale, ctx.backend = scale, _bwd_backend(backend, q)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    dq, dk, dv = _bwd(_prep_grad(do), q, k, v, o, lse, mask, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+def _vsetup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale, backend = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, _bwd_backend(backend, q)
+
+
+def _vbackward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _vbwd(_prep_grad(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)
+_vfwd.register_autograd(_vbackward, setup_context=_vsetup)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def _dtype_name(dt):
+    return str(dt).replace("torch.", "")
+
+
+def _check_qkv(op, q, k, v, ndim, layout):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _dispatch.check_tensor(op, name, t)
+    if q.dim() != ndim:
+        raise ValueError(f"{op}: q must be {ndim}-D {layout}, got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype ({_dtype_name(q.dtype)}), "
+                            f"got {_dtype_name(t.dtype)}")
+        _dispatch.check_shape(op, name, t, q.shape)
+
+
+def _check_scale(op, scale, head_dim):
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a Python float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _triton_reason(q):
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        return f"backend 'triton' supports head_dim in {HEAD_DIMS}, got {d}"
+    if q.device.type == "cuda" and q.dtype not in _TRITON_CUDA_DTYPES:
+        return (f"backend 'triton' supports q dtypes (float16, bfloat16) on CUDA tensors "
+                f"(float32 only under TRITON_INTERPRET=1), got {_dtype_name(q.dtype)}")
+    return None
+
+
+def _supports(q, k, v, mask, cu_seqlens, max_seqlen, scale):
+    def supports(b):
+        if b == "torch":
+            return None
+        why = _dispatch.check_backend_dtype(_OP, b, "q", q)
+        if why is None and b == "triton":
+            why = _triton_reason(q)
+        if why is None and b == "cuda":
+            mod_supports = getattr(_kernel("cuda"), "supports", None)
+            if mod_supports is not None:
+                why = mod_supports(q, k, v, mask, cu_seqlens, max_seqlen, scale)
+            elif q.shape[-1] not in HEAD_DIMS:
+                why = f"backend 'cuda' supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}"
+        return why
+
+    return supports
+
+
+def _empty_result(q, k, v):
+    """An empty output of q's shape that still hangs off q, k, v in the autograd graph."""
+    return (q + k + v).zero_() if q.requires_grad or k.requires_grad or v.requires_grad else \
+        torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _unit_last_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ------------------------------------------------------------------------------------------ public
 
 
 def attention(q, k, v, *, key_padding_mask=None, scale=None, backend=None):
-    if backend not in (None, "torch"):
-        raise NotImplementedError("attention: only the torch backend exists yet")
-    return reference.attention(q, k, v, key_padding_mask, scale)
+    """Non-causal attention softmax(scale * q k^T) v per head, padded batches.
+
+    q, k, v           (batch, seqlen, heads, head_dim) float16 / bfloat16 / float32, one dtype; any
+                      strides with a unit last stride go to the kernels without a copy (views into
+                      a fused QKV projection (batch, seqlen, 3, heads, head_dim) included)
+    key_padding_mask  None, or bool (batch, seqlen), True = real token. Keys where it is False are
+                      ignored; query rows where it is False are computed as transformers does (they
+                      attend to the real keys). A sequence with no real key gives zeros (and zero
+                      gradients), never NaN.
+    scale             Python float, default head_dim ** -0.5
+    backend           None (automatic), "torch", "triton" or "cuda"; the triton kernels take
+                      head_dim 16 / 32 / 64 / 128 and float16 / bfloat16 (float32 under the
+                      interpreter); the automatic choice falls back to torch otherwise
+    returns           (batch, seqlen, heads, head_dim) q.dtype, contiguous on the kernel backends;
+                      math in float32, the S x S scores are never materialized by the kernels
+    """
+    _check_qkv(_OP, q, k, v, 4, "(batch, seqlen, heads, head_dim)")
+    B, S, H, D = q.shape
+    if key_padding_mask is not None:
+        _dispatch.check_tensor(_OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
+        _dispatch.check_shape(_OP, "key_padding_mask", key_padding_mask, (B, S))
+    _dispatch.check_same_device(_OP, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    scale = _check_scale(_OP, scale, D)
+    b = _dispatch.resolve_backend(_OP, backend, q.device,
+                                  supports=_supports(q, k, v, key_padding_mask, None, None, scale),
+                                  tune_key=(B, S, H, D, _dtype_name(q.dtype), key_padding_mask is not None))
+    if q.numel() == 0:
+        return _empty_result(q, k, v)
+    if b == "torch":
+        return reference.attention(q, k, v, key_padding_mask, scale)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    o, _ = _fwd(q, k, v, key_padding_mask, scale, b)
+    return o
+
+
+def _check_cu_seqlens(cu_seqlens, max_seqlen, total):
+    """Value checks on CPU tensors (free there); on GPUs they would synchronize, so they are skipped."""
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"{_OPV}: cu_seqlens must start at 0, got {cu[0]}")
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    if any(n < 0 for n in lens):
+        i = next(i for i, n in enumerate(lens) if n < 0)
+        raise ValueError(f"{_OPV}: cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > "
+                         f"cu_seqlens[{i + 1}] = {cu[i + 1]}")
+    if cu[-1] > total:
+        raise ValueError(f"{_OPV}: cu_seqlens[-1] = {cu[-1]} exceeds the {total} tokens of q")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{_OPV}: max_seqlen = {max_seqlen} is smaller than the longest sequence "
+                         f"({max(lens)} tokens)")
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=None):
-    if backend not in (None, "torch"):
-        raise NotImplementedError("attention_varlen: only the torch backend exists yet")
-    return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    """Padding-free attention: each packed sequence attends to itself only (non-causal).
+
+    q, k, v      (total_tokens, heads, head_dim) float16 / bfloat16 / float32, one dtype; any strides
+                 with a unit last stride (views into a fused QKV (total_tokens, 3, heads, head_dim)
+                 cost no copy)
+    cu_seqlens   int32 (batch + 1,), cumulative lengths: 0, len_0, len_0 + len_1, ... (non-decreasing;
+                 empty sequences allowed); on CPU tensors the values are checked, on GPUs they are
+                 trusted (checking would synchronize)
+    max_seqlen   Python int >= every sequence length (the kernels' grid covers this many rows)
+    scale        Python float, default head_dim ** -0.5
+    backend      None (automatic), "torch", "triton" or "cuda" (as in `attention`)
+    returns      (total_tokens, heads, head_dim) q.dtype; rows past cu_seqlens[-1] are zeros
+    """
+    _check_qkv(_OPV, q, k, v, 3, "(total_tokens, heads, head_dim)")
+    T, H, D = q.shape
+    _dispatch.check_tensor(_OPV, "cu_seqlens", cu_seqlens, dtypes=(torch.int32,))
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{_OPV}: cu_seqlens must be 1-D (batch + 1,) with at least one element, "
+                         f"got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise TypeError(f"{_OPV}: max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{_OPV}: max_seqlen must be >= 0, got {max_seqlen}")
+    _dispatch.check_same_device(_OPV, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
+    scale = _check_scale(_OPV, scale, D)
+    _check_cu_seqlens(cu_seqlens, max_seqlen, T)
+    b = _dispatch.resolve_backend(_OPV, backend, q.device,
+                                  supports=_supports(q, k, v, None, cu_seqlens, max_seqlen, scale),
+                                  tune_key=(T, max_seqlen, H, D, _dtype_name(q.dtype)))
+    if q.numel() == 0:
+        return _empty_result(q, k, v)
+    if b == "torch":
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
+    o, _ = _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b)
+    return o

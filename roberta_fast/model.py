@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .padding import index_first_axis, pad_input, seqlens_info
+from .padding import index_first_axis, pad_input
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -237,14 +237,11 @@ class Embeddings(nn.Module):
         super().__init__()
         H = cfg.hidden_size
         self.word_embeddings = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_token_id)
-        if roberta:  # transformers' registration order (state_dict order) differs between the two
-            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, H)
-            self.LayerNorm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
-            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H, padding_idx=cfg.pad_token_id)
-        else:
-            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H)
-            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, H)
-            self.LayerNorm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        # RoBERTa's position table has a padding row (padding_idx: no gradient there), BERT's has none
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H,
+                                                padding_idx=cfg.pad_token_id if roberta else None)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, H)
+        self.LayerNorm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
         self.dropout_p = cfg.hidden_dropout_prob
 
     def forward(self, ids, positions, types, inputs_embeds, *, backend=None):
@@ -459,14 +456,32 @@ def _check_extra_kwargs(kwargs):
         raise TypeError(f"roberta_fast encoder: unexpected argument {name}={type(value).__name__}")
 
 
-def _check_ids(name, t, limit, what):
-    """One host sync per tensor: ids must lie in [0, limit)."""
-    if t.numel() == 0:
-        return
-    lo, hi = torch.stack([t.min(), t.max()]).tolist()
-    if lo < 0 or hi >= limit:
-        bad = hi if hi >= limit else lo
-        raise ValueError(f"{name} holds {bad}, outside [0, {limit}): {what}")
+class _HostChecks:
+    """Range checks of integer inputs and the mask statistics, read back in ONE host sync per forward."""
+
+    def __init__(self):
+        self.scalars, self.checks = [], []
+
+    def ids(self, name, t, limit, what):
+        """t must lie in [0, limit)."""
+        if t.numel():
+            self.checks.append((name, len(self.scalars), limit, what))
+            self.scalars += [t.min(), t.max()]
+
+    def mask(self, real):
+        """real (B, S) bool -> (number of real tokens, longest real length) after run()."""
+        seqlens = real.sum(dim=1, dtype=torch.int32)  # (B,)
+        self.mask_at = len(self.scalars)
+        self.scalars += [seqlens.sum(), seqlens.max()]
+        return seqlens
+
+    def run(self):
+        vals = torch.stack([v.to(torch.int64) for v in self.scalars]).tolist() if self.scalars else []
+        for name, i, limit, what in self.checks:
+            lo, hi = vals[i], vals[i + 1]
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"{name} holds {hi if hi >= limit else lo}, outside [0, {limit}): {what}")
+        return vals
 
 
 def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta: bool, backend=None,
@@ -475,6 +490,7 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
     """The whole encoder on any modules with transformers' names (ours, or a transformers model's after
     roberta_fast.optimize). Returns (last_hidden_state, pooler_output, hidden_states, attentions)."""
     # ---- inputs
+    host = _HostChecks()
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
@@ -485,7 +501,7 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
             raise TypeError(f"input_ids must hold integers, got {input_ids.dtype}")
         B, S = input_ids.shape
         device = input_ids.device
-        _check_ids("input_ids", input_ids, cfg.vocab_size, f"token ids must be < vocab_size ({cfg.vocab_size})")
+        host.ids("input_ids", input_ids, cfg.vocab_size, f"token ids must be < vocab_size ({cfg.vocab_size})")
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(f"inputs_embeds must have shape (batch, seqlen, {cfg.hidden_size}), got "
@@ -519,23 +535,29 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
         except RuntimeError:
             raise ValueError(f"position_ids must have shape ({B}, {S}) or (1, {S}), got "
                              f"{tuple(position_ids.shape)}") from None
-        _check_ids("position_ids", position_ids, max_pos,
+        host.ids("position_ids", position_ids, max_pos,
                    f"position ids must be < max_position_embeddings ({max_pos}): sequence too long?")
     if token_type_ids is not None:
-        _check_ids("token_type_ids", token_type_ids, cfg.type_vocab_size,
+        host.ids("token_type_ids", token_type_ids, cfg.type_vocab_size,
                    f"token type ids must be < type_vocab_size ({cfg.type_vocab_size})")
         if cfg.type_vocab_size == 1:
             token_type_ids = None  # all zeros: the type embedding is a constant row (x_bias)
 
     # ---- where the real tokens are: pack them once (padding_free) or keep the padded layout
     b = _Batch(B, S)
+    mask = None
     if attention_mask is not None and B * S > 0:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-        indices, cu_seqlens, max_seqlen = seqlens_info(mask)
-        if indices.numel() < B * S:  # some padding (all real: the dense layout, no mask)
-            b.mask = mask
-            if padding_free:
-                b.indices, b.cu_seqlens, b.max_seqlen = indices, cu_seqlens, max_seqlen
+        seqlens = host.mask(mask)
+    vals = host.run()  # the one host sync: input checks, number of real tokens, longest sequence
+    if mask is not None and vals[host.mask_at] < B * S:  # some padding (all real: dense layout, no mask)
+        b.mask = mask
+        if padding_free:
+            T = vals[host.mask_at]
+            # rows of the real tokens in order: a stable sort puts real (key 0) before padding (key 1)
+            b.indices = torch.argsort((~mask).flatten().to(torch.int8), stable=True)[:T]  # (T,)
+            b.cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))  # (B + 1,)
+            b.max_seqlen = vals[host.mask_at + 1]
 
     # ---- embeddings on real tokens (T, hidden)
     h = embeddings(
@@ -803,10 +825,12 @@ class PreTrainedEncoder(nn.Module):
             json.dump(d, f, indent=2, sort_keys=True)
         tensors, seen = {}, set()
         for name, p in self.named_parameters(remove_duplicate=False):
-            if id(p) in seen:
+            # tied weights once, except the MLM decoder bias: transformers 4.x reads `decoder.bias`
+            # (and drops `lm_head.bias`) when it loads, so it is written under both names
+            if id(p) in seen and not name.endswith("decoder.bias"):
                 continue
             seen.add(id(p))
-            tensors[name] = p.detach().contiguous().cpu()
+            tensors[name] = p.detach().cpu().clone()
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 

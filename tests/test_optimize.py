@@ -54,7 +54,7 @@ def test_optimize_parity_and_shared_parameters(name, family, field, padding_free
     assert after.keys() == params.keys()
     for n, p in params.items():
         assert after[n] is p, f"{n} is not the same Parameter object after optimize"
-    assert list(model.state_dict()) == keys
+    assert set(model.state_dict()) == set(keys)
     assert not enc.embeddings.training and not enc.encoder.layer[0].training  # kept eval mode
 
     with torch.no_grad():

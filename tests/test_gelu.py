@@ -26,7 +26,7 @@ KERNEL_CASES = [c for c in CASES if (c.values[1] if hasattr(c, "values") else c[
 def _floor(ours, ref):
     """The Triton interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest, so on
     CPU tensors a bf16 result may be one ulp off: allow one bf16 ulp of the largest value there."""
-    if ours.dtype == torch.bfloat16 and ours.device.type == "cpu":
+    if ours.dtype == torch.bfloat16 and ours.device.type == "cpu" and ref.numel() > 0:
         return max(FLOOR[torch.bfloat16], 2.0**-7 * ref.detach().double().nan_to_num(0.0).abs().max().item())
     return None
 
@@ -223,7 +223,7 @@ def test_dbias_is_deterministic(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lead=st.lists(st.integers(0, 5), min_size=0, max_size=3),
     N=st.integers(1, 300),

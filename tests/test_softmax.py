@@ -27,7 +27,7 @@ NEG_INF = float("-inf")
 def _floor(ours, ref):
     """The Triton interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest, so on
     CPU tensors a bf16 result may be one ulp off: allow one bf16 ulp of the largest value there."""
-    if ours.dtype == torch.bfloat16 and ours.device.type == "cpu":
+    if ours.dtype == torch.bfloat16 and ours.device.type == "cpu" and ref.numel() > 0:
         return max(FLOOR[torch.bfloat16], 2.0**-7 * ref.detach().double().nan_to_num(0.0).abs().max().item())
     return None
 
@@ -259,6 +259,24 @@ def test_broadcast_mask_is_not_materialized(device, backend, monkeypatch):
     assert len(seen) == 2 and all(s[4] == m5.data_ptr() for s in seen)
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_kernel_sees_unit_last_stride(device, backend, monkeypatch):
+    """K == 1 views with any last stride reach the kernel with stride(3) == 1, as the contract says."""
+    from roberta_fast.ops import _dispatch
+
+    mod = _dispatch.kernel_module(backend, "softmax")
+    real_f, real_b, seen = mod.masked_softmax_fwd, mod.masked_softmax_bwd, []
+    monkeypatch.setattr(mod, "masked_softmax_fwd", lambda s, m, c: (seen.append(s.stride(-1)), real_f(s, m, c))[1])
+    monkeypatch.setattr(mod, "masked_softmax_bwd", lambda d, p, c: (seen.append(d.stride(-1)), real_b(d, p, c))[1])
+    base = torch.randn(2, 3, 1, 5, device=device, requires_grad=True)
+    keep = _bool_mask((2, 1, 5, 1), device)
+    p = masked_softmax(base.transpose(-1, -2), keep, backend=backend)
+    p.backward(torch.randn(2, 3, 1, 5, device=device).transpose(-1, -2))
+    assert seen == [1, 1]
+    expect = keep.expand(2, 3, 5, 1).to(p.dtype)
+    assert torch.equal(p, expect) and torch.equal(base.grad, torch.zeros_like(base))
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("shape", [(0, 3, 8), (2, 0, 8), (4, 0)])
 def test_empty(device, backend, shape):
@@ -335,7 +353,7 @@ def test_torch_compile_fullgraph(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
     K=st.integers(1, 600),

@@ -39,6 +39,15 @@ def _bwd_fake(dy, x, bias, approximate, backend):
     return [dx] if bias is None else [dx, bias.new_empty(bias.shape)]
 
 
+def _unit_last_stride(t):
+    """t with stride(-1) == 1, as the kernels' row layout wants: a view where the last dim has size 1."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1))
+    return t.contiguous()
+
+
 def _setup_context(ctx, inputs, output):
     x, bias, approximate, backend = inputs
     ctx.save_for_backward(x, bias)
@@ -47,8 +56,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
+    dy = _unit_last_stride(dy)
     grads = _bwd(dy, x, bias, ctx.approximate, ctx.backend)
     return grads[0], (grads[1] if bias is not None else None), None, None
 
@@ -84,9 +92,7 @@ def bias_gelu(x, bias, approximate="none", *, backend=None):
                                   tune_key=(x.numel() // max(N, 1), N, str(x.dtype).replace("torch.", "")))
     if b == "torch" or x.numel() == 0:
         return reference.bias_gelu(x, bias, approximate)
-    x2 = x.reshape(-1, N)  # (M, N), a view when the leading dims allow it
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _unit_last_stride(x.reshape(-1, N))  # (M, N), a view when the leading dims allow it
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     return _fwd(x2, bias, approximate, b).view(x.shape)

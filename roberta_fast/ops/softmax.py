@@ -43,6 +43,15 @@ def _bwd_fake(dprobs, probs, scale, backend):
     return probs.new_empty(probs.shape)
 
 
+def _unit_last_stride(t):
+    """t with stride(-1) == 1, as the kernels' row layout wants: a view where the last dim has size 1."""
+    if t.stride(-1) == 1:
+        return t
+    if t.shape[-1] == 1:
+        return t.as_strided(t.shape, (*t.stride()[:-1], 1))
+    return t.contiguous()
+
+
 def _setup_context(ctx, inputs, output):
     _, _, scale, backend = inputs
     ctx.save_for_backward(output)
@@ -51,8 +60,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dprobs):
     (probs,) = ctx.saved_tensors
-    if dprobs.stride(-1) != 1:
-        dprobs = dprobs.contiguous()
+    dprobs = _unit_last_stride(dprobs)
     # no gradient for the mask (an additive mask is treated as a constant)
     return _bwd(dprobs, probs, ctx.scale, ctx.backend), None, None, None
 
@@ -81,8 +89,7 @@ def _row_dims(shape, *strides_list):
 def _kernel_path(scores, mask, scale, backend):
     """Scores (..., K) and a mask already expanded to scores' shape (or None) -> probs (..., K)."""
     K = scores.shape[-1]
-    if scores.stride(-1) != 1 and K > 1:
-        scores = scores.contiguous()
+    scores = _unit_last_stride(scores)
     strides = [scores.stride()] + ([mask.stride()] if mask is not None else [])
     dims = _row_dims(scores.shape, *strides)
     if len(dims) > 3 and not scores.is_contiguous():
@@ -96,7 +103,7 @@ def _kernel_path(scores, mask, scale, backend):
                             for i in range(scores.shape[0])])
     dims = [(1, (0,) * len(strides))] * (3 - len(dims)) + dims
     size4 = tuple(d[0] for d in dims) + (K,)
-    s4 = scores.reshape(size4)  # a view: the merged dims are contiguous in scores
+    s4 = _unit_last_stride(scores.reshape(size4))  # a view: the merged dims are contiguous in scores
     m4 = None
     if mask is not None:
         mstride = tuple(d[1][1] for d in dims) + (mask.stride(-1),)

@@ -161,10 +161,11 @@ def _chunked_ref_attention(q, k, v, key_padding_mask, scale, chunk=8):
 def build_case(op: str, p: dict, dtype: torch.dtype, device, seed: int = 0) -> Case:
     from roberta_fast import ops
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # lengths and masks (host)
+    dgen = torch.Generator(device=device).manual_seed(seed)  # tensors, drawn on the device
 
     def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=dgen, device=device) * std).to(dtype)
 
     e = torch.finfo(dtype).bits // 8
     if op == "layer_norm":
@@ -307,8 +308,8 @@ def make_runnable(case: Case, provider: str, backward: bool):
         return fn, None, fn()
     tensors = {k: v.detach().clone().requires_grad_(k in case.grad_names) for k, v in case.inputs.items()}
     out = impl(**tensors)
-    gen = torch.Generator().manual_seed(1)
-    dy = torch.randn(out.shape, generator=gen).to(device=out.device, dtype=out.dtype)
+    gen = torch.Generator(device=out.device).manual_seed(1)
+    dy = torch.randn(out.shape, generator=gen, device=out.device).to(out.dtype)
     out.backward(dy)
     leaves = [tensors[k] for k in case.grad_names]
 

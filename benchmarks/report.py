@@ -135,7 +135,9 @@ def to_markdown(doc: dict) -> str:
                   "shapes, Triton checked for correctness under the interpreter, FLOP and byte counts.", ""]
     lines += [
         f"- created {doc.get('created')} ({'quick' if doc.get('quick') else 'full'} run, "
-        f"{_f(doc.get('elapsed_s'), '{:.0f}')} s), git {env.get('git_sha')}",
+        f"{_f(doc.get('elapsed_s'), '{:.0f}')} s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in (doc.get("suite_seconds") or {}).items())
+        + f"), git {env.get('git_sha')}",
         f"- torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
         f"transformers {env.get('transformers')}, driver {env.get('driver')}, python {env.get('python')}",
         f"- backends: {_backends(env.get('backends'))}",

@@ -104,7 +104,10 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
                      "small shapes (fp32, perf_counter); no torch.compile, no Triton timings (the interpreter "
                      "is only a correctness check), no CUDA graphs; ceilings are the CPU's")
 
+    seconds: dict = {}
+    t0 = time.monotonic()
     ceilings = measure_ceilings(dev, quick)
+    seconds["ceilings"] = time.monotonic() - t0
     ceilings["datasheet_tflops"] = datasheet_tflops(env.get("gpu"))
     echo(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, matmul {ceilings['matmul_tflops']:.2f} TFLOP/s "
          f"({ceilings['matmul_dtype']})")
@@ -122,25 +125,33 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
         if sel["models"]:
             notes.append(f"reduced CPU run: {sel['models']} replaced by roberta-base-2layers")
 
+    t0 = time.monotonic()
     if "kernels" in sel["suites"] and sel["ops"]:
         kb = budget.sub(0.45) if "encoder" in sel["suites"] else budget
         rows += bench_ops.run_kernels(device=dev, mode=kmode, ops=sel["ops"], dtypes=kdtypes, ceilings=ceilings,
                                       avail=avail, budget=kb, rep_ms=rep_ms, progress=progress, notes=notes)
+    seconds["kernels"] = time.monotonic() - t0
+    t0 = time.monotonic()
     if "checks" in sel["suites"] and sel["ops"] and dev_type == "cpu":
         if avail.get("triton"):
             rows += bench_ops.check_triton(device=dev, ops=sel["ops"], progress=progress)
         else:
             notes.append(f"Triton checks skipped: {avail.get('triton_why', 'triton unavailable')}")
+    seconds["checks"] = time.monotonic() - t0
+    t0 = time.monotonic()
     if "encoder" in sel["suites"]:
         rows += bench_encoder.run_encoder(device=dev, models=models, dtypes=edtypes, quick=quick,
                                           ceilings=ceilings, datasheet=ceilings["datasheet_tflops"], budget=budget,
                                           rep_ms=rep_ms * (1 if dev_type == "cpu" else 3), progress=progress,
                                           notes=notes)
+    seconds["encoder"] = time.monotonic() - t0
+    t0 = time.monotonic()
     if "layers" in sel["suites"]:
         try:
             layers_res = layers.run_layers(dev, avail, quick)
         except Exception as e:  # noqa: BLE001
             notes.append(f"layer analysis failed: {short_error(e)}")
+    seconds["layers"] = time.monotonic() - t0
 
     doc = {
         "schema": report.SCHEMA,
@@ -154,6 +165,7 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
         "rows": rows,
         "layers": layers_res,
         "elapsed_s": round(time.monotonic() - t_start, 1),
+        "suite_seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     problems = report.validate(doc)
     if problems:

@@ -34,3 +34,119 @@ def ptr(dtype) -> str:
     if name in ("int32", "int64"):
         return "*i32" if name == "int32" else "*i64"
     return "*" + TRITON_DTYPE[name]
+
+
+# ----------------------------------------------------------------------------- the compile check
+# Run as `python -m roberta_fast.kernels._aot --cc 90` (never under TRITON_INTERPRET=1: the
+# interpreter replaces @triton.jit functions with ones that cannot be compiled).
+
+KERNEL_FILES = ("layer_norm", "gelu", "softmax", "attention")
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100, H100
+
+
+def cuobjdump_path():
+    import shutil
+    from pathlib import Path
+
+    import triton
+
+    cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(cand) if cand.exists() else shutil.which("cuobjdump")
+
+
+def all_specs(files=KERNEL_FILES):
+    import importlib
+
+    out = []
+    for f in files:
+        try:
+            mod = importlib.import_module(f"roberta_fast.kernels.{f}")
+        except ModuleNotFoundError as e:
+            if e.name == f"roberta_fast.kernels.{f}":
+                continue
+            raise
+        out += list(mod.aot_specs())
+    return out
+
+
+def compile_and_inspect(spec: AOTSpec, cc: int, tool: str) -> dict:
+    """Compile one spec for sm_<cc>; return registers, shared and local memory, MMA found, problems."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    row = {"kernel": spec.name, "config": f"w{spec.num_warps}s{spec.num_stages}", "arch": f"sm_{cc}",
+           "regs": None, "smem": None, "local": None, "mma": "", "problems": []}
+    try:
+        src = ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs))
+        c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    except Exception as e:  # noqa: BLE001
+        row["problems"].append(f"compile error: {type(e).__name__}: {str(e)[:400]}")
+        return row
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(c.asm["cubin"])
+        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", res, re.S)
+        if m is None:
+            row["problems"].append(f"cannot parse cuobjdump -res-usage: {res[:200]}")
+            return row
+        row["regs"], row["local"] = int(m.group(1)), int(m.group(3))
+        row["smem"] = int(c.metadata.shared)
+        if spec.uses_mma:
+            sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+            want = "HGMMA" if cc >= 90 else "HMMA"
+            row["mma"] = want if want in sass else f"no {want}"
+            if want not in sass:
+                row["problems"].append(f"matrix kernel without {want} in its SASS")
+    if row["local"]:
+        row["problems"].append(f"{row['local']} bytes of local memory (register spills)")
+    if row["smem"] > SMEM_LIMIT[cc]:
+        row["problems"].append(f"{row['smem']} bytes of shared memory > the sm_{cc} limit {SMEM_LIMIT[cc]}")
+    return row
+
+
+def format_table(rows) -> str:
+    lines = [f"{'kernel':64s} {'config':7s} {'arch':6s} {'regs':>4s} {'smem':>7s} {'local':>5s} mma"]
+    for r in rows:
+        lines.append(f"{r['kernel']:64s} {r['config']:7s} {r['arch']:6s} {r['regs'] or 0:4d} {r['smem'] or 0:7d} "
+                     f"{r['local'] or 0:5d} {r['mma']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+
+    ap = argparse.ArgumentParser(description="Compile every Triton kernel config ahead of time for a GPU arch.")
+    ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--files", nargs="+", default=list(KERNEL_FILES))
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("run the compile check without TRITON_INTERPRET=1")
+    tool = cuobjdump_path()
+    if tool is None:
+        raise SystemExit("no cuobjdump (neither in the triton package nor on PATH)")
+    specs = all_specs(args.files)
+    rows = [compile_and_inspect(s, cc, tool) for cc in args.cc for s in specs]
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    bad = [f"{r['kernel']} {r['arch']}: {p}" for r in rows for p in r["problems"]]
+    for b in bad:
+        print("FAIL", b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

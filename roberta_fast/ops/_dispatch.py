@@ -14,7 +14,6 @@ get it.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -33,22 +32,30 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+_UNSET = object()
+_cache = {"triton_error": _UNSET, "cuda_module": _UNSET}
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    return None
+    """Why triton cannot be imported, or None (checked once; plain dict cache so torch.compile can trace it)."""
+    if _cache["triton_error"] is _UNSET:
+        try:
+            import triton  # noqa: F401
+
+            _cache["triton_error"] = None
+        except Exception as e:  # noqa: BLE001
+            _cache["triton_error"] = f"{type(e).__name__}: {e}"
+    return _cache["triton_error"]
 
 
-@functools.cache
 def cuda_module():
     """The compiled roberta_fast._C, or None when it was not built (imported lazily, once)."""
-    try:
-        return importlib.import_module("roberta_fast._C")
-    except ImportError:
-        return None
+    if _cache["cuda_module"] is _UNSET:
+        try:
+            _cache["cuda_module"] = importlib.import_module("roberta_fast._C")
+        except ImportError:
+            _cache["cuda_module"] = None
+    return _cache["cuda_module"]
 
 
 def cuda_built() -> bool:

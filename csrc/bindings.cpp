@@ -173,6 +173,38 @@ PYBIND11_MODULE(_C, m) {
       py::arg("batch"), py::arg("heads"), py::arg("seqlen"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"),
       py::arg("stream"), GilFree());
 
+  m.def(
+      "attention_bwd",
+      [](uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k, std::array<int64_t, 3> k_strides, uintptr_t v,
+         std::array<int64_t, 3> v_strides, uintptr_t dout, std::array<int64_t, 3> do_strides, uintptr_t lse,
+         uintptr_t delta, int64_t lse_batch_stride, int64_t lse_head_stride, uintptr_t dq_accum, uintptr_t dk,
+         uintptr_t dv, std::array<int64_t, 3> g_strides, uintptr_t key_padding_mask, int64_t mask_batch_stride,
+         uintptr_t cu_seqlens, int batch, int heads, int seqlen, int head_dim, double scale, int dtype,
+         uintptr_t stream) {
+        rf::AttnBwdParams p{};
+        p.q = cptr(q), p.k = cptr(k), p.v = cptr(v), p.dout = cptr(dout);
+        p.q_batch_stride = q_strides[0], p.q_row_stride = q_strides[1], p.q_head_stride = q_strides[2];
+        p.k_batch_stride = k_strides[0], p.k_row_stride = k_strides[1], p.k_head_stride = k_strides[2];
+        p.v_batch_stride = v_strides[0], p.v_row_stride = v_strides[1], p.v_head_stride = v_strides[2];
+        p.do_batch_stride = do_strides[0], p.do_row_stride = do_strides[1], p.do_head_stride = do_strides[2];
+        p.lse = static_cast<const float*>(cptr(lse)), p.delta = static_cast<const float*>(cptr(delta));
+        p.lse_batch_stride = lse_batch_stride, p.lse_head_stride = lse_head_stride;
+        p.dq_accum = fptr(dq_accum), p.dk = mptr(dk), p.dv = mptr(dv);
+        p.g_batch_stride = g_strides[0], p.g_row_stride = g_strides[1], p.g_head_stride = g_strides[2];
+        p.key_padding_mask = static_cast<const uint8_t*>(cptr(key_padding_mask));
+        p.mask_batch_stride = mask_batch_stride, p.cu_seqlens = static_cast<const int*>(cptr(cu_seqlens));
+        p.batch = batch, p.heads = heads, p.seqlen = seqlen, p.head_dim = head_dim;
+        p.scale = static_cast<float>(scale), p.dtype = dtype;
+        rf::attention_bwd(p, sptr(stream));
+      },
+      "dq (added into the zeroed fp32 dq_accum), dk, dv of attention_fwd; delta = rowsum(dout * o) in lse's layout",
+      py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
+      py::arg("dout"), py::arg("do_strides"), py::arg("lse"), py::arg("delta"), py::arg("lse_batch_stride"),
+      py::arg("lse_head_stride"), py::arg("dq_accum"), py::arg("dk"), py::arg("dv"), py::arg("g_strides"),
+      py::arg("key_padding_mask"), py::arg("mask_batch_stride"), py::arg("cu_seqlens"), py::arg("batch"),
+      py::arg("heads"), py::arg("seqlen"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+      GilFree());
+
   m.attr("KERNELS") = py::make_tuple("layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd",
-                                     "masked_softmax_fwd", "masked_softmax_bwd", "attention_fwd");
+                                     "masked_softmax_fwd", "masked_softmax_bwd", "attention_fwd", "attention_bwd");
 }

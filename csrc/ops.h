@@ -130,4 +130,28 @@ struct AttnFwdParams {
 };
 void attention_fwd(const AttnFwdParams& p, void* stream);
 
+// Gradients of attention_fwd: one CTA per (64-key block, head, sequence) accumulates dK and dV in
+// registers over every query block and adds its part of dQ into an fp32 buffer with atomics.
+// Same row addressing as AttnFwdParams (batch strides 0 and rows from cu_seqlens for varlen).
+struct AttnBwdParams {
+  const void* q; const void* k; const void* v; const void* dout;  // like the forward's q, k, v
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  const float* lse;                             // forward's lse, (B, H, S) or (H, T)
+  const float* delta;                           // rowsum(dout * o), same layout as lse
+  int64_t lse_batch_stride, lse_head_stride;
+  float* dq_accum;                              // fp32, q's contiguous layout, zero-initialized
+  void* dk; void* dv;                           // q's dtype, contiguous, k's and v's shapes
+  int64_t g_batch_stride, g_row_stride, g_head_stride;  // strides of dq_accum, dk and dv
+  const uint8_t* key_padding_mask;              // (B, S) bool, or null
+  int64_t mask_batch_stride;
+  const int* cu_seqlens;                        // (B + 1,) int32, or null (padded)
+  int batch, heads, seqlen, head_dim;
+  float scale;
+  int dtype;                                    // kF16 or kBF16
+};
+void attention_bwd(const AttnBwdParams& p, void* stream);
+
 }  // namespace rf

@@ -26,8 +26,8 @@ from roberta_fast.ops import _dispatch
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 KERNELS = ("layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd", "masked_softmax_fwd",
-           "masked_softmax_bwd", "attention_fwd")
-SOURCES = ("attention", "gelu", "layer_norm", "softmax")  # csrc/<name>.cu
+           "masked_softmax_bwd", "attention_fwd", "attention_bwd")
+SOURCES = ("attention", "attention_bwd", "gelu", "layer_norm", "softmax")  # csrc/<name>.cu
 ARCHS = ("sm_80", "sm_90a")
 # host functions of docs/kernel_contracts.md, exactly as the op layer calls them
 CONTRACTS = {
@@ -126,9 +126,7 @@ def test_attention_supports_reports_dtype_and_head_dim():
     meta = torch.device("meta")
     ok = torch.empty(2, 8, 4, 64, dtype=torch.float16, device=meta)
     assert "CUDA tensors" in attention.supports(ok)  # a meta/CPU tensor is never taken
-    assert attention.supports(ok, backward=True) is not None
-    with pytest.raises(NotImplementedError, match="attention_bwd"):
-        attention.attention_bwd(*([None] * 10))
+    assert "CUDA tensors" in attention.supports(ok, backward=True)
 
 
 def test_module_holds_sm80_and_sm90a_code(so_path, cuobjdump):
@@ -143,7 +141,8 @@ def test_resource_usage_no_local_memory(so_path, cuobjdump):
     funcs = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     names = {f[0] for f in funcs}
     for k in ("layer_norm_fwd_kernel", "layer_norm_bwd_kernel", "layer_norm_bwd_cols_kernel", "bias_gelu_kernel",
-              "masked_softmax_fwd_kernel", "masked_softmax_bwd_kernel", "attention_fwd_kernel"):
+              "masked_softmax_fwd_kernel", "masked_softmax_bwd_kernel", "attention_fwd_kernel",
+              "attention_bwd_kernel"):
         assert any(k in n for n in names), f"no {k} in the module"
     for name, reg, stack, shared, local in funcs:
         assert int(local) == 0 and int(stack) == 0, f"{name}: LOCAL {local}, STACK {stack} (spills)"
@@ -153,13 +152,18 @@ def test_resource_usage_no_local_memory(so_path, cuobjdump):
 
 def test_attention_uses_tensor_cores(so_path, cuobjdump):
     res = _run([cuobjdump, "-res-usage", str(so_path)])
-    kernels = sorted(set(re.findall(r"Function (\S*attention_fwd_kernel\S*):", res)))
-    assert len(kernels) == 6, kernels  # fp16, bf16 x head_dim 32, 64, 128
-    for arch in ARCHS:
-        sass = _run([cuobjdump, "-sass", "-arch", arch, "-fun", ",".join(kernels), str(so_path)])
-        for k in kernels:
-            body = sass.split(f"Function : {k}")[1].split("Function : ")[0] if f"Function : {k}" in sass else ""
-            assert "HMMA.16816.F32" in body, f"{arch} {k}: no HMMA.16816.F32 in its SASS"
+    kernels = sorted(set(re.findall(r"Function (\S*attention_(?:fwd|bwd)_kernel\S*):", res)))
+    assert len(kernels) == 12, kernels  # forward, backward x fp16, bf16 x head_dim 32, 64, 128
+    sass = _run([cuobjdump, "-sass", "-fun", ",".join(kernels), str(so_path)])
+    found = set()
+    for section in sass.split("\narch = ")[1:]:  # one section per cubin
+        arch = section.split()[0]
+        for body in section.split("Function : ")[1:]:
+            name = body.split()[0]
+            assert "HMMA.16816.F32" in body, f"{arch} {name}: no HMMA.16816.F32 in its SASS"
+            found.add((arch, name))
+    missing = {(a, k) for a in ARCHS for k in kernels} - found
+    assert not missing, f"no SASS for {sorted(missing)}"
 
 
 def test_build_log_no_spills_no_warnings(build_log):
@@ -414,6 +418,15 @@ def test_gpu_attention_padded(poison_empty, dtype, D, S, fused):
     o2, _ = at.attention_fwd(q, k, v, None, None, None, 0.3)  # no mask, explicit scale
     _attn_tol(o2, reference.attention(q.double(), k.double(), v.double(), None, 0.3),
               reference.attention(q, k, v, None, 0.3), "o (no mask)")
+    # backward
+    do = torch.randn(B, S, H, D, device="cuda").to(dtype)
+    dq, dk, dv = at.attention_bwd(do, q, k, v, o, lse, mask, None, None, None)
+    f = lambda q_, k_, v_: reference.attention(q_, k_, v_, mask)  # noqa: E731
+    _, g64 = _grads(f, [q.double(), k.double(), v.double()], do.double())
+    _, gsame = _grads(f, [q, k, v], do)
+    for name, ours, r, s_ in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, gsame):
+        assert ours.shape == q.shape and ours.dtype == dtype and ours.is_contiguous(), name
+        _attn_tol(ours, r, s_, name)
 
 
 @pytest.mark.gpu
@@ -437,6 +450,14 @@ def test_gpu_attention_varlen(poison_empty, dtype, D):
     s0, e0 = 135, 135 + 64  # the fourth sequence
     sc = torch.einsum("qhd,khd->hqk", q[s0:e0].double(), k[s0:e0].double()) * D ** -0.5
     torch.testing.assert_close(lse[:, s0:e0], torch.logsumexp(sc, -1).float(), atol=2e-3, rtol=1e-3)
+    do = torch.randn(T, H, D, device="cuda").to(dtype)
+    dq, dk, dv = at.attention_bwd(do, q, k, v, o, lse, None, cu, max(lens), None)
+    f = lambda q_, k_, v_: reference.attention_varlen(q_, k_, v_, cu)  # noqa: E731
+    _, g64 = _grads(f, [q.double(), k.double(), v.double()], do.double())
+    _, gsame = _grads(f, [q, k, v], do)
+    for name, ours, r, s_ in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, gsame):
+        assert (ours[-3:] == 0).all(), f"{name}: rows past cu_seqlens[-1] must be zero"
+        _attn_tol(ours[:-3], r[:-3], s_[:-3], name)
     assert at.supports(q) is None
     assert "head_dim" in at.supports(q[..., :48])
     assert "dtypes" in at.supports(q.float())

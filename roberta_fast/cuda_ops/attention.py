@@ -1,9 +1,9 @@
 """CUDA C++ backend of attention (csrc/attention.cu): non-causal softmax(scale * q k^T) v on tensor
 cores (mma.sync m16n8k16, sm_80+), online softmax in fp32, never materializing S x S.
 
-Forward only, fp16 / bf16, head_dim 32 / 64 / 128 (see `supports`); attention_bwd raises
-NotImplementedError (the op layer runs another backend's backward). Host functions with the
-signatures of docs/kernel_contracts.md.
+Forward and backward (FlashAttention-2 style: dK, dV per key block in registers, dQ through fp32
+atomics), fp16 / bf16, head_dim 32 / 64 / 128 (see `supports`). Host functions with the signatures
+of docs/kernel_contracts.md.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ HEAD_DIMS = (32, 64, 128)
 
 def supports(q, k=None, v=None, key_padding_mask=None, cu_seqlens=None, max_seqlen=None, scale=None,
              *, backward=False):
-    """None if this backend can run attention_fwd (or, with backward=True, attention_bwd) on these
-    inputs, else a reason string. Looks at dtypes, head_dim and devices only, never at values."""
-    if backward:
-        return "backend 'cuda' has no attention backward yet"
+    """None if this backend can run attention_fwd and attention_bwd (the same inputs either way:
+    `backward` is accepted for symmetry) on these inputs, else a reason string. Looks at dtypes,
+    head_dim and devices only, never at values."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is None:
             continue
@@ -51,6 +50,24 @@ def _st(t, i):
     return t.stride(i) if t.shape[i] > 1 else 0
 
 
+def _strides(t, varlen):
+    """(batch, row, head) strides in elements: (B, S, H, D) padded, (T, H, D) varlen (batch 0)."""
+    return (0, _st(t, 0), _st(t, 1)) if varlen else (_st(t, 0), _st(t, 1), _st(t, 2))
+
+
+def _layout(q, key_padding_mask, cu_seqlens, max_seqlen):
+    """Sizes and the per-row statistics' layout shared by the forward and the backward."""
+    if cu_seqlens is None:
+        B, S, H, D = q.shape
+        mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+        return dict(varlen=False, batch=B, seqlen=S, heads=H, head_dim=D, stat_shape=(B, H, S),
+                    stat_strides=(H * S, S), mask=mask, cu=None)
+    T, H, D = q.shape
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    return dict(varlen=True, batch=cu.numel() - 1, seqlen=int(max_seqlen), heads=H, head_dim=D,
+                stat_shape=(H, T), stat_strides=(0, T), mask=None, cu=cu)
+
+
 def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     """padded (cu_seqlens None): q, k, v (B, S, H, D); key_padding_mask bool (B, S) (True = real key)
     or None; returns o (B, S, H, D) contiguous and lse (B, H, S) float32.
@@ -61,41 +78,50 @@ def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     if why is not None:
         raise ValueError(f"attention: {why}")
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    D = q.shape[-1]
+    L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    D = L["head_dim"]
     scale = D ** -0.5 if scale is None else float(scale)
-    dev = q.device
-    if cu_seqlens is None:
-        B, S, H, _ = q.shape
-        o = torch.empty((B, S, H, D), dtype=q.dtype, device=dev)
-        lse = torch.empty((B, H, S), dtype=torch.float32, device=dev)
-        mask = None
-        if key_padding_mask is not None:
-            mask = key_padding_mask.to(torch.bool).contiguous()
-        strides = [(_st(t, 0), _st(t, 1), _st(t, 2)) for t in (q, k, v, o)]
-        lse_strides = (H * S, S)
-        batch, seqlen, total = B, S, 0
-    else:
-        T, H, _ = q.shape
-        o = torch.empty((T, H, D), dtype=q.dtype, device=dev)
-        lse = torch.empty((H, T), dtype=torch.float32, device=dev)
-        mask = None
-        cu_seqlens = cu_seqlens.to(device=dev, dtype=torch.int32).contiguous()
-        strides = [(0, _st(t, 0), _st(t, 1)) for t in (q, k, v, o)]
-        lse_strides = (0, T)
-        batch, seqlen, total = cu_seqlens.numel() - 1, int(max_seqlen), T
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(L["stat_shape"], dtype=torch.float32, device=q.device)
+    vl, mask = L["varlen"], L["mask"]
     with device_guard(q):
         lib().attention_fwd(
-            q=ptr(q), q_strides=strides[0], k=ptr(k), k_strides=strides[1], v=ptr(v), v_strides=strides[2],
-            o=ptr(o), o_strides=strides[3], lse=ptr(lse), lse_batch_stride=lse_strides[0],
-            lse_head_stride=lse_strides[1], key_padding_mask=ptr(mask),
-            mask_batch_stride=0 if mask is None else mask.stride(0), cu_seqlens=ptr(cu_seqlens),
-            total_rows=total, batch=batch, heads=H, seqlen=seqlen, head_dim=D, scale=scale,
-            dtype=dtype_code(q.dtype), stream=stream(q))
+            q=ptr(q), q_strides=_strides(q, vl), k=ptr(k), k_strides=_strides(k, vl), v=ptr(v),
+            v_strides=_strides(v, vl), o=ptr(o), o_strides=_strides(o, vl), lse=ptr(lse),
+            lse_batch_stride=L["stat_strides"][0], lse_head_stride=L["stat_strides"][1],
+            key_padding_mask=ptr(mask), mask_batch_stride=0 if mask is None else mask.stride(0),
+            cu_seqlens=ptr(L["cu"]), total_rows=q.shape[0] if vl else 0, batch=L["batch"],
+            heads=L["heads"], seqlen=L["seqlen"], head_dim=D, scale=scale, dtype=dtype_code(q.dtype),
+            stream=stream(q))
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
-    """Not implemented in the CUDA C++ backend yet."""
-    raise NotImplementedError(
-        "attention_bwd: the CUDA C++ backend (roberta_fast._C) has only the attention forward; "
-        "use the triton or torch backend for the backward")
+    """Gradients of attention_fwd. do, o: like q; lse: the forward's (B, H, S) or (H, T) float32.
+    Returns dq, dk, dv contiguous in q's layout and dtype (varlen rows past cu_seqlens[-1]: zeros).
+    delta = rowsum(do * o) and the fp32 -> q.dtype cast of dq are plain torch ops around one kernel."""
+    why = supports(q, k, v)
+    if why is not None:
+        raise ValueError(f"attention: {why}")
+    q, k, v, do = _aligned(q), _aligned(k), _aligned(v), _aligned(do.to(q.dtype))
+    L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    D = L["head_dim"]
+    scale = D ** -0.5 if scale is None else float(scale)
+    vl, mask = L["varlen"], L["mask"]
+    rowdot = (do.float() * o.float()).sum(-1)  # (B, S, H) or (T, H)
+    delta = (rowdot.t() if vl else rowdot.transpose(1, 2)).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    new = torch.zeros if vl else torch.empty  # varlen: rows outside every sequence stay zero
+    dk = new(q.shape, dtype=q.dtype, device=q.device)
+    dv = new(q.shape, dtype=q.dtype, device=q.device)
+    with device_guard(q):
+        lib().attention_bwd(
+            q=ptr(q), q_strides=_strides(q, vl), k=ptr(k), k_strides=_strides(k, vl), v=ptr(v),
+            v_strides=_strides(v, vl), dout=ptr(do), do_strides=_strides(do, vl), lse=ptr(lse), delta=ptr(delta),
+            lse_batch_stride=L["stat_strides"][0], lse_head_stride=L["stat_strides"][1], dq_accum=ptr(dq_accum),
+            dk=ptr(dk), dv=ptr(dv), g_strides=_strides(dk, vl), key_padding_mask=ptr(mask),
+            mask_batch_stride=0 if mask is None else mask.stride(0), cu_seqlens=ptr(L["cu"]),
+            batch=L["batch"], heads=L["heads"], seqlen=L["seqlen"], head_dim=D, scale=scale,
+            dtype=dtype_code(q.dtype), stream=stream(q))
+    return dq_accum.to(q.dtype), dk, dv

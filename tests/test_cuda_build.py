@@ -348,7 +348,8 @@ def test_gpu_bias_gelu(poison_empty, dtype, approximate, M, N, pad, bias):
 def test_gpu_masked_softmax(poison_empty, dtype, K, mask_kind):
     sm = _ops("softmax")
     B, H, Q = 2, 3, 5
-    scores = (3 * torch.randn(B, H, Q, K + 2, device="cuda")).to(dtype)[..., :K]  # row stride K + 2
+    pad = 8 if K in (128, 4096) else 2  # row stride K + 8: 16-byte vector path; K + 2: scalar path
+    scores = (3 * torch.randn(B, H, Q, K + pad, device="cuda")).to(dtype)[..., :K]
     if mask_kind is None:
         mask = None
     elif mask_kind == "bool_keys":  # (B, 1, 1, K) key padding, batch 1 fully masked

@@ -90,9 +90,20 @@ def _load_rows(base, rows, stride, seq_len, offs_d, BOUNDS: tl.constexpr):
 
 
 @triton.jit
+def _mma(a, b, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST (interpreter + bfloat16 only): the Triton interpreter
+    multiplies bfloat16 bit patterns in tl.dot (it does not support bfloat16 math), so go through
+    float32 there; compiled kernels never take this path."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
                lo, hi, seq_len, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr,
+               UPCAST: tl.constexpr):
     """Online softmax over the key blocks lo .. hi (BOUNDS: the partial last block)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -101,13 +112,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs
         k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, BOUNDS)
         v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, BOUNDS)
         bias = _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]  # (BLOCK_M, BLOCK_N), log2 units
+        qk = _mma(q, tl.trans(k), UPCAST) * qk_scale + bias[None, :]  # (BLOCK_M, BLOCK_N), log2 units
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no real key yet: avoid -inf - -inf
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -129,7 +140,7 @@ def _attn_fwd(
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     stride_mb, stride_ms,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
@@ -169,9 +180,9 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs,
-                               stride_ms, 0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False)
+                               stride_ms, 0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs,
-                               stride_ms, n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True)
+                               stride_ms, n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST)
 
     # a row with no real key has acc = 0 and l = 0: o = 0, lse = -inf
     dead = l_i == 0.0
@@ -186,7 +197,8 @@ def _attn_fwd(
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
                   lo, hi, seq_len, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr,
+               UPCAST: tl.constexpr):
     """dq of one query block over the key blocks lo .. hi (BOUNDS: the partial last block)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -195,11 +207,11 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, 
         k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, BOUNDS)
         v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, BOUNDS)
         bias = _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS)
-        qk = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
+        qk = _mma(q, tl.trans(k), UPCAST)  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(qk * qk_scale - lse2[:, None] + bias[None, :])
-        dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
+        dp = _mma(do, tl.trans(v), UPCAST)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq = dq + tl.dot(ds.to(k.dtype), k)
+        dq = dq + _mma(ds.to(k.dtype), k, UPCAST)
     return dq
 
 
@@ -225,7 +237,7 @@ def _attn_bwd_dq(
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh,  # LSE and DELTA
     stride_mb, stride_ms,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
@@ -266,9 +278,9 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     n_full = (seq_len // BLOCK_N) * BLOCK_N
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                       0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False)
+                       0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                       n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True)
+                       n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + o_off + rows[:, None] * stride_os + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -277,7 +289,8 @@ def _attn_bwd_dq(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
                     lo, hi, seq_len, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BOUNDS: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BOUNDS: tl.constexpr,
+                    UPCAST: tl.constexpr):
     """dk, dv of one key block over the query blocks lo .. hi (BOUNDS: the partial last block)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -294,12 +307,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             delta = tl.load(delta_base + rows)
         # log2 units; a row with no real key (lse = -inf) gets +inf so that its p is exp2(-inf) = 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        qk_t = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M)
+        qk_t = _mma(k, tl.trans(q), UPCAST)  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(qk_t * qk_scale - lse2[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+        dv += _mma(p_t.to(do.dtype), do, UPCAST)
+        dp_t = _mma(v, tl.trans(do), UPCAST)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dk += _mma(ds_t.to(q.dtype), q, UPCAST)
     return dk, dv
 
 
@@ -325,7 +338,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh,  # LSE and DELTA
     stride_mb, stride_ms,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = pid % n_blocks
@@ -366,9 +379,9 @@ def _attn_bwd_dkdv(
     lse_base = LSE + l_off
     delta_base = DELTA + l_off
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_M, False)
+                             0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_M, False, UPCAST)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_M, True)
+                             n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, UPCAST)
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
     out = cols[:, None] * stride_os + offs_d[None, :]
@@ -420,6 +433,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # on GPUs; float32 too under th
 
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _upcast(dtype) -> bool:
+    """bfloat16 dots go through float32 under the interpreter (see _mma)."""
+    return dtype == torch.bfloat16 and interpret_mode()
 
 
 def seqlen_bucket(max_seqlen: int) -> str:
@@ -504,7 +522,7 @@ def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
         *a["sizes"], n_blocks, a["is_varlen"],
         float(scale) * LOG2E,
         *st(q), *st(k), *st(v), *st(o), *a["lse_strides"], *a["mask_strides"],
-        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
@@ -531,7 +549,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen,
     _attn_bwd_dq[(a["n_bh"] * n_blocks,)](
         q, k, v, o, do, dq, lse, delta, a["mask"], a["cu"],
         *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,
-        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = attention_config("bwd_dkdv", a["head_dim"], q.dtype, seqlen)
@@ -539,7 +557,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen,
     _attn_bwd_dkdv[(a["n_bh"] * n_blocks,)](
         q, k, v, do, dk, dv, lse, delta, a["mask"], a["cu"],
         *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,
-        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
@@ -571,7 +589,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict:
             sig[f"stride_{g}{s}"] = "i32"
     for name in ("stride_lb", "stride_lh", "stride_mb", "stride_ms"):
         sig[name] = "i32"
-    for name in ("HEAD_DIM", "BLOCK_M", "BLOCK_N"):
+    for name in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "UPCAST"):
         sig[name] = "constexpr"
     return sig
 
@@ -590,7 +608,8 @@ def aot_specs() -> list[AOTSpec]:
                       f"M{cfg.block_m}N{cfg.block_n}]"),
                 fn=_KERNELS[kernel],
                 signature=_signature(kernel, dt),
-                constexprs={"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n},
+                constexprs={"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                            "UPCAST": False},
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_mma=True,
             ))
     return specs

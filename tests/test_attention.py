@@ -1,0 +1,525 @@
+"""attention (padded) and attention_varlen (padding-free): output and q/k/v gradients against a float64
+reference, on every backend that can run here.
+
+"torch" and, on CPU, "triton" under the interpreter; the `gpu` variants run the same checks on CUDA
+tensors (triton, and cuda when built; a backend that cannot take a case, e.g. cuda with head_dim 16,
+is skipped for it). Rule (tests/_tol.py): max|ours - ref64| <= 2 * max|torch in q's dtype - ref64|
++ floor, where "torch in q's dtype" runs both matmuls in that dtype (FlashAttention's test rule).
+Inputs are views into one fused QKV buffer; in the varlen cases the buffer's unused memory (between
+the q / k / v views and after the last token) is NaN, so an out-of-bounds read shows up as NaN.
+"""
+
+import math
+
+import pytest
+import torch
+from _tol import FLOOR, assert_rule
+from conftest import kernel_backends
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from roberta_fast import reference
+from roberta_fast.ops import BackendUnavailableError, attention, attention_varlen
+
+NEG_INF = float("-inf")
+CPU_BACKENDS = ["torch"] + kernel_backends("cpu")
+CPU_KERNELS = kernel_backends("cpu")
+GPU_BACKENDS = kernel_backends("cuda")
+gpu = pytest.mark.gpu
+
+# (dtype, head_dim) cases on CPU: every dtype at small head dims, one head_dim 128 case
+CPU_CASES = [(torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 16), (torch.float16, 32),
+             (torch.bfloat16, 32), (torch.float32, 64), (torch.float16, 64), (torch.float16, 128)]
+GPU_CASES = [(dt, d) for dt in (torch.float16, torch.bfloat16) for d in (16, 32, 64, 128)]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _floor(ours, ref):
+    """The Triton interpreter casts fp32 -> bf16 by truncation where a GPU rounds to nearest: on CPU
+    tensors allow one bf16 ulp of the largest reference value."""
+    if ours.dtype == torch.bfloat16 and ours.device.type == "cpu":
+        return max(FLOOR[torch.bfloat16], 2.0**-7 * ref.detach().double().nan_to_num(0.0).abs().max().item())
+    return None
+
+
+def _same_dtype(q, k, v, mask, scale):
+    """Plain PyTorch in q's dtype: both matmuls and the probabilities round to it; the reference's rule
+    for a row with no real key (zeros)."""
+    s = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * scale  # (B, H, S, S)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], NEG_INF)
+    dead = s.amax(-1, keepdim=True) == NEG_INF
+    p = torch.softmax(s.masked_fill(dead, 0.0).float(), -1).masked_fill(dead, 0.0).to(q.dtype)
+    return torch.matmul(p, v.transpose(1, 2)).transpose(1, 2)
+
+
+def _same_dtype_varlen(q, k, v, cu, scale):
+    out = torch.zeros_like(q)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            out[s:e] = _same_dtype(q[None, s:e], k[None, s:e], v[None, s:e], None, scale)[0]
+    return out
+
+
+def _compare(fn_ours, fn_ref, fn_same, buf, do):
+    """Run the three on a fresh leaf copy of `buf` (float64 for the reference), backprop `do`, and
+    judge the output and buf's gradient (= dq, dk, dv scattered into the fused buffer)."""
+    outs, grads = [], []
+    for fn, dt in ((fn_ours, buf.dtype), (fn_ref, torch.float64), (fn_same, buf.dtype)):
+        leaf = buf.detach().to(dt).clone().requires_grad_(True)
+        o = fn(leaf)
+        if o.requires_grad:  # (the reference's output has no graph when every sequence is empty)
+            o.backward(do.to(dt))
+        outs.append(o.detach())
+        grads.append(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+    ours, ref, same = outs
+    assert ours.dtype == buf.dtype and ours.shape == ref.shape
+    assert_rule(ours, ref, same, name="output", floor=_floor(ours, ref))
+    assert grads[0].dtype == buf.dtype
+    assert_rule(grads[0], grads[1], grads[2], name="grad of the fused qkv", floor=_floor(grads[0], grads[1]))
+    return ours, grads[0]
+
+
+def _lengths(S, batch, gen):
+    """Per-sequence lengths covering 0, 1, S - 1 and S, the rest random."""
+    fixed = [0, 1, S - 1, S]
+    rand = torch.randint(0, S + 1, (max(batch - len(fixed), 0),), generator=gen).tolist()
+    return (fixed + rand)[:batch]
+
+
+def _padded_qkv(B, S, H, D, dtype, device):
+    """A fused QKV buffer (B, S, 3, H, D) like the QKV projection's output, and its q, k, v views."""
+    buf = torch.randn(B, S, 3, H, D, device=device).to(dtype)
+    return buf, (lambda t: t.unbind(2))
+
+
+def _varlen_qkv(T_used, T, H, D, dtype, device, gap=16):
+    """A fused buffer (T, 3, H, D + gap): q, k, v are [:, i, :, :D]; the gap columns and the rows past
+    T_used are NaN."""
+    buf = torch.full((T, 3, H, D + gap), float("nan"), device=device, dtype=dtype)
+    buf[:T_used, :, :, :D] = torch.randn(T_used, 3, H, D, device=device).to(dtype)
+    return buf, (lambda t: tuple(t[:, i, :, :D] for i in range(3)))
+
+
+def _supported_or_skip(backend, q):
+    """Skip a kernel backend that cannot take this case (e.g. cuda without head_dim 16)."""
+    if backend == "cuda":
+        from roberta_fast.cuda_ops import attention as cuda_attention
+
+        why = cuda_attention.supports(q)
+        if why is not None:
+            pytest.skip(why)
+
+
+# ------------------------------------------------------------------------------------ padded cases
+
+
+def _check_padded(backend, dtype, D, device, *, B=6, S=37, H=2, mask_kind="prefix", scale=None):
+    gen = torch.Generator().manual_seed(D + S)
+    lens = _lengths(S, B, gen)
+    if mask_kind == "prefix":
+        mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).to(device)
+    elif mask_kind == "random":  # holes anywhere, one sequence with no real key
+        mask = (torch.rand(B, S, generator=gen) < 0.6).to(device)
+        mask[0] = False
+    else:
+        mask = None
+    buf, split = _padded_qkv(B, S, H, D, dtype, device)
+    _supported_or_skip(backend, buf[:, :, 0])
+    sc = D**-0.5 if scale is None else scale
+
+    def ours(t):
+        return attention(*split(t), key_padding_mask=mask, scale=scale, backend=backend)
+
+    def ref(t):
+        return reference.attention(*split(t), mask, sc)
+
+    def same(t):
+        return _same_dtype(*split(t), mask, sc)
+
+    do = torch.randn(B, S, H, D, device=device).to(dtype)
+    o, g = _compare(ours, ref, same, buf, do)
+    if mask is not None:  # a sequence with no real key: zeros and zero gradients, never NaN
+        dead = ~mask.any(1)
+        assert dead.any()
+        assert (o[dead] == 0).all() and (g[dead] == 0).all()
+    if backend != "torch":
+        assert o.is_contiguous()
+    return o
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,D", CPU_CASES)
+def test_padded(backend, dtype, D, poison_empty):
+    _check_padded(backend, dtype, D, "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+@pytest.mark.parametrize("mask_kind", ["none", "random"])
+def test_padded_mask_kinds(backend, mask_kind, poison_empty):
+    _check_padded(backend, torch.float16, 32, "cpu", mask_kind=mask_kind, scale=0.3)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+@pytest.mark.parametrize("S", [1, 16, 17])
+def test_padded_short(backend, S, poison_empty):
+    """Sequence lengths at and around one block (the interpreter's blocks are 16 rows)."""
+    _check_padded(backend, torch.float32, 16, "cpu", B=4 if S > 1 else 2, S=S)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,D", GPU_CASES)
+@pytest.mark.parametrize("S", [1, 77, 300])
+def test_padded_gpu(backend, dtype, D, S, poison_empty):
+    _check_padded(backend, dtype, D, "cuda", B=7, S=S, H=3)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_padded_gpu_long(backend):
+    """Several full blocks per program in every kernel (the GPU configs hold up to 128 rows)."""
+    _check_padded(backend, torch.float16, 64, "cuda", B=4, S=1031, H=2)
+
+
+# ------------------------------------------------------------------------------------ varlen cases
+
+
+def _check_varlen(backend, dtype, D, device, *, lens, H=2, tail=3, max_seqlen=None, scale=None):
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    T_used = int(cu[-1])
+    T = T_used + tail
+    max_seqlen = max(lens) if max_seqlen is None else max_seqlen
+    buf, split = _varlen_qkv(T_used, T, H, D, dtype, device)
+    _supported_or_skip(backend, buf[:, 0, :, :D])
+    sc = D**-0.5 if scale is None else scale
+
+    def ours(t):
+        return attention_varlen(*split(t), cu, max_seqlen, scale=scale, backend=backend)
+
+    def ref(t):
+        return reference.attention_varlen(*split(t), cu, max_seqlen, sc)
+
+    def same(t):
+        return _same_dtype_varlen(*split(t), cu, sc)
+
+    do = torch.randn(T, H, D, device=device).to(dtype)
+    o, g = _compare(ours, ref, same, buf, do)
+    assert (o[T_used:] == 0).all(), "rows past cu_seqlens[-1] must be zeros"
+    assert not g[:, :, :, :D].isnan().any() and (g[T_used:] == 0).all() and (g[..., D:] == 0).all()
+    return o
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype,D", CPU_CASES)
+def test_varlen(backend, dtype, D, poison_empty):
+    S = 37
+    lens = [S, 0, 1, S - 1, 16, 5, 0]
+    _check_varlen(backend, dtype, D, "cpu", lens=lens)
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_varlen_edges(backend, poison_empty):
+    """No tail, a max_seqlen larger than every length, one sequence only, all sequences empty."""
+    _check_varlen(backend, torch.float32, 16, "cpu", lens=[33], tail=0, max_seqlen=50, scale=0.2)
+    _check_varlen(backend, torch.float32, 16, "cpu", lens=[3, 17, 32], tail=0)
+    _check_varlen(backend, torch.float16, 16, "cpu", lens=[0, 0], tail=5, max_seqlen=0)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,D", GPU_CASES)
+def test_varlen_gpu(backend, dtype, D, poison_empty):
+    lens = [300, 0, 1, 299, 128, 129, 64, 7, 0, 511]
+    _check_varlen(backend, dtype, D, "cuda", lens=lens, H=3)
+
+
+def _padded_vs_varlen(backend, device, dtype, D, S, B=5, H=2):
+    """The same sequences as a right-padded batch with a key padding mask and as a packed batch."""
+    gen = torch.Generator().manual_seed(S)
+    lens = _lengths(S, B, gen)
+    mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).to(device)
+    q, k, v = (torch.randn(B, S, H, D, device=device).to(dtype).requires_grad_() for _ in range(3))
+    do = torch.randn(B, S, H, D, device=device).to(dtype) * mask[:, :, None, None]  # no grad at padding
+    o = attention(q, k, v, key_padding_mask=mask, backend=backend)
+    o.backward(do)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    packed = [t.detach()[mask].requires_grad_() for t in (q, k, v)]  # (T, H, D)
+    ov = attention_varlen(*packed, cu, S, backend=backend)
+    ov.backward(do[mask])
+    torch.testing.assert_close(ov, o[mask], rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("qkv", packed, (q, k, v)):
+        torch.testing.assert_close(a.grad, b.grad[mask], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+        assert (b.grad[~mask] == 0).all() or name == "q"  # padded keys get no gradient
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_padded_equals_varlen(backend):
+    _padded_vs_varlen(backend, "cpu", torch.float16, 16, 33, B=4)
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("S", [77, 513])
+def test_padded_equals_varlen_gpu(backend, S):
+    _padded_vs_varlen(backend, "cuda", torch.float16, 64, S, B=6, H=4)
+
+
+# ------------------------------------------------------------------------------ kernel-level checks
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_lse(varlen):
+    """The kernels' log-sum-exp (natural log of the scaled scores per row; -inf for no real key)."""
+    if not CPU_KERNELS:
+        pytest.skip("no kernel backend on CPU here")
+    from roberta_fast.kernels import attention as kernels
+
+    H, D, S, scale = 2, 16, 21, 0.37
+    lens = [S, 0, 5]
+    cu = torch.tensor([0, S, S, S + 5], dtype=torch.int32)
+    if varlen:
+        q, k, v = (torch.randn(S + 5 + 2, H, D) for _ in range(3))
+        o, lse = kernels.attention_fwd(q, k, v, None, cu, S, scale)
+        expect = torch.full((H, q.shape[0]), NEG_INF, dtype=torch.float64)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            if e > s:
+                sc = torch.einsum("qhd,khd->hqk", q[s:e].double(), k[s:e].double()) * scale
+                expect[:, s:e] = sc.logsumexp(-1)
+    else:
+        q, k, v = (torch.randn(3, S, H, D) for _ in range(3))
+        mask = torch.arange(S)[None, :] < torch.tensor(lens)[:, None]
+        o, lse = kernels.attention_fwd(q, k, v, mask, None, None, scale)
+        sc = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+        expect = sc.masked_fill(~mask[:, None, None, :], NEG_INF).logsumexp(-1)  # (B, H, S)
+    assert lse.dtype == torch.float32 and lse.shape == expect.shape
+    assert torch.equal(lse.isneginf(), expect.isneginf())
+    fin = expect.isfinite()
+    torch.testing.assert_close(lse.double()[fin], expect[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_non_unit_last_stride():
+    """q with a non-unit last stride (a transposed view) is copied, not misread."""
+    backend = (CPU_KERNELS or ["torch"])[0]
+    B, S, H, D = 2, 9, 2, 16
+    qt = torch.randn(B, S, D, H)
+    q = qt.transpose(-1, -2)  # (B, S, H, D), stride(-1) == H
+    k, v = torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    o = attention(q, k, v, backend=backend)
+    torch.testing.assert_close(o, reference.attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_in_gives_nan_out():
+    backend = (CPU_KERNELS or ["torch"])[0]
+    q, k, v = (torch.randn(1, 20, 2, 16) for _ in range(3))
+    q[0, 3, 1, 0] = float("nan")
+    o = attention(q, k, v, backend=backend)
+    assert o[0, 3, 1].isnan().all() and not o[0, :3].isnan().any() and not o[0, :, 0].isnan().any()
+    v[0, 5, 0, 2] = float("nan")
+    o = attention(q, k, v, backend=backend)
+    assert o[:, :, 0, 2].isnan().all()
+
+
+def test_backward_deterministic():
+    if not CPU_KERNELS:
+        pytest.skip("no kernel backend on CPU here")
+    q, k, v = (torch.randn(2, 33, 2, 16, requires_grad=True) for _ in range(3))
+    do = torch.randn(2, 33, 2, 16)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        attention(q, k, v, backend=CPU_KERNELS[0]).backward(do)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_backward_deterministic_gpu(backend):
+    lens = [513, 7, 300]
+    cu = torch.tensor([0, 513, 520, 820], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(820, 12, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(820, 12, 64, device="cuda", dtype=torch.float16)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        attention_varlen(q, k, v, cu, max(lens), backend=backend).backward(do)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ------------------------------------------------------------------------------------ empty inputs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (3, 0, 2, 16), (2, 4, 0, 16)])
+def test_empty_padded(backend, shape):
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    o = attention(q, k, v, key_padding_mask=torch.ones(shape[:2], dtype=torch.bool), backend=backend)
+    assert o.shape == shape and o.dtype == q.dtype
+    o.sum().backward()
+    assert q.grad is not None and q.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_varlen(backend):
+    q, k, v = (torch.randn(0, 2, 16, requires_grad=True) for _ in range(3))
+    o = attention_varlen(q, k, v, torch.zeros(3, dtype=torch.int32), 0, backend=backend)
+    assert o.shape == (0, 2, 16)
+    o.sum().backward()
+
+
+# -------------------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs():
+    q = torch.randn(2, 5, 2, 16)
+    m = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"attention: q must be a torch.Tensor, got list"):
+        attention([1.0], q, q)
+    with pytest.raises(ValueError, match=r"attention: q must be 4-D .* got shape \(2, 5, 32\)"):
+        attention(q.flatten(2), q.flatten(2), q.flatten(2))
+    with pytest.raises(ValueError, match=r"attention: k must have shape \(2, 5, 2, 16\), got \(2, 6, 2, 16\)"):
+        attention(q, torch.randn(2, 6, 2, 16), q)
+    with pytest.raises(ValueError, match=r"attention: v must have shape"):
+        attention(q, q, torch.randn(2, 5, 2, 32))
+    with pytest.raises(TypeError, match=r"attention: k must have q's dtype \(float32\), got float16"):
+        attention(q, q.half(), q)
+    with pytest.raises(TypeError, match=r"attention: q must have dtype in .* got int64"):
+        attention(q.long(), q.long(), q.long())
+    with pytest.raises(ValueError, match=r"attention: key_padding_mask must have shape \(2, 5\), got \(2, 4\)"):
+        attention(q, q, q, key_padding_mask=m[:, :4])
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 5\), got \(2, 1, 1, 5\)"):
+        attention(q, q, q, key_padding_mask=m[:, None, None, :])
+    with pytest.raises(TypeError, match=r"attention: key_padding_mask must have dtype in \(bool\), got float32"):
+        attention(q, q, q, key_padding_mask=m.float())
+    with pytest.raises(TypeError, match=r"attention: scale must be a Python float or None, got str"):
+        attention(q, q, q, scale="0.1")
+    with pytest.raises(ValueError, match=r"attention: backend must be one of"):
+        attention(q, q, q, backend="cudnn")
+
+
+def test_bad_head_dim():
+    q = torch.randn(2, 5, 2, 24)
+    ref = reference.attention(q, q, q)
+    torch.testing.assert_close(attention(q, q, q), ref)  # the automatic choice falls back to torch
+    if CPU_KERNELS:
+        with pytest.raises(ValueError, match=r"attention: backend 'triton' supports head_dim in "
+                                             r"\(16, 32, 64, 128\), got 24"):
+            attention(q, q, q, backend="triton")
+        with pytest.raises(ValueError, match=r"attention_varlen: backend 'triton' supports head_dim"):
+            attention_varlen(q[0], q[0], q[0], torch.tensor([0, 5], dtype=torch.int32), 5, backend="triton")
+
+
+def test_cuda_backend_missing_or_wrong_device():
+    q = torch.randn(1, 4, 2, 16)
+    from roberta_fast.ops import _dispatch
+
+    err = BackendUnavailableError if not _dispatch.cuda_built() else ValueError
+    with pytest.raises(err, match=r"attention: backend 'cuda'"):
+        attention(q, q, q, backend="cuda")
+
+
+def test_bad_varlen_inputs():
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"attention_varlen: cu_seqlens must have dtype in \(int32\), got int64"):
+        attention_varlen(q, q, q, cu.long(), 6)
+    with pytest.raises(ValueError, match=r"attention_varlen: cu_seqlens must be non-decreasing, got "
+                                         r"cu_seqlens\[1\] = 6 > cu_seqlens\[2\] = 4"):
+        attention_varlen(q, q, q, torch.tensor([0, 6, 4], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match=r"attention_varlen: cu_seqlens must start at 0, got 1"):
+        attention_varlen(q, q, q, torch.tensor([1, 4, 10], dtype=torch.int32), 6)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 11 exceeds the 10 tokens of q"):
+        attention_varlen(q, q, q, torch.tensor([0, 4, 11], dtype=torch.int32), 7)
+    with pytest.raises(ValueError, match=r"max_seqlen = 5 is smaller than the longest sequence \(6 tokens\)"):
+        attention_varlen(q, q, q, cu, 5)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D"):
+        attention_varlen(q, q, q, cu[None], 6)
+    with pytest.raises(TypeError, match=r"attention_varlen: max_seqlen must be a Python int, got float"):
+        attention_varlen(q, q, q, cu, 6.0)
+    with pytest.raises(ValueError, match=r"attention_varlen: q must be 3-D"):
+        attention_varlen(q[None], q[None], q[None], cu, 6)
+    with pytest.raises(TypeError, match=r"attention_varlen: v must have q's dtype \(float32\), got bfloat16"):
+        attention_varlen(q, q, q.bfloat16(), cu, 6)
+    with pytest.raises(ValueError, match=r"attention_varlen: k must have shape \(10, 2, 16\), got \(9, 2, 16\)"):
+        attention_varlen(q, q[:9], q, cu, 6)
+
+
+@gpu
+def test_mixed_devices_and_fp32_gpu():
+    q = torch.randn(1, 4, 2, 16, device="cuda")
+    with pytest.raises(ValueError, match=r"attention: all tensors must be on one device"):
+        attention(q, q.cpu(), q)
+    if "triton" in GPU_BACKENDS:
+        with pytest.raises(ValueError, match=r"backend 'triton' supports q dtypes \(float16, bfloat16\) on CUDA"):
+            attention(q, q, q, backend="triton")
+        torch.testing.assert_close(attention(q, q, q), reference.attention(q, q, q))  # automatic: torch
+
+
+# ------------------------------------------------------------------------ custom ops and compile
+
+
+@pytest.mark.parametrize("backend", CPU_KERNELS)
+def test_opcheck(backend):
+    B, S, H, D = 2, 5, 2, 16
+    q, k, v = (torch.randn(B, S, H, D, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    torch.library.opcheck(torch.ops.roberta_fast.attention_fwd.default, (q, k, v, mask, 0.25, backend))
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    qv, kv, vv = (torch.randn(8, H, D, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.roberta_fast.attention_varlen_fwd.default, (qv, kv, vv, cu, 4, 0.25, backend))
+    o, lse = torch.ops.roberta_fast.attention_fwd(q, k, v, mask, 0.25, backend)
+    torch.library.opcheck(torch.ops.roberta_fast.attention_bwd.default,
+                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, mask,
+                           0.25, backend), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph():
+    backend = (CPU_KERNELS or ["torch"])[0]
+    q, k, v = (torch.randn(8, 2, 16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+
+    def f(q, k, v, cu):
+        return attention_varlen(q, k, v, cu, 5, backend=backend).float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    out = compiled(q, k, v, cu)
+    grads = torch.autograd.grad(out, (q, k, v))
+    ref = f(q, k, v, cu)
+    ref_grads = torch.autograd.grad(ref, (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------- property tests
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 3), S=st.integers(1, 24), H=st.integers(1, 2), D=st.sampled_from([16, 32]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       masked=st.booleans(), scale=st.floats(0.05, 1.0))
+def test_property_padded(B, S, H, D, dtype, masked, scale):
+    backend = (CPU_KERNELS or ["torch"])[0]
+    torch.manual_seed(B * 1000 + S)
+    buf, split = _padded_qkv(B, S, H, D, dtype, "cpu")
+    mask = (torch.rand(B, S) < 0.7) if masked else None
+
+    def ours(t):
+        return attention(*split(t), key_padding_mask=mask, scale=scale, backend=backend)
+
+    def ref(t):
+        return reference.attention(*split(t), mask, scale)
+
+    def same(t):
+        return _same_dtype(*split(t), mask, scale)
+
+    _compare(ours, ref, same, buf, torch.randn(B, S, H, D).to(dtype))
+    assert math.isfinite(scale)

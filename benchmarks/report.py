@@ -280,7 +280,7 @@ def make_plots(doc: dict, out_dir: Path) -> list[Path]:
             r2 = dict(r)
             r2["op"] = f"{r['model']} {r['dtype']}"
             r2["label"] = r["workload"]
-            r2["pass"] = ""
+            r2["pass"] = r2["dtype"] = ""
             g = r.get("cuda_graph")
             r2["provider"] = r["provider"] + ("+graph" if g else "")
             fig_rows.append(r2)
@@ -301,9 +301,9 @@ def _grouped_barh(plt, rows, value, xlabel, title, ref_line=None, skip=None):
     ops = list(dict.fromkeys(r["op"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows if not (skip and skip(r))))
     groups = {op: list(dict.fromkeys(_gkey(r) for r in rows if r["op"] == op)) for op in ops}
-    heights = [max(1, len(groups[op])) * (0.25 * max(1, len(providers)) + 0.35) + 0.8 for op in ops]
-    fig, axes = plt.subplots(len(ops), 1, figsize=(10, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    heights = [max(1, len(groups[op])) * (0.18 * max(1, len(providers)) + 0.3) + 0.9 for op in ops]
+    fig, axes = plt.subplots(len(ops), 1, figsize=(10, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, constrained_layout=True)
     cmap = plt.get_cmap("tab10")
     bar_h = 0.8 / max(1, len(providers))
     for ax, op in zip(axes[:, 0], ops):

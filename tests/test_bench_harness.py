@@ -144,8 +144,12 @@ def test_our_layer_measured_has_the_fused_ops():
         pytest.skip(f"roberta_fast model / kernels not available yet: {e}")
     assert ops.get("roberta_fast::layer_norm_fwd") == 2, ops
     assert ops.get("roberta_fast::bias_gelu_fwd") == 1, ops
-    for unfused in ("native_layer_norm", "gelu"):
+    for unfused in ("native_layer_norm", "gelu", "_softmax", "bmm", "clone", "add"):
         assert unfused not in ops, ops
+    if "roberta_fast::attention_varlen_fwd" in ops:  # all kernels landed: exactly the analytic list
+        assert ops == {"addmm": 1, "mm": 3, "roberta_fast::attention_varlen_fwd": 1,
+                       "roberta_fast::layer_norm_fwd": 2, "roberta_fast::bias_gelu_fwd": 1}, ops
+        assert sum(ops.values()) == len(flops.layer_kernels("roberta_fast", **SMALL)) == 8
 
 
 # ----------------------------------------------------------------------------- grids and cases

@@ -138,3 +138,20 @@ def test_optimize_is_callable_either_way():
     model = make_hf(transformers.BertModel, cfg)
     assert roberta_fast.optimize(model) is model
     assert mod.optimize(model) is model
+
+
+def test_optimized_model_saves_and_reloads_with_transformers(tmp_path):
+    cfg = hf_config("roberta", num_labels=3)
+    model = roberta_fast.optimize(make_hf(transformers.RobertaForSequenceClassification, cfg))
+    model.save_pretrained(str(tmp_path))
+    back = transformers.RobertaForSequenceClassification.from_pretrained(
+        str(tmp_path), attn_implementation="eager").eval()
+    sd = back.state_dict()
+    assert set(sd) == set(model.state_dict())
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, sd[n]), n
+    ids, mask = make_batch(3, 6, 1)
+    mask[:, 0] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, back(ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-5)

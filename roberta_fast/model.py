@@ -19,7 +19,16 @@ up), every GEMM and kernel runs on real tokens only, and the outputs are scatter
 The padded positions of last_hidden_state and of every hidden_states entry are ZEROS (transformers leaves
 whatever its layers computed there); `padding_free=False` runs the padded layout with
 ops.attention(key_padding_mask=...) and zeroes the padded positions the same way, so both paths return
-identical tensors. Token-level head outputs at padded positions are the head applied to those zeros.
+identical tensors. Token-level head outputs at padded positions are the head applied to those zeros;
+the pooler reads position 0 as transformers does (a left-padded row gives tanh(pooler bias) there).
+
+Unfused attention: output_attentions=True, or attention-probs dropout > 0 in train mode, computes
+q k^T, ops.masked_softmax and probs @ v, and returns the probabilities (B, heads, S, S) (after dropout,
+as transformers does; padded query rows are zeros). Eval has no dropout anywhere.
+
+Each forward synchronizes with the device once: the input range checks (ids < vocab_size, positions
+< max_position_embeddings, types < type_vocab_size: ValueError otherwise) and the mask statistics
+(real token count, longest sequence) are read back together.
 """
 
 from __future__ import annotations
@@ -536,10 +545,10 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
             raise ValueError(f"position_ids must have shape ({B}, {S}) or (1, {S}), got "
                              f"{tuple(position_ids.shape)}") from None
         host.ids("position_ids", position_ids, max_pos,
-                   f"position ids must be < max_position_embeddings ({max_pos}): sequence too long?")
+                 f"position ids must be < max_position_embeddings ({max_pos}): sequence too long?")
     if token_type_ids is not None:
         host.ids("token_type_ids", token_type_ids, cfg.type_vocab_size,
-                   f"token type ids must be < type_vocab_size ({cfg.type_vocab_size})")
+                 f"token type ids must be < type_vocab_size ({cfg.type_vocab_size})")
         if cfg.type_vocab_size == 1:
             token_type_ids = None  # all zeros: the type embedding is a constant row (x_bias)
 
@@ -547,7 +556,7 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
     b = _Batch(B, S)
     mask = None
     if attention_mask is not None and B * S > 0:
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+        mask = (attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0).contiguous()
         seqlens = host.mask(mask)
     vals = host.run()  # the one host sync: input checks, number of real tokens, longest sequence
     if mask is not None and vals[host.mask_at] < B * S:  # some padding (all real: dense layout, no mask)

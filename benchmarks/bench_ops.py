@@ -98,6 +98,8 @@ def label(op: str, p: dict) -> str:
         return f"T={p['tokens']} H={p['hidden']}"
     if op == "bias_gelu":
         return f"T={p['tokens']} N={p['n']}"
+    if op == "masked_softmax":
+        return f"T={p['tokens']} S={p['seqlen']} heads={p['heads']}"
     return f"T={p['tokens']} S={p['seqlen']} heads={p['heads']} D={p.get('head_dim', HEAD_DIM)}"
 
 

@@ -5,9 +5,10 @@ analytic   roberta_fast.flops.layer_kernels for a roberta-base / roberta-large l
 measured   the aten ops one layer dispatches, counted with a TorchDispatchMode as the difference
            between a 2-layer and a 1-layer model on a tiny config (so embeddings, mask building and
            unpad/repad, which run once per model, cancel out); view-only ops launch nothing and are
-           not counted. transformers eager runs on the CPU; roberta_fast runs with its kernel backend
-           (Triton under TRITON_INTERPRET=1 on a CPU), where each fused op is one custom op = one
-           launch. On a GPU, the CUDA kernels of one layer are also counted with torch.profiler.
+           not counted. Without a GPU, roberta_fast runs its Triton backend under TRITON_INTERPRET=1
+           (each fused op is one custom op = one launch); on a GPU both run there, roberta_fast with
+           its automatic backend choice, and the CUDA kernels of one layer are also counted with
+           torch.profiler.
 """
 
 from __future__ import annotations
@@ -156,17 +157,18 @@ def measured(device: torch.device, kernel_backend: str | None) -> dict:
         return roberta_fast.optimize(_tiny_models(layers, device, dt))
 
     for name, build, backend in (("hf_eager", hf, None), ("roberta_fast", ours, kernel_backend)):
+        label = backend or ("auto" if name == "roberta_fast" else "-")
         rec: dict = {}
         try:
             with _env("ROBERTA_FAST_BACKEND", backend):
                 ops = _per_layer(build, device, count_ops)
-                rec = {"backend": backend, "ops": ops, "launches": sum(ops.values())}
+                rec = {"backend": label, "ops": ops, "launches": sum(ops.values())}
                 if device.type == "cuda":
                     rec["cuda_kernels"] = _per_layer(build, device, count_cuda_kernels)
         except NotImplementedError as e:
-            rec = {"backend": backend, "error": f"not implemented: {short_error(e)}"}
+            rec = {"backend": label, "error": f"not implemented: {short_error(e)}"}
         except Exception as e:  # noqa: BLE001
-            rec = {"backend": backend, "error": short_error(e)}
+            rec = {"backend": label, "error": short_error(e)}
         out[name] = rec
     return out
 
@@ -175,10 +177,8 @@ def run_layers(device: torch.device, avail: dict, quick: bool) -> dict:
     res = {"analytic": [analytic("roberta-base", 32, 128)]}
     if not quick:
         res["analytic"].append(analytic("roberta-large", 64, 512))
-    kb = None
-    if avail.get("cuda"):
-        kb = "cuda"
-    elif avail.get("triton"):
-        kb = "triton"
+    # GPU: the automatic per-op choice (as users run it); CPU: Triton under the interpreter, since the
+    # automatic choice there is the unfused torch reference
+    kb = "triton" if device.type == "cpu" and avail.get("triton") else None
     res["measured"] = measured(device, kb)
     return res

@@ -8,26 +8,22 @@ The op layer (`roberta_fast.ops`) holds the fused kernels; every op runs on one 
 Importing this package needs no GPU and no compiled module.
 """
 
-from . import ops, reference  # noqa: F401
-
 __version__ = "0.1.0"
 
-_LAZY = {
-    # model.py: the encoder and its heads
-    "RobertaModel": "model", "BertModel": "model", "XLMRobertaModel": "model",
-    "RobertaForMaskedLM": "model", "RobertaForSequenceClassification": "model",
-    "RobertaForTokenClassification": "model", "RobertaForQuestionAnswering": "model",
-    "BertForMaskedLM": "model", "BertForSequenceClassification": "model",
-    "BertForTokenClassification": "model", "BertForQuestionAnswering": "model",
-    "EncoderConfig": "model", "pool": "model",
-    "optimize": "optimize",
-}
-
-
-def __getattr__(name):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'roberta_fast' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+from . import ops, reference  # noqa: F401
+from .model import (  # noqa: F401
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    EncoderConfig,
+    RobertaForMaskedLM,
+    RobertaForQuestionAnswering,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+    RobertaModel,
+    XLMRobertaModel,
+    pool,
+)
+from .optimize import optimize  # noqa: F401  (bound after the submodule: the name is the function)

@@ -13,7 +13,6 @@ last_hidden_state come out as zeros (see roberta_fast.model).
 
 from __future__ import annotations
 
-import sys
 import types
 
 import torch
@@ -144,13 +143,3 @@ def optimize(model, *, backend=None, padding_free=True):
     enc.forward = types.MethodType(_fast_forward, enc)
     return model
 
-
-class _CallableModule(types.ModuleType):
-    """`roberta_fast.optimize` is both this submodule and the function: once the submodule is imported
-    the package attribute names the module, so calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return optimize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

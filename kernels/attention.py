@@ -21,8 +21,8 @@ how a program finds its sequence:
              cu_seqlens[b] .. cu_seqlens[b + 1]; the grid covers max_seqlen rows per sequence and
              programs past a sequence's end exit at once. One extra "sequence" b == n_seq owns the
              rows past cu_seqlens[-1] and writes zeros there.
-A query row with no real key gives o = 0, lse = -inf and zero gradients. Key blocks are split into
-full blocks (no bounds checks) and one partial last block.
+A query row with no real key gives o = 0, lse = -inf and zero gradients. Every block checks its
+rows against the sequence length (predicated loads; -inf bias on the scores past the end).
 
 Offsets of a sequence start (batch * stride, cu_seqlens[b] * stride) are int64; offsets inside one
 sequence (row * stride, < 2**31 elements) are int32.
@@ -71,22 +71,16 @@ def _zero_rows(X, stride_xs, stride_xh, h, seq_start, n_rows, pid, n_prog,
 
 
 @triton.jit
-def _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS: tl.constexpr):
-    """0 for a real key, -inf for a padded key or (BOUNDS) a column past the sequence end."""
-    if BOUNDS:
-        keep = tl.load(mask_base + cols * stride_ms, mask=cols < seq_len, other=0)
-    else:
-        keep = tl.load(mask_base + cols * stride_ms)
+def _key_bias(mask_base, stride_ms, cols, seq_len):
+    """0 for a real key, -inf for a padded key or a column past the sequence end."""
+    keep = tl.load(mask_base + cols * stride_ms, mask=cols < seq_len, other=0)
     return tl.where(keep != 0, 0.0, float("-inf"))
 
 
 @triton.jit
-def _load_rows(base, rows, stride, seq_len, offs_d, BOUNDS: tl.constexpr):
-    """(len(rows), HEAD_DIM) tile; rows past seq_len read as 0 when BOUNDS."""
-    ptrs = base + rows[:, None] * stride + offs_d[None, :]
-    if BOUNDS:
-        return tl.load(ptrs, mask=(rows < seq_len)[:, None], other=0.0)
-    return tl.load(ptrs)
+def _load_rows(base, rows, stride, seq_len, offs_d):
+    """(len(rows), HEAD_DIM) tile; rows past seq_len read as 0 (never out of bounds)."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=(rows < seq_len)[:, None], other=0.0)
 
 
 @triton.jit
@@ -101,17 +95,15 @@ def _mma(a, b, UPCAST: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-               lo, hi, seq_len, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """Online softmax over the key blocks lo .. hi (BOUNDS: the partial last block)."""
+               seq_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over the key blocks of one sequence; the last block may be partial."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, BOUNDS)
-        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, BOUNDS)
-        bias = _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS)
+        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d)
+        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d)
+        bias = _key_bias(mask_base, stride_ms, cols, seq_len)
         qk = _mma(q, tl.trans(k), UPCAST) * qk_scale + bias[None, :]  # (BLOCK_M, BLOCK_N), log2 units
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no real key yet: avoid -inf - -inf
@@ -178,11 +170,8 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_full = (seq_len // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs,
-                               stride_ms, 0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs,
-                               stride_ms, n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST)
+                               stride_ms, seq_len, qk_scale, HEAD_DIM, BLOCK_N, UPCAST)
 
     # a row with no real key has acc = 0 and l = 0: o = 0, lse = -inf
     dead = l_i == 0.0
@@ -196,17 +185,15 @@ def _attn_fwd(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                  lo, hi, seq_len, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """dq of one query block over the key blocks lo .. hi (BOUNDS: the partial last block)."""
+                  seq_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """dq of one query block over the key blocks of its sequence."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, BOUNDS)
-        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, BOUNDS)
-        bias = _key_bias(mask_base, stride_ms, cols, seq_len, BOUNDS)
+        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d)
+        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d)
+        bias = _key_bias(mask_base, stride_ms, cols, seq_len)
         qk = _mma(q, tl.trans(k), UPCAST)  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(qk * qk_scale - lse2[:, None] + bias[None, :])
         dp = _mma(do, tl.trans(v), UPCAST)  # (BLOCK_M, BLOCK_N)
@@ -266,9 +253,9 @@ def _attn_bwd_dq(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < seq_len
-    q = _load_rows(q_base, rows, stride_qs, seq_len, offs_d, True)
-    do = _load_rows(do_base, rows, stride_dos, seq_len, offs_d, True)
-    o = _load_rows(O + o_off, rows, stride_os, seq_len, offs_d, True)
+    q = _load_rows(q_base, rows, stride_qs, seq_len, offs_d)
+    do = _load_rows(do_base, rows, stride_dos, seq_len, offs_d)
+    o = _load_rows(O + o_off, rows, stride_os, seq_len, offs_d)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + l_off + rows, delta, mask=row_ok)
     lse = tl.load(LSE + l_off + rows, mask=row_ok, other=float("inf"))
@@ -276,11 +263,8 @@ def _attn_bwd_dq(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_full = (seq_len // BLOCK_N) * BLOCK_N
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                       0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                       n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST)
+                       seq_len, qk_scale, HEAD_DIM, BLOCK_N, UPCAST)
     dq = dq * sm_scale
     tl.store(DQ + o_off + rows[:, None] * stride_os + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -288,23 +272,17 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                    lo, hi, seq_len, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BOUNDS: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    """dk, dv of one key block over the query blocks lo .. hi (BOUNDS: the partial last block)."""
+                    seq_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """dk, dv of one key block over the query blocks of its sequence."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
+    for start_m in range(0, seq_len, BLOCK_M):
         rows = start_m + offs_m
         # rows past the end: q = do = delta = 0 and lse = +inf, so their p and ds are 0
-        q = _load_rows(q_base, rows, stride_qs, seq_len, offs_d, BOUNDS)
-        do = _load_rows(do_base, rows, stride_dos, seq_len, offs_d, BOUNDS)
-        if BOUNDS:
-            lse = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf"))
-            delta = tl.load(delta_base + rows, mask=rows < seq_len, other=0.0)
-        else:
-            lse = tl.load(lse_base + rows)
-            delta = tl.load(delta_base + rows)
+        q = _load_rows(q_base, rows, stride_qs, seq_len, offs_d)
+        do = _load_rows(do_base, rows, stride_dos, seq_len, offs_d)
+        lse = tl.load(lse_base + rows, mask=rows < seq_len, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < seq_len, other=0.0)
         # log2 units; a row with no real key (lse = -inf) gets +inf so that its p is exp2(-inf) = 0
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qk_t = _mma(k, tl.trans(q), UPCAST)  # (BLOCK_N, BLOCK_M)
@@ -367,21 +345,18 @@ def _attn_bwd_dkdv(
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = cols < seq_len
-    k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d, True)
-    v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d, True)
+    k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d)
+    v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d)
     # a padded key gets zero gradients; its rows of p are never mixed with other keys' rows, so the
     # mask is applied once to the result instead of to every p block
     key_ok = tl.load(MASK + b64 * stride_mb + cols * stride_ms, mask=col_ok, other=0) != 0
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    n_full = (seq_len // BLOCK_M) * BLOCK_M
     lse_base = LSE + l_off
     delta_base = DELTA + l_off
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             0, n_full, seq_len, qk_scale, HEAD_DIM, BLOCK_M, False, UPCAST)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             n_full, seq_len, seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, UPCAST)
+                             seq_len, qk_scale, HEAD_DIM, BLOCK_M, UPCAST)
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
     out = cols[:, None] * stride_os + offs_d[None, :]

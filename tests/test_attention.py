@@ -482,6 +482,30 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.roberta_fast.attention_bwd.default,
                           (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, mask,
                            0.25, backend), test_utils=("test_schema", "test_faketensor"))
+    o, lse = torch.ops.roberta_fast.attention_varlen_fwd(qv, kv, vv, cu, 4, 0.25, backend)
+    torch.library.opcheck(torch.ops.roberta_fast.attention_varlen_bwd.default,
+                          (torch.randn_like(o), qv.detach(), kv.detach(), vv.detach(), o.detach(), lse, cu, 4,
+                           0.25, backend), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_aot_specs_cover_the_config_table(monkeypatch):
+    """Every config the GPU tuning can return is in aot_specs() (what the compile check builds)."""
+    pytest.importorskip("triton")
+    from roberta_fast.kernels import attention as kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    specs = {(s.fn, s.signature["Q"], s.constexprs["HEAD_DIM"], s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
+              s.num_warps, s.num_stages) for s in kernels.aot_specs()}
+    fns = {"fwd": kernels._attn_fwd, "bwd_dq": kernels._attn_bwd_dq, "bwd_dkdv": kernels._attn_bwd_dkdv}
+    for kernel, fn in fns.items():
+        for dtype, ptr in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
+            for D in kernels.HEAD_DIMS:
+                for seqlen in (1, 128, 129, 512, 8192):
+                    c = kernels.attention_config(kernel, D, dtype, seqlen)
+                    assert (fn, ptr, D, c.block_m, c.block_n, c.num_warps, c.num_stages) in specs, (kernel, D, seqlen)
+    assert all(s.uses_mma for s in kernels.aot_specs())
+    with pytest.raises(ValueError, match="float16 or bfloat16 on GPUs"):
+        kernels.attention_config("fwd", 64, torch.float32, 128)
 
 
 def test_compile_fullgraph():

@@ -2,7 +2,8 @@
 
     o = softmax(scale * q k^T, masked keys) v      per sequence and head, never materializing S x S
 
-Forward (flash-style): one program per (query block, sequence, head); keys and values stream
+Forward (flash-style): one program per (query block, sequence, head) on a 1-D grid whose query
+blocks vary fastest (the programs that share one head's keys run together); keys and values stream
 through in blocks with an online softmax in fp32 (exp2, log2(e) folded into the scale), and the
 program saves the log-sum-exp of each query row. Backward recomputes the probabilities from lse:
     1. _attn_bwd_dq   per query block: delta = rowsum(dO * O) (stored), dq = scale * dS k
@@ -485,6 +486,7 @@ def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     lse is the natural-log log-sum-exp of the scaled scores per query row (-inf: no real key).
     """
     a = _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen)
+    scale = a["head_dim"] ** -0.5 if scale is None else scale
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(a["lse_shape"], dtype=torch.float32, device=q.device)
     cfg = attention_config("fwd", a["head_dim"], q.dtype, a["sizes"][2])
@@ -507,6 +509,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen,
     """Flash backward: (dq, dk, dv), contiguous, in q's shape and dtype. do has q's shape and a unit
     last stride; o (contiguous) and lse come from attention_fwd; the rest as in attention_fwd."""
     a = _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen)
+    scale = a["head_dim"] ** -0.5 if scale is None else scale
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -19,6 +19,9 @@ class AOTSpec:
     num_warps: int = 4
     num_stages: int = 2
     uses_mma: bool = False  # a matrix kernel: HGMMA expected on sm_90, HMMA on sm_80
+    # arguments Triton's launcher marks as divisible by 16 when the tensors are aligned (the usual case at
+    # run time); a spec that names any is also compiled as that second, aligned variant
+    aligned: tuple = ()
 
 
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -69,8 +72,9 @@ def all_specs(files=KERNEL_FILES):
     return out
 
 
-def compile_and_inspect(spec: AOTSpec, cc: int, tool: str) -> dict:
-    """Compile one spec for sm_<cc>; return registers, shared and local memory, MMA found, problems."""
+def compile_and_inspect(spec: AOTSpec, cc: int, tool: str, aligned: bool = False) -> dict:
+    """Compile one spec for sm_<cc> (its aligned variant if asked); return registers, shared and local
+    memory, MMA found, problems."""
     import os
     import re
     import subprocess
@@ -80,10 +84,12 @@ def compile_and_inspect(spec: AOTSpec, cc: int, tool: str) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    row = {"kernel": spec.name, "config": f"w{spec.num_warps}s{spec.num_stages}", "arch": f"sm_{cc}",
+    row = {"kernel": spec.name + ("+align16" if aligned else ""),
+           "config": f"w{spec.num_warps}s{spec.num_stages}", "arch": f"sm_{cc}",
            "regs": None, "smem": None, "local": None, "mma": "", "problems": []}
     try:
-        src = ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs))
+        attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned} if aligned else None
+        src = ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
         c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as e:  # noqa: BLE001
@@ -137,7 +143,8 @@ def main(argv=None):
     if tool is None:
         raise SystemExit("no cuobjdump (neither in the triton package nor on PATH)")
     specs = all_specs(args.files)
-    rows = [compile_and_inspect(s, cc, tool) for cc in args.cc for s in specs]
+    rows = [compile_and_inspect(s, cc, tool, aligned) for cc in args.cc for s in specs
+            for aligned in ((False, True) if s.aligned else (False,))]
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

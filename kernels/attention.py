@@ -572,6 +572,13 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict:
     return sig
 
 
+def _aligned_args(kernel: str) -> tuple:
+    """Arguments that are multiples of 16 for aligned q/k/v/o (contiguous or fused-QKV views)."""
+    sig = _signature(kernel, torch.float16)
+    return tuple(n for n, t in sig.items() if t.startswith("*") and n not in ("MASK", "CU")) + tuple(
+        n for n in sig if n.startswith("stride_") and n[-1] in "bsh" and n[7] in "qkvod")
+
+
 def aot_specs() -> list[AOTSpec]:
     """Every (kernel, dtype, head_dim, config) the host functions launch on a GPU. Padded, padded
     with a key padding mask and varlen are runtime arguments of the same specialization."""
@@ -589,5 +596,6 @@ def aot_specs() -> list[AOTSpec]:
                 constexprs={"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                             "UPCAST": False},
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_mma=True,
+                aligned=_aligned_args(kernel),
             ))
     return specs

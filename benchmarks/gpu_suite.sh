@@ -68,7 +68,10 @@ m = d.cuda_module(); print('roberta_fast._C:', m.__file__ if m else 'NOT BUILT')
 # 2. the gpu tests, leaving at least 200 s for the benchmarks
 TEST_LIMIT=$(( $(left) - 200 ))
 (( TEST_LIMIT > 240 )) && TEST_LIMIT=240
-step gpu-tests $TEST_LIMIT $PY -m pytest -m gpu -q -ra -p no:cacheprovider tests/
+# several workers when pytest-xdist is there: most of this step is Triton JIT-compiling kernels on the CPU
+XDIST=()
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+step gpu-tests $TEST_LIMIT $PY -m pytest -m gpu -q -ra -p no:cacheprovider "${XDIST[@]}" tests/
 
 # 3. quick benchmarks within what is left (the harness skips, and says so, what would not fit)
 BENCH_LIMIT=$(( $(left) - 10 ))

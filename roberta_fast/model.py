@@ -558,8 +558,14 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
     if attention_mask is not None and B * S > 0:
         mask = (attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0).contiguous()
         seqlens = host.mask(mask)
-    vals = host.run()  # the one host sync: input checks, number of real tokens, longest sequence
-    if mask is not None and vals[host.mask_at] < B * S:  # some padding (all real: dense layout, no mask)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # CUDA graph capture: no host sync is allowed, so no value checks and no packing (the number of real
+        # tokens is data): the padded path with the key padding mask, whose shapes are fixed
+        b.mask = mask
+        vals = None
+    else:
+        vals = host.run()  # the one host sync: input checks, number of real tokens, longest sequence
+    if vals is not None and mask is not None and vals[host.mask_at] < B * S:  # some padding (else dense, no mask)
         b.mask = mask
         if padding_free:
             T = vals[host.mask_at]

@@ -658,6 +658,31 @@ def test_gpu_low_precision_parity(tmp_path, family, padding_free, dtype):
     assert torch.all(o.last_hidden_state[~mask.bool()] == 0)
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_takes_the_padded_path(tmp_path):
+    """Under CUDA graph capture the forward makes no host sync (padded path with the mask); the replay
+    gives what an eager call gives."""
+    cfg = hf_config("roberta", 2, 4, 256, 1024, max_position_embeddings=70)
+    hf = make_hf(transformers.RobertaModel, cfg, seed=5)
+    model = RobertaModel.from_pretrained(save(hf, tmp_path), dtype=torch.float16, device="cuda")
+    ids, mask = make_batch(4, 64, cfg.pad_token_id, seed=6, lengths=[64, 3, 40, 17])
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.inference_mode():
+        eager = model(ids, attention_mask=mask).last_hidden_state
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(ids, attention_mask=mask)  # warm-up on the side stream (QKV cache, Triton JIT)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(ids, attention_mask=mask).last_hidden_state
+        graph.replay()
+        torch.cuda.synchronize()
+    m = mask.bool()
+    torch.testing.assert_close(captured[m], eager[m], atol=2e-3, rtol=2e-3)
+
+
 # ----------------------------------------------------------------------------------------- demo
 
 

@@ -3,6 +3,9 @@
     roberta-fast bench [--quick] [--out DIR] [--only NAME] [--time-budget S] [--device cuda|cpu]
     roberta-fast demo [demo options]        (roberta_fast.demo.main)
     roberta-fast env                        (versions, GPU, which backends can run here)
+    roberta-fast tune [--quick] [--ops ...] [--dtypes ...] [--train] [--show] [--clear] [--device cuda|cpu]
+                                            (time every backend per op and shape on this GPU and cache
+                                            the fastest verified one: roberta_fast.tuning)
 
 `bench` runs the harness in the checkout's benchmarks/ directory (it is not part of the installed
 package: install the checkout editable, `pip install --no-build-isolation -e .`).
@@ -99,9 +102,68 @@ def cmd_env() -> int:
     return 0
 
 
+def _split(values) -> list[str]:
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+def cmd_tune(args, argv) -> int:
+    import torch
+
+    from roberta_fast import tuning
+
+    if args.clear:
+        removed = tuning.clear()
+        print(f"removed {len(removed)} tuning file(s) from {tuning.cache_dir()}")
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if args.show:
+        if device != "cuda":
+            files = sorted(tuning.cache_dir().glob("tuning_*.json"))
+            print(f"no CUDA GPU here; {len(files)} tuning file(s) in {tuning.cache_dir()}"
+                  + "".join(f"\n  {f.name}" for f in files))
+            return 0
+        path, entries = tuning.load_entries(device)
+        if not entries:
+            print(f"nothing tuned for this GPU and these versions yet ({path} does not exist or is not valid); "
+                  "run `roberta-fast tune`")
+            return 0
+        print(tuning.format_table(entries))
+        print(f"cache: {path} ({len(entries)} buckets)")
+        return 0
+    if device is None:
+        print("roberta-fast tune: no CUDA GPU here, nothing tuned and nothing written "
+              "(`--device cpu` runs a smoke test of the tuner under TRITON_INTERPRET=1)")
+        return 0
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton must run under the interpreter on CPU tensors, set before triton is imported
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "roberta_fast.cli", *argv], env)
+    try:
+        dtypes = [tuning.parse_dtype(d) for d in _split(args.dtypes)] or ["float16", "bfloat16"]
+        ops = _split(args.ops) or None
+        modes = ("fwd", "train") if args.train else ("fwd",)
+        if device == "cuda":
+            p = torch.cuda.get_device_properties(torch.cuda.current_device())
+            print(f"tuning on {p.name} (sm_{p.major}{p.minor}); torch {torch.__version__}, "
+                  f"roberta_fast._C {'built' if tuning._dispatch.cuda_built() else 'not built'}")
+        res = tuning.tune(ops=ops, dtypes=dtypes, device=device, modes=modes, quick=args.quick,
+                          rep_ms=args.rep_ms, save=device == "cuda" and not args.no_save,
+                          log=None if args.quiet else tuning._log_stderr)
+    except ValueError as e:
+        print(f"roberta-fast tune: {e}", file=sys.stderr)
+        return 2
+    print(res.format_table())
+    if res.path is not None:
+        print(f"cache: written to {res.path}")
+    else:
+        print("cache: nothing written" + (" (smoke run)" if res.smoke else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roberta-fast", description="roberta_fast: a fast BERT-family encoder")
-    sub = p.add_subparsers(dest="cmd", metavar="{bench,demo,env}")
+    sub = p.add_subparsers(dest="cmd", metavar="{bench,demo,env,tune}")
     sub.required = True
     b = sub.add_parser("bench", help="kernel and encoder benchmarks (JSON, markdown, plots)",
                        description="Benchmarks every op and the encoder against eager PyTorch and the "
@@ -119,6 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="encode sample sentences and check parity with transformers", add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("env", help="versions, GPU and the backends available here")
+    t = sub.add_parser("tune", help="pick the fastest verified backend per op and shape on this GPU and cache it",
+                       description="Times every backend (torch, triton, cuda when built) of every op at RoBERTa "
+                                   "shapes on this GPU, checks each one's output against the reference, and "
+                                   "caches the fastest verified one per shape bucket; the ops then use it "
+                                   "automatically. ROBERTA_FAST_TUNING=0 turns the lookups off; "
+                                   "ROBERTA_FAST_CACHE_DIR moves the cache.")
+    t.add_argument("--ops", nargs="+", metavar="OP", default=None,
+                   help="ops to tune (space or comma separated): layer_norm bias_gelu masked_softmax attention "
+                        "attention_varlen (default: all)")
+    t.add_argument("--dtypes", nargs="+", metavar="DTYPE", default=None,
+                   help="float16 / bfloat16 / float32 (or fp16, bf16, fp32); default: float16 bfloat16")
+    t.add_argument("--quick", action="store_true", help="one token count (32768) and hidden 768, shorter timings")
+    t.add_argument("--train", action="store_true",
+                   help="also tune forward+backward (used when grad mode is on); default: forward only")
+    t.add_argument("--rep-ms", type=float, default=None, metavar="MS",
+                   help="time per measurement (default 100, --quick 40)")
+    t.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="default: cuda when available; cpu: a smoke run under TRITON_INTERPRET=1 (not a tuning)")
+    t.add_argument("--show", action="store_true", help="print what is cached for this GPU and exit")
+    t.add_argument("--clear", action="store_true", help="delete every cached tuning file and exit")
+    t.add_argument("--no-save", action="store_true", help="measure and print, write nothing")
+    t.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
     return p
 
 
@@ -131,6 +215,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "env":
         return cmd_env()
+    if args.cmd == "tune":
+        return cmd_tune(args, argv)
     if args.cmd == "bench":
         if _needs_interpreter_restart(argv):
             env = dict(os.environ, TRITON_INTERPRET="1")

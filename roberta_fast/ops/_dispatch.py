@@ -134,14 +134,9 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, *,
 
 
 def _tuned_choice(op, key, device):
-    if device.type != "cuda":
+    if device.type != "cuda" or _tuning is None:
         return None
-    try:
-        tuning = importlib.import_module("roberta_fast.tuning")
-    except ImportError:
-        return None
-    lookup = getattr(tuning, "lookup_backend", None)
-    return lookup(op, key, device) if lookup is not None else None
+    return _tuning.lookup_backend(op, key, device)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -204,3 +199,11 @@ def kernel_module(backend: str, op_file: str):
     if backend == "cuda":
         return importlib.import_module(f"roberta_fast.cuda_ops.{op_file}")
     raise ValueError(f"no kernel module for backend {backend!r}")
+
+
+# The tuner's cached choices, imported once here (it imports nothing heavy) so that a call traced by
+# torch.compile imports nothing; the package works without it.
+try:
+    from .. import tuning as _tuning
+except ImportError:
+    _tuning = None

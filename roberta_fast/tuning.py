@@ -157,18 +157,31 @@ def lookup_backend(op: str, key: tuple, device) -> str | None:
     fixed, tok = b
     modes = ("train", "fwd") if torch.is_grad_enabled() else ("fwd",)
     for mode in modes:
-        group = table.get((op, mode) + fixed)
-        if group is None:
-            continue
-        for t in (tok, tok + 1, tok - 1):
-            order = group.get(t)
-            if order is None:
+        for fx in _variants(op, fixed):
+            group = table.get((op, mode) + fx)
+            if group is None:
                 continue
-            for backend in order:
-                if _can_run(backend, device):
-                    return backend
-            break
+            for t in (tok, tok + 1, tok - 1):
+                order = group.get(t)
+                if order is None:
+                    continue
+                for backend in order:
+                    if _can_run(backend, device):
+                        return backend
+                break
     return None
+
+
+def _variants(op: str, fixed: tuple) -> tuple:
+    """`fixed` first, then the same bucket with another mask kind (attention: with / without a key
+    padding mask; masked_softmax: bool / none / additive): the mask changes the bytes a little, not
+    which backend is fastest, so a bucket tuned with one covers calls with another when nothing closer
+    was tuned."""
+    if op == "attention":
+        return (fixed, fixed[:-1] + (not fixed[-1],))
+    if op == "masked_softmax":
+        return (fixed,) + tuple(fixed[:-1] + (k,) for k in ("bool", "none", "additive") if k != fixed[-1])
+    return (fixed,)
 
 
 def _assume_constant(fn):
@@ -475,6 +488,7 @@ class Case:
     eager: object
     oracle: object
     key: tuple
+    out_shape: tuple
     batched: tuple = ()
     chunk: int = 0
 
@@ -525,7 +539,7 @@ def build_case(op: str, p: dict, dtype: torch.dtype, device, seed: int = 0) -> C
                                             x_bias=i["x_bias"], backend=b),
             eager=lambda i: F.layer_norm(i["x"] + i["x_bias"] + i["residual"], (n,), i["weight"], i["bias"], EPS),
             oracle=lambda i: reference.layer_norm(i["x"], i["weight"], i["bias"], EPS, i["residual"], i["x_bias"]),
-            key=(t, n, dn))
+            key=(t, n, dn), out_shape=(t, n))
     if op == "bias_gelu":
         t, n = p["tokens"], p["n"]
         inputs = {"x": rnd(t, n), "bias": rnd(n, std=0.1)}
@@ -534,7 +548,7 @@ def build_case(op: str, p: dict, dtype: torch.dtype, device, seed: int = 0) -> C
             run=lambda b, i: ops.bias_gelu(i["x"], i["bias"], "none", backend=b),
             eager=lambda i: F.gelu(i["x"] + i["bias"]),
             oracle=lambda i: reference.bias_gelu(i["x"], i["bias"], "none"),
-            key=(t, n, dn))
+            key=(t, n, dn), out_shape=(t, n))
     s, nh, d = p["seqlen"], p["heads"], p.get("head_dim", HEAD_DIM)
     scale = d ** -0.5
     if op == "masked_softmax":
@@ -555,7 +569,7 @@ def build_case(op: str, p: dict, dtype: torch.dtype, device, seed: int = 0) -> C
             run=lambda b, i: ops.masked_softmax(i["scores"], i["mask"], scale, backend=b),
             eager=eager,
             oracle=lambda i: reference.masked_softmax(i["scores"], i["mask"], scale),
-            key=(nb * nh * s, s, dn, "bool"), batched=("scores", "mask"), chunk=8)
+            key=(nb * nh * s, s, dn, "bool"), out_shape=(nb, nh, s, s), batched=("scores", "mask"), chunk=8)
     if op == "attention":
         # padded batch, q / k / v views into one fused QKV projection (B, S, 3, H, D)
         nb = max(1, p["tokens"] // s)
@@ -572,7 +586,7 @@ def build_case(op: str, p: dict, dtype: torch.dtype, device, seed: int = 0) -> C
             run=lambda b, i: ops.attention(*split(i), key_padding_mask=i["kpm"], scale=scale, backend=b),
             eager=lambda i: _eager_attention(*split(i), i["kpm"], scale),
             oracle=lambda i: reference.attention(*split(i), i["kpm"], scale),
-            key=(nb, s, nh, d, dn, True), batched=("qkv", "kpm"), chunk=8)
+            key=(nb, s, nh, d, dn, True), out_shape=(nb, s, nh, d), batched=("qkv", "kpm"), chunk=8)
     if op == "attention_varlen":
         # packed batch (no padding), lengths uniform in [0.2 S, S], q / k / v views into (T, 3, H, D)
         lens = _lengths(gen, p["tokens"], s)
@@ -596,7 +610,7 @@ def build_case(op: str, p: dict, dtype: torch.dtype, device, seed: int = 0) -> C
             run=lambda b, i: ops.attention_varlen(*split(i), cu, max_len, scale=scale, backend=b),
             eager=eager,
             oracle=lambda i: reference.attention_varlen(*split(i), cu, max_len, scale),
-            key=(t, max_len, nh, d, dn))
+            key=(t, max_len, nh, d, dn), out_shape=(t, nh, d))
     raise ValueError(f"unknown op {op!r}: expected one of {OPS}")
 
 
@@ -837,53 +851,59 @@ class _nullctx:
 
 
 def _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed):
+    """Verify every candidate (the oracle is freed before timing), then time the verified ones."""
     status, times = {}, {}
+
+    def failed(e, what):
+        if _is_oom(e) and device.type == "cuda":
+            torch.cuda.empty_cache()
+            return f"error: {what}out of memory"
+        return f"error: {what}{_short(e)}"
+
     try:
         case = build_case(op, params, dtype, device, seed)
     except Exception as e:  # noqa: BLE001
-        if _is_oom(e) and device.type == "cuda":
-            torch.cuda.empty_cache()
-        return _entry(op, params, dtype, mode, None, {}, {"all": f"error: cannot build inputs: {_short(e)}"})
+        return _entry(op, params, dtype, mode, None, {}, {"all": failed(e, "cannot build the inputs: ")})
     dy = None
-    verifier = None
+    if mode == "train":
+        dy = torch.randn(case.out_shape, generator=torch.Generator(device=device).manual_seed(seed + 1),
+                         device=device).to(dtype)
+    eligible = []
     try:
-        if mode == "train":
-            with torch.no_grad():
-                out = case.run("torch", case.inputs)
-            dy = torch.randn(out.shape, generator=torch.Generator(device=device).manual_seed(seed + 1),
-                             device=device).to(dtype)
-            del out
-        if verify:
-            verifier = _Verifier(case, mode, dy)
+        verifier = _Verifier(case, mode, dy) if verify else None
     except Exception as e:  # noqa: BLE001
-        if _is_oom(e) and device.type == "cuda":
-            torch.cuda.empty_cache()
-        return _entry(op, params, dtype, mode, case, {}, {"all": f"error: cannot build the oracle: {_short(e)}"})
+        return _entry(op, params, dtype, mode, case, {}, {"all": failed(e, "cannot compute the reference: ")})
     for b in cands:
         try:
             why = verifier.judge(b) if verifier is not None else None
-            if why is not None:
-                status[b] = f"rejected: {why}"
-                continue
-            fn = _timed_fn(case, b, mode, dy)
-            ms = float(timer(fn, op=op, backend=b, dtype=_dtype_name(dtype), mode=mode, params=dict(params)))
+        except (ValueError, TypeError, _dispatch.BackendUnavailableError) as e:
+            status[b] = f"n/a: {_short(e)}"  # the backend does not take this call (dtype, head_dim, ...)
+            continue
+        except Exception as e:  # noqa: BLE001  (a crashing backend never wins; the others go on)
+            status[b] = failed(e, "")
+            continue
+        if why is not None:
+            status[b] = f"rejected: {why}"
+        else:
+            eligible.append(b)
+    del verifier
+    for b in eligible:
+        try:
+            ms = float(timer(_timed_fn(case, b, mode, dy), op=op, backend=b, dtype=_dtype_name(dtype), mode=mode,
+                             params=dict(params)))
             _sync(device)
-            if not (math.isfinite(ms) and ms > 0):
-                status[b] = f"error: timer returned {ms!r}"
-                continue
+        except (ValueError, TypeError, _dispatch.BackendUnavailableError) as e:
+            status[b] = f"n/a: {_short(e)}"
+            continue
+        except Exception as e:  # noqa: BLE001
+            status[b] = failed(e, "")
+            continue
+        if math.isfinite(ms) and ms > 0:
             times[b], status[b] = ms, "ok"
-        except _dispatch.BackendUnavailableError as e:
-            status[b] = f"n/a: {_short(e)}"
-        except (ValueError, TypeError) as e:  # the backend does not take this call (dtype, head_dim, ...)
-            status[b] = f"n/a: {_short(e)}"
-        except Exception as e:  # noqa: BLE001  (a crashing backend never wins; the rest go on)
-            if _is_oom(e) and device.type == "cuda":
-                torch.cuda.empty_cache()
-                status[b] = "error: out of memory"
-            else:
-                status[b] = f"error: {_short(e)}"
+        else:
+            status[b] = f"error: the timer returned {ms!r}"
     e = _entry(op, params, dtype, mode, case, times, status)
-    del case, verifier, dy
+    del case, dy
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return e

@@ -351,6 +351,19 @@ def test_train_entries_are_preferred_under_grad_mode(fake_gpu):
         assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) == "triton"  # fwd fallback
 
 
+def test_another_mask_kind_borrows_the_bucket_when_nothing_closer_was_tuned(fake_gpu):
+    tuning.save_entries([entry("attention", (128, 12, 64, "float16", True), 12, ["torch"]),
+                         entry("masked_softmax", (512, "float16", "bool"), 17, ["torch"])], FAKE_ID)
+    with torch.no_grad():
+        assert tuning.lookup_backend("attention", (32, 128, 12, 64, "float16", False), CUDA0) == "torch"
+        assert tuning.lookup_backend("masked_softmax", (1 << 17, 512, "float16", "none"), CUDA0) == "torch"
+        assert tuning.lookup_backend("masked_softmax", (1 << 17, 512, "float16", "additive"), CUDA0) == "torch"
+    tuning.save_entries([entry("attention", (128, 12, 64, "float16", False), 12, ["triton"])], FAKE_ID)
+    with torch.no_grad():  # the exact kind wins once it is tuned
+        assert tuning.lookup_backend("attention", (32, 128, 12, 64, "float16", False), CUDA0) == "triton"
+        assert tuning.lookup_backend("attention", (32, 128, 12, 64, "float16", True), CUDA0) == "torch"
+
+
 def test_resolve_backend_uses_the_tuned_choice(fake_gpu, monkeypatch):
     monkeypatch.setattr(_dispatch, "cuda_built", lambda: True)
     key = (4096, 768, "float16")

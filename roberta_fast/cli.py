@@ -130,7 +130,7 @@ def cmd_tune(args, argv) -> int:
         print(tuning.format_table(entries))
         print(f"cache: {path} ({len(entries)} buckets)")
         return 0
-    if device is None:
+    if device is None or (device == "cuda" and not torch.cuda.is_available()):
         print("roberta-fast tune: no CUDA GPU here, nothing tuned and nothing written "
               "(`--device cpu` runs a smoke test of the tuner under TRITON_INTERPRET=1)")
         return 0

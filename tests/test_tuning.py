@@ -422,6 +422,8 @@ def test_cli_without_gpu_writes_nothing(monkeypatch, capsys):
     assert cli.main(["tune", "--quick"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "no CUDA GPU" in out[0]
+    assert cli.main(["tune", "--device", "cuda"]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
     assert not tuning.cache_dir().exists()
     assert cli.main(["tune", "--show"]) == 0
     assert "no CUDA GPU here; 0 tuning file(s)" in capsys.readouterr().out

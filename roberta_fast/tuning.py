@@ -25,8 +25,9 @@ dict after the first call, no file IO and no device sync per call, plain Python 
 traces. Keys are bucketed so that a tuned shape covers its neighbours: token / row counts to the
 nearest power of two (a missing bucket borrows the tuned one a factor of two away), sequence lengths
 (softmax K, attention S, max_seqlen) up to the next power of two (the kernels pick their blocks by
-that class), widths, heads, head_dim, dtype and mask kind exactly. With grad mode on, "train" entries
-are preferred over "fwd" ones where both exist. Only a backend that can still run here is returned.
+that class), widths, heads, head_dim, dtype and mask kind exactly (a bucket tuned with another mask
+kind is borrowed when nothing closer was tuned). With grad mode on, "train" entries are preferred over
+"fwd" ones where both exist. Only a backend that can still run here is returned.
 
 Environment:
   ROBERTA_FAST_TUNING=0     no lookups (the built-in default order applies)

@@ -4,3 +4,7 @@ Each file holds the @triton.jit kernels, the host functions the op layer calls (
 checked and laid out by roberta_fast.ops), and `aot_specs()`: every specialization and config the
 host functions can launch, for the ahead-of-time compile check (tests/test_compile_targets.py).
 """
+
+from ._compat import patch_interpreter_index
+
+patch_interpreter_index()  # Triton <= 3.6 interpreter with NumPy >= 2.4 (see _compat.py)

@@ -72,6 +72,27 @@ def all_specs(files=KERNEL_FILES):
     return out
 
 
+def make_ast_source(spec: AOTSpec, aligned: bool = False):
+    """triton.compiler.ASTSource for a spec, on every Triton we support.
+
+    Triton >= 3.3: ASTSource(fn, signature, constexprs={name: value}, attrs={(index,): [[attr, value]]}).
+    Triton 3.2: ASTSource(fn, signature, constants={name: value}, attrs=AttrsDescriptor); the signature may
+    keep the "constexpr" entries (3.2 drops the names given in constants from the argument types).
+    """
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    div16 = [spec.fn.arg_names.index(a) for a in spec.aligned] if aligned else []
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        attrs = {(i,): [["tt.divisibility", 16]] for i in div16} if aligned else None
+        return ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
+    from triton.backends.compiler import AttrsDescriptor  # Triton 3.2
+
+    attrs = AttrsDescriptor.from_hints({i: 16 for i in div16})
+    return ASTSource(spec.fn, dict(spec.signature), constants=dict(spec.constexprs), attrs=attrs)
+
+
 def compile_and_inspect(spec: AOTSpec, cc: int, tool: str, aligned: bool = False) -> dict:
     """Compile one spec for sm_<cc> (its aligned variant if asked); return registers, shared and local
     memory, MMA found, problems."""
@@ -82,14 +103,12 @@ def compile_and_inspect(spec: AOTSpec, cc: int, tool: str, aligned: bool = False
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     row = {"kernel": spec.name + ("+align16" if aligned else ""),
            "config": f"w{spec.num_warps}s{spec.num_stages}", "arch": f"sm_{cc}",
            "regs": None, "smem": None, "local": None, "mma": "", "problems": []}
     try:
-        attrs = {(spec.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned} if aligned else None
-        src = ASTSource(spec.fn, dict(spec.signature), constexprs=dict(spec.constexprs), attrs=attrs)
+        src = make_ast_source(spec, aligned)
         c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     except Exception as e:  # noqa: BLE001

@@ -27,14 +27,24 @@ def _numpy_refuses_1d_int() -> bool:
     return False
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton."""
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def patch_interpreter_index() -> bool:
-    """Under TRITON_INTERPRET=1, on a NumPy that refuses int(1-element 1-d array), make the Triton
-    interpreter's tensor.__index__ go through a 0-d view. Returns True when it patched."""
+    """Under TRITON_INTERPRET=1, with Triton < 3.7 and a NumPy that refuses int(1-element 1-d array),
+    make the interpreter's tensor.__index__ go through a 0-d view. Returns True when it patched."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1" or not _numpy_refuses_1d_int():
         return False
     try:
         import triton.runtime.interpreter as interp
     except ImportError:
+        return False
+    if triton_version() >= (3, 7):  # fixed upstream
         return False
     orig = getattr(interp, "_patch_lang_tensor", None)
     if orig is None or getattr(orig, "_roberta_fast_patched", False):

@@ -4,6 +4,10 @@
 
 where ref is computed in float64 from the same inputs and torch_same_dtype is plain PyTorch in the
 dtype under test. A failure prints the worst index, both values and the error ratio.
+
+On CPU tensors the Triton interpreter casts fp32 -> bf16 by truncation where a GPU rounds to nearest,
+so there a bf16 result may be one bf16 step off: the default floor for bf16 on CPU is one bf16 step
+(2^-7 relative) of the largest reference value. GPU tensors get no such allowance.
 """
 
 import torch
@@ -16,7 +20,10 @@ def assert_rule(ours, ref, torch_same, *, name="output", floor=None, factor=2.0)
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     if ours.numel() == 0:
         return
-    floor = FLOOR[ours.dtype] if floor is None else floor
+    if floor is None:
+        floor = FLOOR[ours.dtype]
+        if ours.dtype == torch.bfloat16 and ours.device.type == "cpu":
+            floor = max(floor, 2.0**-7 * ref.detach().double().nan_to_num(0.0).abs().max().item())
     o = ours.detach().double().cpu()
     r = ref.detach().double().cpu()
     t = torch_same.detach().double().cpu()

@@ -79,7 +79,7 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
         err = _triton_import_error()
         if err is not None:
             return f"backend 'triton' needs the triton package ({err}); install it with `pip install triton`"
-        if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
+        if triton_can_run(device):
             return None
         return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1); "
                 f"got tensors on {device}")
@@ -88,7 +88,7 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
             return ("backend 'cuda' needs the compiled module roberta_fast._C, which was not built: "
                     "install on a machine with nvcc (CUDA_HOME or PATH) with "
                     "`ROBERTA_FAST_CUDA=1 pip install --no-build-isolation -e .`")
-        if device.type != "cuda":
+        if not cuda_can_run(device):
             return f"backend 'cuda' runs on CUDA tensors; got tensors on {device}"
         return None
     return f"unknown backend {backend!r}"

@@ -1,11 +1,13 @@
 """Build script for roberta_fast.
 
-Python package: roberta_fast/ (API) and kernels/ (Triton kernels, installed as roberta_fast.kernels).
+Python package: roberta_fast/ (API), kernels/ (Triton kernels, installed as roberta_fast.kernels) and
+benchmarks/ (the harness, installed as roberta_fast.benchmarks), so a wheel holds everything the CLI runs.
+The sdist also carries csrc/ (MANIFEST.in), so an install from it can build the CUDA extension.
 
 CUDA extension roberta_fast._C (csrc/): built with nvcc through ninja when nvcc is found
 (CUDA_HOME/bin/nvcc or PATH). The build needs only nvcc, the CUDA headers and pybind11, not torch.
   ROBERTA_FAST_CUDA=0        skip the CUDA build
-  ROBERTA_FAST_CUDA=1        require it: a missing nvcc or a failed build is an error
+  ROBERTA_FAST_CUDA=1        require it: missing csrc/ sources, a missing nvcc or a failed build is an error
   (unset)                    build when nvcc is found, else skip with one line
   ROBERTA_FAST_CUDA_ARCHS    semicolon/comma list of targets, default "80;90a" (90a: -gencode
                              arch=compute_90a,code=sm_90a)
@@ -22,8 +24,9 @@ import sysconfig
 import time
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "80;90a"
@@ -124,12 +127,41 @@ def write_build_ninja(bdir: Path, out: Path, nvcc: str, cxx: str) -> list:
 
 
 class NinjaCudaBuild(build_ext):
-    """Compiles csrc/ into roberta_fast/_C with nvcc and the host compiler through build/csrc/build.ninja."""
+    """Compiles csrc/ into roberta_fast/_C with nvcc and the host compiler through build/csrc/build.ninja.
+
+    Without ROBERTA_FAST_CUDA=1 a failed build is not an error: the extension is dropped from the outputs
+    (nothing to copy into the wheel or the source tree) and the package works without it."""
 
     def run(self):
         # setuptools clears `inplace` while building and copies the module back afterwards
         self._to_source = bool(self.inplace or getattr(self, "editable_mode", False))
+        self._failed = set()
         super().run()
+
+    def _built_only(self):
+        """self.extensions without the ones whose build failed (for the copy / output steps)."""
+        return [e for e in self.extensions if e.name not in getattr(self, "_failed", ())]
+
+    def get_outputs(self):
+        keep, self.extensions = self.extensions, self._built_only()
+        try:
+            return super().get_outputs()
+        finally:
+            self.extensions = keep
+
+    def get_output_mapping(self):
+        keep, self.extensions = self.extensions, self._built_only()
+        try:
+            return super().get_output_mapping()
+        finally:
+            self.extensions = keep
+
+    def copy_extensions_to_source(self):
+        keep, self.extensions = self.extensions, self._built_only()
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = keep
 
     def build_extension(self, ext):
         if ext.name != "roberta_fast._C":
@@ -140,6 +172,7 @@ class NinjaCudaBuild(build_ext):
         except Exception as e:  # noqa: BLE001
             if _cuda_mode() == "on":
                 raise
+            self._failed.add(ext.name)
             print(f"roberta_fast: CUDA extension build failed ({e}); continuing without roberta_fast._C")
 
     def _build_cuda(self, out: Path):
@@ -170,12 +203,26 @@ class NinjaCudaBuild(build_ext):
             (ROOT / "roberta_fast" / LOG_NAME).write_text(log)
 
 
+class BuildPy(build_py):
+    """The wheel leaves out the pytest-benchmark entry of benchmarks/ (test_*.py, conftest.py): it runs
+    from a checkout (`pytest benchmarks/ --benchmark-only`), the installed harness never imports it."""
+
+    def find_package_modules(self, package, package_dir):
+        mods = super().find_package_modules(package, package_dir)
+        if package != "roberta_fast.benchmarks":
+            return mods
+        return [m for m in mods if not (m[1].startswith("test_") or m[1] == "conftest")]
+
+
 def ext_modules():
     mode = _cuda_mode()
     if mode == "off":
         print("roberta_fast: ROBERTA_FAST_CUDA=0, skipping the CUDA extension (Triton and torch backends only)")
         return []
     if not list((ROOT / "csrc").glob("*.cu")):
+        if mode == "on":
+            raise SystemExit(f"roberta_fast: ROBERTA_FAST_CUDA=1 but there are no CUDA sources in {ROOT / 'csrc'} "
+                             "(install from a checkout or from the sdist, which carries csrc/)")
         print("roberta_fast: no csrc/*.cu sources, skipping the CUDA extension")
         return []
     if find_nvcc() is None:
@@ -188,8 +235,11 @@ def ext_modules():
 
 
 setup(
-    packages=["roberta_fast", "roberta_fast.ops", "roberta_fast.cuda_ops", "roberta_fast.kernels"],
-    package_dir={"roberta_fast": "roberta_fast", "roberta_fast.kernels": "kernels"},
+    packages=["roberta_fast", *(f"roberta_fast.{p}" for p in find_packages("roberta_fast")), "roberta_fast.kernels",
+              "roberta_fast.benchmarks"],
+    package_dir={"roberta_fast": "roberta_fast", "roberta_fast.kernels": "kernels",
+                 "roberta_fast.benchmarks": "benchmarks"},
+    package_data={"roberta_fast.benchmarks": ["gpu_suite.sh"]},
     ext_modules=ext_modules(),
-    cmdclass={"build_ext": NinjaCudaBuild},
+    cmdclass={"build_ext": NinjaCudaBuild, "build_py": BuildPy},
 )

@@ -25,8 +25,10 @@ import gc
 import torch
 
 from roberta_fast import flops
+from roberta_fast._utils import dtype_name
+from roberta_fast.testing import time_cpu, time_gpu_loop
 
-from .common import Budget, Progress, dtype_name, short_error, time_cpu, time_gpu_loop
+from .common import Budget, Progress, short_error
 
 BASE = {"vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
         "bos_token_id": 0, "eos_token_id": 2, "layer_norm_eps": 1e-5, "hidden_act": "gelu"}

@@ -1,9 +1,7 @@
-"""Shared pieces of the harness: environment record, timers, the measured ceilings, the time budget,
-the progress bar and the row helpers.
-
-Timing on a GPU: triton.testing.do_bench (CUDA events, warm-up, L2 flushed between repeats) with
-quantiles (median, p20, p80); the encoder uses its own CUDA-event loop so that every latency
-percentile comes from at least `min_reps` samples. On a CPU: time.perf_counter around each call.
+"""Shared pieces of the harness: environment record, the measured ceilings, the time budget, the progress
+bar and the row helpers. The timers are roberta_fast.testing's (time_gpu_kernel: do_bench quantiles;
+time_gpu_loop: CUDA events around whole calls, for the encoder's latency percentiles; time_cpu:
+perf_counter), the same ones the tuner uses.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import datetime as _dt
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +17,11 @@ from pathlib import Path
 
 import torch
 
+from roberta_fast import backends
+from roberta_fast._utils import dtype_name  # noqa: F401  (re-exported for the suites)
+from roberta_fast.testing import time_cpu, time_gpu_kernel, time_gpu_loop  # noqa: F401
+
+# the checkout this file lives in, when it runs from one (git sha of the results); installed: unknown
 REPO = Path(__file__).resolve().parent.parent
 
 # Dense (no sparsity) bf16 tensor-core peaks from vendor datasheets, TFLOP/s, matched on the device
@@ -38,10 +40,6 @@ def datasheet_tflops(gpu_name: str | None) -> float | None:
         if key.lower() in gpu_name.lower():
             return tf
     return None
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
 
 
 def slug(s: str) -> str:
@@ -82,11 +80,9 @@ def _version(mod: str) -> str | None:
 
 def backends_available(device: torch.device) -> dict:
     """Which op backends can run on `device`, with the reason when one cannot."""
-    from roberta_fast.ops import _dispatch
-
     out = {"torch": True}
     for b in ("triton", "cuda"):
-        why = _dispatch._why_unavailable(b, device)
+        why = backends.why_unavailable(b, device)
         out[b] = why is None
         if why is not None:
             out[f"{b}_why"] = why
@@ -188,71 +184,6 @@ class Progress:
             self._bar.close()
 
 
-# ----------------------------------------------------------------------------- timers
-
-
-def _quantile(sorted_vals: list[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of an already sorted list."""
-    if len(sorted_vals) == 1:
-        return sorted_vals[0]
-    pos = q * (len(sorted_vals) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
-
-
-def summarize_ms(samples: list[float], qs=(0.5, 0.2, 0.8)) -> list[float]:
-    s = sorted(samples)
-    return [_quantile(s, q) for q in qs]
-
-
-def time_cpu(fn, *, rep_ms: float = 50.0, min_reps: int = 5, max_reps: int = 200, warmup: int = 1,
-             qs=(0.5, 0.2, 0.8), grad_to_none=None) -> list[float]:
-    """perf_counter timing on the host: quantiles (ms) of per-call times."""
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    t_end = time.perf_counter() + rep_ms / 1e3
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() < t_end):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return summarize_ms(samples, qs)
-
-
-def time_gpu_kernel(fn, *, rep_ms: float = 100.0, warmup_ms: float = 25.0, grad_to_none=None,
-                    qs=(0.5, 0.2, 0.8)) -> list[float]:
-    """triton.testing.do_bench quantiles (ms): CUDA events, L2 flushed between repeats."""
-    from triton.testing import do_bench
-
-    res = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=list(qs))
-    return [float(v) for v in res]
-
-
-def time_gpu_loop(fn, *, rep_ms: float = 100.0, min_reps: int = 10, max_reps: int = 1000, warmup: int = 3,
-                  qs=(0.5, 0.9)) -> list[float]:
-    """CUDA-event timing of whole calls (the encoder): at least min_reps samples, about rep_ms total."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
-    n = int(min(max_reps, max(min_reps, rep_ms / est)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for i in range(n):
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize()
-    return summarize_ms([s.elapsed_time(e) for s, e in zip(starts, ends)], qs)
-
-
 # ----------------------------------------------------------------------------- ceilings
 
 
@@ -288,10 +219,6 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
         out.update(matmul_shape=[m, m, m], matmul_dtype="float32", matmul_ms=med,
                    matmul_tflops=2 * m**3 / med / 1e9)
     return out
-
-
-def median(xs):
-    return statistics.median(xs) if xs else None
 
 
 def short_error(e: BaseException, limit: int = 300) -> str:

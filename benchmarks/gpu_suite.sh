@@ -62,8 +62,8 @@ left() { echo $(( TOTAL - $(elapsed) )); }
 # 1. install + build (a build failure leaves the triton backend; the install itself must work)
 step install $(( $(left) < INSTALL_LIMIT ? $(left) : INSTALL_LIMIT )) \
   $PY -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e .
-step built 30 $PY -c "from roberta_fast.ops import _dispatch as d; import sys; \
-m = d.cuda_module(); print('roberta_fast._C:', m.__file__ if m else 'NOT BUILT'); sys.exit(0 if m else 1)"
+step built 30 $PY -c "from roberta_fast import backends as b; import sys; \
+m = b.cuda_module(); print('roberta_fast._C:', m.__file__ if m else 'NOT BUILT'); sys.exit(0 if m else 1)"
 
 # 2. the gpu tests, leaving at least 200 s for the benchmarks
 TEST_LIMIT=$(( $(left) - 200 ))

@@ -1,7 +1,7 @@
 """The run's outputs: one JSON document, a markdown report made from it, PNG plots made from it.
 
 Files (plain names, at most five): results.json, results.md, speedup.png, ceiling.png, encoder.png.
-`python -m benchmarks.report results.json [OUTDIR]` remakes the markdown and plots from a JSON file.
+`python -m roberta_fast.benchmarks.report results.json [OUTDIR]` remakes the markdown and plots from a JSON file.
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ def _gkey(r) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        print("usage: python -m benchmarks.report results.json [OUTDIR]", file=sys.stderr)
+        print("usage: python -m roberta_fast.benchmarks.report results.json [OUTDIR]", file=sys.stderr)
         return 2
     src = Path(argv[0])
     out = Path(argv[1]) if len(argv) > 1 else src.parent

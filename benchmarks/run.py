@@ -1,10 +1,10 @@
-"""The one benchmark run behind `roberta-fast bench`, `python -m benchmarks.run` and
+"""The one benchmark run behind `roberta-fast bench`, `python -m roberta_fast.benchmarks.run` and
 `pytest benchmarks/ --benchmark-only`.
 
     run(quick=False, out=None, only=None, time_budget=None) -> the results document (also written)
 
-GPU run: the copy and matmul ceilings, the kernel suite (benchmarks.bench_ops), the encoder suite
-(benchmarks.bench_encoder), the per-layer launch/byte analysis (benchmarks.layers).
+GPU run: the copy and matmul ceilings, the kernel suite (bench_ops), the encoder suite (bench_encoder), the
+per-layer launch/byte analysis (layers).
 Without a GPU the same code runs a reduced mode: torch-backend timings on small CPU shapes with
 perf_counter, Triton checked for correctness under TRITON_INTERPRET=1 on tiny shapes, a two-layer
 roberta-base encoder on the CPU, and the FLOP / byte / launch counts. Its first output line says that
@@ -53,8 +53,9 @@ def prepare_environment(device: str | None = None) -> str:
 
 def parse_only(only) -> dict:
     """The selection: which suites, ops and models run (None = everything)."""
+    from roberta_fast.testing import OPS
+
     from .bench_encoder import MODELS
-    from .bench_ops import OPS
 
     names = [] if not only else [x.strip() for x in (only.split(",") if isinstance(only, str) else only)]
     names = [n for n in names if n]
@@ -135,7 +136,7 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
     t0 = time.monotonic()
     if "checks" in sel["suites"] and sel["ops"] and dev_type == "cpu":
         if avail.get("triton"):
-            rows += bench_ops.check_triton(device=dev, ops=sel["ops"], progress=progress)
+            rows += bench_ops.check_backend(device=dev, ops=sel["ops"], progress=progress)
         else:
             notes.append(f"Triton checks skipped: {avail.get('triton_why', 'triton unavailable')}")
     seconds["checks"] = time.monotonic() - t0
@@ -213,7 +214,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description="roberta_fast benchmarks")
+    p = argparse.ArgumentParser(prog="python -m roberta_fast.benchmarks.run", description="roberta_fast benchmarks")
     add_arguments(p)
     a = p.parse_args(argv)
     return run_from_args(a)

@@ -2,7 +2,7 @@
 
 test_kernel times each kernel case of the quick set (the CPU set without a GPU) through the same
 case builders as the harness, one test per (op, pass, provider), and stores GB/s / TFLOP/s in
-extra_info. test_harness runs the whole harness once (benchmarks.run.run, --quick unless
+extra_info. test_harness runs the whole harness once (roberta_fast.benchmarks.run.run, --quick unless
 --bench-full) and writes its JSON, markdown and plots.
 """
 
@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from roberta_fast.benchmarks import bench_ops
+from roberta_fast.benchmarks import run as bench_run
+from roberta_fast.benchmarks.common import backends_available
 
-from benchmarks import bench_ops
-from benchmarks import run as bench_run
-from benchmarks.common import backends_available
+from roberta_fast.testing import MEMORY_BOUND, shape_label
 
 _DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 _MODE = "quick" if _DEV.type == "cuda" else "cpu"
 _DTYPE = torch.float16 if _DEV.type == "cuda" else torch.float32
 _AVAIL = backends_available(_DEV)
 CASES = [
-    pytest.param(op, p, ps, prov, id=f"{op}-{ps}-{prov}-{bench_ops.label(op, p).replace(' ', '_')}")
+    pytest.param(op, p, ps, prov, id=f"{op}-{ps}-{prov}-{shape_label(op, p).replace(' ', '_')}")
     for op, p in bench_ops.shape_grid(_MODE)
     for ps in ("fwd", "fwd+bwd")
     for prov in bench_ops.providers_for(op, _DEV, _AVAIL)
@@ -50,7 +51,7 @@ def test_kernel(benchmark, op, params, ps, provider):
     nflops = case.flops_bwd if ps == "fwd+bwd" else case.flops_fwd
     benchmark.extra_info.update(op=op, pass_=ps, provider=provider, shape=params, dtype=str(_DTYPE),
                                 bytes=nbytes, flops=nflops, note="wall clock incl. synchronize")
-    if nbytes and op in bench_ops.MEMORY_BOUND:
+    if nbytes and op in MEMORY_BOUND:
         benchmark.extra_info["gbps"] = nbytes / med_ms / 1e6
     if nflops:
         benchmark.extra_info["tflops"] = nflops / med_ms / 1e9
@@ -61,7 +62,7 @@ def test_harness(benchmark, bench_out, request):
     doc = benchmark.pedantic(lambda: bench_run.run(quick=not full, out=bench_out, progress=False),
                              rounds=1, iterations=1)
     written = json.loads((Path(bench_out) / "results.json").read_text())
-    from benchmarks.report import validate
+    from roberta_fast.benchmarks.report import validate
 
     assert validate(written) == []
     assert written["rows"], "the harness produced no rows"

@@ -476,7 +476,19 @@ def _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen):
                 is_varlen=int(cu_seqlens is not None))
 
 
-def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def unsupported(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """Why these kernels cannot take the call, or None: head_dim in HEAD_DIMS; float16 / bfloat16 on
+    CUDA tensors (float32 too under the interpreter, which computes the dots in float32)."""
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        return f"backend 'triton' supports head_dim in {HEAD_DIMS}, got {d}"
+    if q.dtype not in KERNEL_DTYPES and not (q.device.type == "cpu" and q.dtype == torch.float32):
+        return (f"backend 'triton' supports q dtypes (float16, bfloat16) on CUDA tensors "
+                f"(float32 only under TRITON_INTERPRET=1), got {str(q.dtype).removeprefix('torch.')}")
+    return None
+
+
+def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     """Flash forward.
 
     padded (cu_seqlens None): q, k, v (B, S, H, D) with stride(3) == 1; key_padding_mask None or bool
@@ -505,9 +517,9 @@ def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
     """Flash backward: (dq, dk, dv), contiguous, in q's shape and dtype. do has q's shape and a unit
-    last stride; o (contiguous) and lse come from attention_fwd; the rest as in attention_fwd."""
+    last stride; o (contiguous) and lse come from forward; the rest as in forward."""
     a = _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen)
     scale = a["head_dim"] ** -0.5 if scale is None else scale
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -239,7 +239,19 @@ def _as(p, dtype):
     return None if p is None else p.to(dtype)
 
 
-def layer_norm_fwd(x, weight, bias, eps, residual, x_bias):
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported(x, weight, bias, eps, residual, x_bias):
+    """Why these kernels cannot take the call (a reason string), or None: x's dtype and N <= MAX_N."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"backend 'triton' layer_norm supports x dtypes (float16, bfloat16, float32), got {x.dtype}"
+    if x.shape[-1] > MAX_N:
+        return f"backend 'triton' layer_norm supports N <= {MAX_N} (the last dim of x), got N={x.shape[-1]}"
+    return None
+
+
+def forward(x, weight, bias, eps, residual, x_bias):
     """y, mean, rstd = LayerNorm(x + x_bias + residual) (see docs/kernel_contracts.md).
 
     x (M, N) rows; weight, bias, x_bias (N,) or None (x's dtype or float32); residual (M, N) rows of
@@ -270,7 +282,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual, x_bias):
     return y, mean, rstd
 
 
-def layer_norm_bwd(dy, x, weight, bias, mean, rstd, residual, x_bias):
+def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):
     """dx, dweight, dbias, dx_bias of LayerNorm(x + x_bias + residual) (see docs/kernel_contracts.md).
 
     dy, x (M, N) rows of x's dtype; residual (M, N) rows or None; weight, bias, x_bias (N,) or None;

@@ -8,9 +8,8 @@ The op layer (`roberta_fast.ops`) holds the fused kernels; every op runs on one 
 Importing this package needs no GPU and no compiled module.
 """
 
-__version__ = "0.1.0"
-
-from . import ops, reference  # noqa: F401
+from . import backends, ops, reference  # noqa: F401
+from ._version import __version__  # noqa: F401
 from .model import (  # noqa: F401
     BertForMaskedLM,
     BertForQuestionAnswering,

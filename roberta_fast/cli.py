@@ -7,35 +7,17 @@
                                             (time every backend per op and shape on this GPU and cache
                                             the fastest verified one: roberta_fast.tuning)
 
-`bench` runs the harness in the checkout's benchmarks/ directory (it is not part of the installed
-package: install the checkout editable, `pip install --no-build-isolation -e .`).
+`bench` runs the harness, roberta_fast.benchmarks (the repository's benchmarks/ folder, installed inside
+the package), so it works from any directory after `pip install .`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
-
-
-def load_benchmarks():
-    """Import the checkout's benchmarks package (as `benchmarks`) and return benchmarks.run."""
-    root = Path(__file__).resolve().parent.parent
-    init = root / "benchmarks" / "__init__.py"
-    if not init.exists():
-        raise SystemExit("roberta-fast bench needs a source checkout (benchmarks/ is not installed): clone the "
-                         "repository and install it editable with `pip install --no-build-isolation -e .`")
-    have = sys.modules.get("benchmarks")
-    if have is None or Path(getattr(have, "__file__", "") or "").resolve() != init.resolve():
-        spec = importlib.util.spec_from_file_location("benchmarks", init,
-                                                      submodule_search_locations=[str(init.parent)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module("benchmarks.run")
 
 
 def _needs_interpreter_restart(argv) -> bool:
@@ -58,7 +40,7 @@ def cmd_env() -> int:
 
     import torch
 
-    from roberta_fast.ops import _dispatch
+    from roberta_fast import backends
 
     def ver(name):
         try:
@@ -92,12 +74,13 @@ def cmd_env() -> int:
           f"ROBERTA_FAST_BACKEND={os.environ.get('ROBERTA_FAST_BACKEND', '(unset)')}")
     dev = torch.device("cuda" if cuda else "cpu")
     print(f"backends on {dev.type}:")
-    for b in _dispatch.BACKENDS:
-        why = _dispatch._why_unavailable(b, dev)
+    for b, why in backends.available(dev).items():
         print(f"  {b:7s} {'available' if why is None else 'unavailable: ' + why}")
-    mod = _dispatch.cuda_module()
+    mod = backends.cuda_module()
     print(f"compiled module roberta_fast._C: {'built (' + str(mod.__file__) + ')' if mod else 'not built'}")
-    default = _dispatch.resolve_backend("layer_norm", None, dev)
+    emu = backends.cuda_ops.emulated_module()
+    print(f"emulated build roberta_fast._C_emu: {'built (' + str(emu.__file__) + ')' if emu else 'not built'}")
+    default = backends.resolve("layer_norm", None, dev)
     print(f"default backend for {dev.type} tensors: {default}")
     return 0
 
@@ -109,7 +92,7 @@ def _split(values) -> list[str]:
 def cmd_tune(args, argv) -> int:
     import torch
 
-    from roberta_fast import tuning
+    from roberta_fast import backends, tuning
 
     if args.clear:
         removed = tuning.clear()
@@ -146,10 +129,10 @@ def cmd_tune(args, argv) -> int:
         if device == "cuda":
             p = torch.cuda.get_device_properties(torch.cuda.current_device())
             print(f"tuning on {p.name} (sm_{p.major}{p.minor}); torch {torch.__version__}, "
-                  f"roberta_fast._C {'built' if tuning._dispatch.cuda_built() else 'not built'}")
+                  f"roberta_fast._C {'built' if backends.cuda_built() else 'not built'}")
         res = tuning.tune(ops=ops, dtypes=dtypes, device=device, modes=modes, quick=args.quick,
                           rep_ms=args.rep_ms, save=device == "cuda" and not args.no_save,
-                          log=None if args.quiet else tuning._log_stderr)
+                          log=None if args.quiet else tuning.log_stderr)
     except ValueError as e:
         print(f"roberta-fast tune: {e}", file=sys.stderr)
         return 2
@@ -222,7 +205,9 @@ def main(argv=None) -> int:
             env = dict(os.environ, TRITON_INTERPRET="1")
             sys.stdout.flush()
             os.execve(sys.executable, [sys.executable, "-m", "roberta_fast.cli", *argv], env)
-        return load_benchmarks().run_from_args(args)
+        from roberta_fast.benchmarks import run
+
+        return run.run_from_args(args)
     return 2
 
 

@@ -7,7 +7,7 @@ weights, and the demo prints what ran where.
 
 Exit status: 0 when the check passes (or cannot run: transformers missing), 1 when the difference is
 over tolerance, 2 on a usage or setup error. Tolerance: float32, max|ours - transformers| <= 1e-4 on
-real tokens; float16/bfloat16, the rule of tests/_tol.py: max|ours - ref| <= 2 * max|transformers in the
+real tokens; float16/bfloat16, the rule of roberta_fast.testing: max|ours - ref| <= 2 * max|transformers in the
 same dtype - ref| + floor, with ref = transformers in float32.
 """
 
@@ -20,6 +20,10 @@ import zlib
 
 import torch
 
+from . import backends
+from ._utils import dtype_name
+from .testing import FACTOR, FLOOR
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "A fast encoder runs every matrix multiply on real tokens only.",
@@ -31,7 +35,6 @@ SENTENCES = [
     "Sentence embeddings are the mean of the token states over the real tokens of each sentence.",
 ]
 
-FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 FP32_TOL = 1e-4
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -76,12 +79,10 @@ def tokenize(sentences, pad_id: int, vocab_size: int):
 
 def op_backends(backend, device):
     """What each op resolves to for `backend` on `device` (the op layer's automatic choice when None)."""
-    from .ops import _dispatch
-
     out = {}
     for op in OPS:
         try:
-            out[op] = _dispatch.resolve_backend(op, backend, device)
+            out[op] = backends.resolve(op, backend, device)
         except Exception as e:  # noqa: BLE001
             out[op] = f"unavailable ({e})"
     return out
@@ -162,8 +163,8 @@ def main(argv=None) -> int:
             hf_same = hf32.to(dtype)
             same = hf_same(ids, attention_mask=mask).last_hidden_state
             torch_err = (same.float() - ref)[real_m].abs().max().item()
-            tol = 2 * torch_err + FLOOR[dtype]
-            how = f"2 x transformers-{str(dtype).replace('torch.', '')} error {torch_err:.2e} + {FLOOR[dtype]:.0e}"
+            tol = FACTOR * torch_err + FLOOR[dtype]
+            how = f"{FACTOR:g} x transformers-{dtype_name(dtype)} error {torch_err:.2e} + {FLOOR[dtype]:.0e}"
     ok = diff <= tol
     print(f"parity     max |ours - transformers float32| on real tokens = {diff:.3e} "
           f"(tolerance {tol:.3e}: {how}) -> {'PASS' if ok else 'FAIL'}")

@@ -1,5 +1,9 @@
-"""Helpers shared by the cuda_ops modules: the compiled module, dtype codes, raw pointers, the
-current stream and the device guard. Nothing here touches tensor values (no device sync)."""
+"""Helpers shared by the cuda_ops modules: the compiled module for a tensor's device, dtype codes, raw
+pointers, the current stream and the device guard. Nothing here touches tensor values (no device sync).
+
+CUDA tensors go to roberta_fast._C; CPU tensors to roberta_fast._C_emu, the host build of the same
+sources (the op layer only sends CPU tensors here under ROBERTA_FAST_CUDA_EMULATE=1).
+"""
 
 from __future__ import annotations
 
@@ -7,27 +11,35 @@ import contextlib
 
 import torch
 
-from ..ops import _dispatch
+from .._utils import dtype_name
+from . import emulated_module, native_module
 
 
-def lib():
-    """roberta_fast._C, or a RuntimeError that says how to build it."""
-    mod = _dispatch.cuda_module()
+def lib(t):
+    """The compiled module that runs kernels on t's device; RuntimeError when it was not built."""
+    if t.device.type == "cuda":
+        mod = native_module()
+        if mod is None:
+            raise RuntimeError("roberta_fast._C was not built: install on a machine with nvcc "
+                               "(`ROBERTA_FAST_CUDA=1 pip install --no-build-isolation -e .`)")
+        return mod
+    mod = emulated_module()
     if mod is None:
-        raise RuntimeError(_dispatch._why_unavailable("cuda", torch.device("cuda")))
+        raise RuntimeError(f"the CUDA backend got tensors on {t.device}: CPU tensors need the emulated build "
+                           "roberta_fast._C_emu (see docs/cuda_emulation.md)")
     return mod
 
 
-def dtype_code(dtype: torch.dtype) -> int:
-    name = str(dtype).replace("torch.", "")
-    codes = lib().DTYPES
+def dtype_code(mod, dtype: torch.dtype) -> int:
+    codes = mod.DTYPES
+    name = dtype_name(dtype)
     if name not in codes:
-        raise TypeError(f"roberta_fast._C has no dtype code for {name}")
+        raise TypeError(f"{mod.__name__} has no dtype code for {name}")
     return codes[name]
 
 
 def ptr(t) -> int:
-    """Device address of t's first element, 0 for None."""
+    """Address of t's first element, 0 for None."""
     return 0 if t is None else t.data_ptr()
 
 
@@ -36,20 +48,15 @@ def is_f32(t) -> bool:
 
 
 def stream(t) -> int:
-    """The cudaStream_t of the current stream on t's device, as an int."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+    """The cudaStream_t of the current stream on t's device as an int (0 for CPU tensors)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
 
 
 def device_guard(t):
     """Make t's device current while launching (the compiled module follows the current device)."""
-    if t.device.index is None or t.device.index == torch.cuda.current_device():
+    if t.device.type != "cuda" or t.device.index is None or t.device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
-
-
-def rows(t):
-    """t as (M, N) rows with last stride 1 (a copy only when the last stride is not 1)."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def param(t):
@@ -60,3 +67,11 @@ def param(t):
 def col_parts(M: int) -> int:
     """Row partitions for the fp32 partial column sums of a backward (rows of its workspace)."""
     return max(1, min(128, (M + 63) // 64))
+
+
+def unsupported_dtype(op: str, name: str, t, dtypes) -> str | None:
+    """The reason this backend cannot take t's dtype, or None."""
+    if t is not None and t.dtype not in dtypes:
+        return (f"backend 'cuda' {op} supports {name} dtypes ({', '.join(map(dtype_name, dtypes))}), "
+                f"got {dtype_name(t.dtype)}")
+    return None

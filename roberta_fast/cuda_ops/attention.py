@@ -1,39 +1,32 @@
-"""CUDA C++ backend of attention (csrc/attention.cu): non-causal softmax(scale * q k^T) v on tensor
-cores (mma.sync m16n8k16, sm_80+), online softmax in fp32, never materializing S x S.
+"""CUDA C++ backend of attention (csrc/attention.cu, csrc/attention_bwd.cu): non-causal
+softmax(scale * q k^T) v on tensor cores (mma.sync m16n8k16, sm_80+), online softmax in fp32, never
+materializing S x S.
 
 Forward and backward (FlashAttention-2 style: dK, dV per key block in registers, dQ through fp32
-atomics), fp16 / bf16, head_dim 32 / 64 / 128 (see `supports`). Host functions with the signatures
-of docs/kernel_contracts.md.
+atomics), fp16 / bf16, head_dim 32 / 64 / 128 (see `unsupported`). The AttentionBackend contract
+(roberta_fast.backends, docs/kernel_contracts.md).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._utils import dtype_name
 from ._common import device_guard, dtype_code, lib, ptr, stream
 
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 64, 128)
 
 
-def supports(q, k=None, v=None, key_padding_mask=None, cu_seqlens=None, max_seqlen=None, scale=None,
-             *, backward=False):
-    """None if this backend can run attention_fwd and attention_bwd (the same inputs either way:
-    `backward` is accepted for symmetry) on these inputs, else a reason string. Looks at dtypes,
-    head_dim and devices only, never at values."""
+def unsupported(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """Why this backend cannot run attention (forward and backward) on these inputs, or None: dtypes and
+    head_dim only, never values. The limits of this backend live here and nowhere else."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t is None:
-            continue
-        if t.device.type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors; {name} is on {t.device}"
         if t.dtype not in DTYPES:
             return (f"backend 'cuda' attention supports dtypes (float16, bfloat16), "
-                    f"{name} has {str(t.dtype).replace('torch.', '')}")
+                    f"{name} has {dtype_name(t.dtype)}")
         if t.shape[-1] not in HEAD_DIMS:
             return f"backend 'cuda' attention supports head_dim {HEAD_DIMS}, {name} has {t.shape[-1]}"
-    for name, t in (("k", k), ("v", v)):
-        if t is not None and t.dtype != q.dtype:
-            return f"backend 'cuda' attention needs q, k, v of one dtype; q is {q.dtype}, {name} is {t.dtype}"
     return None
 
 
@@ -68,15 +61,12 @@ def _layout(q, key_padding_mask, cu_seqlens, max_seqlen):
                 stat_shape=(H, T), stat_strides=(0, T), mask=None, cu=cu)
 
 
-def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     """padded (cu_seqlens None): q, k, v (B, S, H, D); key_padding_mask bool (B, S) (True = real key)
     or None; returns o (B, S, H, D) contiguous and lse (B, H, S) float32.
     varlen: q, k, v (T, H, D); cu_seqlens int32 (batch + 1,); max_seqlen int >= every length;
     returns o (T, H, D) (rows past cu_seqlens[-1] zero) and lse (H, T) float32.
     A query row with no real key gives zeros and lse = -inf."""
-    why = supports(q, k, v)
-    if why is not None:
-        raise ValueError(f"attention: {why}")
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     D = L["head_dim"]
@@ -84,25 +74,23 @@ def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(L["stat_shape"], dtype=torch.float32, device=q.device)
     vl, mask = L["varlen"], L["mask"]
+    mod = lib(q)
     with device_guard(q):
-        lib().attention_fwd(
+        mod.attention_fwd(
             q=ptr(q), q_strides=_strides(q, vl), k=ptr(k), k_strides=_strides(k, vl), v=ptr(v),
             v_strides=_strides(v, vl), o=ptr(o), o_strides=_strides(o, vl), lse=ptr(lse),
             lse_batch_stride=L["stat_strides"][0], lse_head_stride=L["stat_strides"][1],
             key_padding_mask=ptr(mask), mask_batch_stride=0 if mask is None else mask.stride(0),
             cu_seqlens=ptr(L["cu"]), total_rows=q.shape[0] if vl else 0, batch=L["batch"],
-            heads=L["heads"], seqlen=L["seqlen"], head_dim=D, scale=scale, dtype=dtype_code(q.dtype),
+            heads=L["heads"], seqlen=L["seqlen"], head_dim=D, scale=scale, dtype=dtype_code(mod, q.dtype),
             stream=stream(q))
     return o, lse
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
     """Gradients of attention_fwd. do, o: like q; lse: the forward's (B, H, S) or (H, T) float32.
     Returns dq, dk, dv contiguous in q's layout and dtype (varlen rows past cu_seqlens[-1]: zeros).
     delta = rowsum(do * o) and the fp32 -> q.dtype cast of dq are plain torch ops around one kernel."""
-    why = supports(q, k, v)
-    if why is not None:
-        raise ValueError(f"attention: {why}")
     q, k, v, do = _aligned(q), _aligned(k), _aligned(v), _aligned(do.to(q.dtype))
     L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     D = L["head_dim"]
@@ -115,13 +103,14 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen,
     new = torch.zeros if vl else torch.empty  # varlen: rows outside every sequence stay zero
     dk = new(q.shape, dtype=q.dtype, device=q.device)
     dv = new(q.shape, dtype=q.dtype, device=q.device)
+    mod = lib(q)
     with device_guard(q):
-        lib().attention_bwd(
+        mod.attention_bwd(
             q=ptr(q), q_strides=_strides(q, vl), k=ptr(k), k_strides=_strides(k, vl), v=ptr(v),
             v_strides=_strides(v, vl), dout=ptr(do), do_strides=_strides(do, vl), lse=ptr(lse), delta=ptr(delta),
             lse_batch_stride=L["stat_strides"][0], lse_head_stride=L["stat_strides"][1], dq_accum=ptr(dq_accum),
             dk=ptr(dk), dv=ptr(dv), g_strides=_strides(dk, vl), key_padding_mask=ptr(mask),
             mask_batch_stride=0 if mask is None else mask.stride(0), cu_seqlens=ptr(L["cu"]),
             batch=L["batch"], heads=L["heads"], seqlen=L["seqlen"], head_dim=D, scale=scale,
-            dtype=dtype_code(q.dtype), stream=stream(q))
+            dtype=dtype_code(mod, q.dtype), stream=stream(q))
     return dq_accum.to(q.dtype), dk, dv

@@ -1,11 +1,12 @@
-"""The op layer: public functions, torch.library custom ops (fake impl + autograd), argument checks
-and backend dispatch (torch | triton | cuda). See each function's docstring for shapes and dtypes."""
+"""The op layer: public functions, torch.library custom ops (fake impl + autograd) and argument checks;
+the backend of each call comes from roberta_fast.backends (torch | triton | cuda). See each function's
+docstring for shapes and dtypes."""
 
-from ._dispatch import BACKENDS, BackendUnavailableError  # noqa: F401
+from ..backends import BACKENDS, BackendUnavailableError  # noqa: F401
 from .attention import attention, attention_varlen  # noqa: F401
-from .gelu import bias_gelu  # noqa: F401
+from .bias_gelu import bias_gelu  # noqa: F401
 from .layer_norm import layer_norm  # noqa: F401
-from .softmax import masked_softmax  # noqa: F401
+from .masked_softmax import masked_softmax  # noqa: F401
 
 __all__ = ["layer_norm", "bias_gelu", "masked_softmax", "attention", "attention_varlen",
            "BACKENDS", "BackendUnavailableError"]

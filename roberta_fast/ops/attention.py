@@ -3,27 +3,22 @@
 Kernel backends run behind torch.library custom ops (roberta_fast::attention_fwd / _bwd and
 roberta_fast::attention_varlen_fwd / _bwd) with fake implementations and autograd, so torch.compile
 and CUDA graphs see opaque ops. q, k, v reach the kernels as they are (any strides with a unit last
-stride), so views into one fused QKV projection cost no copy.
-
-The backward runs on the forward's backend when that backend has one; the CUDA C++ backend has only
-the forward, so its backward runs on triton (CUDA tensors) or, failing that, recomputes through the
-torch reference.
+stride), so views into one fused QKV projection cost no copy. The backward runs on the forward's
+backend. Which head dims and dtypes a kernel backend takes is its module's `unsupported`.
 """
 
 import torch
 
-from .. import reference
-from . import _dispatch
+from .. import backends, reference
+from .._utils import dtype_name, unit_last_stride
+from ._checks import check_same_device, check_shape, check_tensor, train_mode
 
 _OP = "attention"
 _OPV = "attention_varlen"
-_FILE = "attention"
-HEAD_DIMS = (16, 32, 64, 128)  # what the triton kernels take
-_TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16)  # float32 only under the interpreter (CPU)
 
 
 def _kernel(backend):
-    return _dispatch.kernel_module(backend, _FILE)
+    return backends.implementation(backend, _OP)
 
 
 # ------------------------------------------------------------------------------------- custom ops
@@ -35,7 +30,7 @@ def _kernel(backend):
            "-> (Tensor, Tensor)",
 )
 def _fwd(q, k, v, key_padding_mask, scale, backend):
-    return _kernel(backend).attention_fwd(q, k, v, key_padding_mask, None, None, scale)
+    return _kernel(backend).forward(q, k, v, key_padding_mask, None, None, scale)
 
 
 @_fwd.register_fake
@@ -53,7 +48,7 @@ def _bwd(do, q, k, v, o, lse, key_padding_mask, scale, backend):
     if backend == "torch":
         return _reference_grads(do, q, k, v, lambda a, b, c: reference.attention(a, b, c, key_padding_mask,
                                                                                    scale))
-    return _kernel(backend).attention_bwd(do, q, k, v, o, lse, key_padding_mask, None, None, scale)
+    return _kernel(backend).backward(do, q, k, v, o, lse, key_padding_mask, None, None, scale)
 
 
 @_bwd.register_fake
@@ -67,7 +62,7 @@ def _bwd_fake(do, q, k, v, o, lse, key_padding_mask, scale, backend):
            "-> (Tensor, Tensor)",
 )
 def _vfwd(q, k, v, cu_seqlens, max_seqlen, scale, backend):
-    return _kernel(backend).attention_fwd(q, k, v, None, cu_seqlens, max_seqlen, scale)
+    return _kernel(backend).forward(q, k, v, None, cu_seqlens, max_seqlen, scale)
 
 
 @_vfwd.register_fake
@@ -85,7 +80,7 @@ def _vbwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend):
     if backend == "torch":
         return _reference_grads(do, q, k, v, lambda a, b, c: reference.attention_varlen(
             a, b, c, cu_seqlens, max_seqlen, scale))
-    return _kernel(backend).attention_bwd(do, q, k, v, o, lse, None, cu_seqlens, max_seqlen, scale)
+    return _kernel(backend).backward(do, q, k, v, o, lse, None, cu_seqlens, max_seqlen, scale)
 
 
 @_vbwd.register_fake
@@ -94,8 +89,8 @@ def _vbwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend):
 
 
 def _reference_grads(do, q, k, v, fn):
-    """(dq, dk, dv) by recomputing the torch reference under autograd (a backward for a kernel backend
-    that has only the forward, where triton cannot run)."""
+    """(dq, dk, dv) by recomputing the torch reference under autograd (the "torch" backend's backward
+    when the custom op is called with it, e.g. by opcheck)."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
@@ -103,34 +98,17 @@ def _reference_grads(do, q, k, v, fn):
     return tuple(g.contiguous() for g in grads)
 
 
-def _bwd_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend that runs the backward of a forward that ran on `backend`."""
-    if backend != "cuda":
-        return backend
-    mod = _kernel("cuda")
-    supports = getattr(mod, "supports", None)
-    if supports is None or supports(q, backward=True) is None:
-        return "cuda"
-    if _dispatch.triton_can_run(q.device) and _triton_reason(q) is None:
-        return "triton"
-    return "torch"
-
-
-def _prep_grad(do):
-    return do if do.stride(-1) == 1 else do.contiguous()
-
-
 def _setup(ctx, inputs, output):
     q, k, v, mask, scale, backend = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, o, lse, mask)
-    ctx.scale, ctx.backend = scale, _bwd_backend(backend, q)
+    ctx.scale, ctx.backend = scale, backend
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, mask = ctx.saved_tensors
-    dq, dk, dv = _bwd(_prep_grad(do), q, k, v, o, lse, mask, ctx.scale, ctx.backend)
+    dq, dk, dv = _bwd(unit_last_stride(do), q, k, v, o, lse, mask, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None
 
 
@@ -139,12 +117,12 @@ def _vsetup(ctx, inputs, output):
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, _bwd_backend(backend, q)
+    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
 
 
 def _vbackward(ctx, do, _dlse):
     q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _vbwd(_prep_grad(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.backend)
+    dq, dk, dv = _vbwd(unit_last_stride(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None, None
 
 
@@ -155,20 +133,16 @@ _vfwd.register_autograd(_vbackward, setup_context=_vsetup)
 # ------------------------------------------------------------------------------------------ checks
 
 
-def _dtype_name(dt):
-    return str(dt).replace("torch.", "")
-
-
 def _check_qkv(op, q, k, v, ndim, layout):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _dispatch.check_tensor(op, name, t)
+        check_tensor(op, name, t)
     if q.dim() != ndim:
         raise ValueError(f"{op}: q must be {ndim}-D {layout}, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{op}: {name} must have q's dtype ({_dtype_name(q.dtype)}), "
-                            f"got {_dtype_name(t.dtype)}")
-        _dispatch.check_shape(op, name, t, q.shape)
+            raise TypeError(f"{op}: {name} must have q's dtype ({dtype_name(q.dtype)}), "
+                            f"got {dtype_name(t.dtype)}")
+        check_shape(op, name, t, q.shape)
 
 
 def _check_scale(op, scale, head_dim):
@@ -179,42 +153,17 @@ def _check_scale(op, scale, head_dim):
     return float(scale)
 
 
-def _triton_reason(q):
-    d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        return f"backend 'triton' supports head_dim in {HEAD_DIMS}, got {d}"
-    if q.device.type == "cuda" and q.dtype not in _TRITON_CUDA_DTYPES:
-        return (f"backend 'triton' supports q dtypes (float16, bfloat16) on CUDA tensors "
-                f"(float32 only under TRITON_INTERPRET=1), got {_dtype_name(q.dtype)}")
-    return None
+def _unsupported(q, k, v, mask, cu_seqlens, max_seqlen, scale):
+    def unsupported(b):
+        return _kernel(b).unsupported(q, k, v, mask, cu_seqlens, max_seqlen, scale)
 
-
-def _supports(q, k, v, mask, cu_seqlens, max_seqlen, scale):
-    def supports(b):
-        if b == "torch":
-            return None
-        why = _dispatch.check_backend_dtype(_OP, b, "q", q)
-        if why is None and b == "triton":
-            why = _triton_reason(q)
-        if why is None and b == "cuda":
-            mod_supports = getattr(_kernel("cuda"), "supports", None)
-            if mod_supports is not None:
-                why = mod_supports(q, k, v, mask, cu_seqlens, max_seqlen, scale)
-            elif q.shape[-1] not in HEAD_DIMS:
-                why = f"backend 'cuda' supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}"
-        return why
-
-    return supports
+    return unsupported
 
 
 def _empty_result(q, k, v):
     """An empty output of q's shape that still hangs off q, k, v in the autograd graph."""
     return (q + k + v).zero_() if q.requires_grad or k.requires_grad or v.requires_grad else \
         torch.empty(q.shape, dtype=q.dtype, device=q.device)
-
-
-def _unit_last_stride(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -240,18 +189,19 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None, backend=None):
     _check_qkv(_OP, q, k, v, 4, "(batch, seqlen, heads, head_dim)")
     B, S, H, D = q.shape
     if key_padding_mask is not None:
-        _dispatch.check_tensor(_OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
-        _dispatch.check_shape(_OP, "key_padding_mask", key_padding_mask, (B, S))
-    _dispatch.check_same_device(_OP, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+        check_tensor(_OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
+        check_shape(_OP, "key_padding_mask", key_padding_mask, (B, S))
+    check_same_device(_OP, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     scale = _check_scale(_OP, scale, D)
-    b = _dispatch.resolve_backend(_OP, backend, q.device,
-                                  supports=_supports(q, k, v, key_padding_mask, None, None, scale),
-                                  tune_key=(B, S, H, D, _dtype_name(q.dtype), key_padding_mask is not None))
+    b = backends.resolve(_OP, backend, q.device,
+                         unsupported=_unsupported(q, k, v, key_padding_mask, None, None, scale),
+                         tune_key=(B, S, H, D, dtype_name(q.dtype), key_padding_mask is not None),
+                         mode=train_mode(q, k, v))
     if q.numel() == 0:
         return _empty_result(q, k, v)
     if b == "torch":
         return reference.attention(q, k, v, key_padding_mask, scale)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     o, _ = _fwd(q, k, v, key_padding_mask, scale, b)
     return o
 
@@ -291,7 +241,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=Non
     """
     _check_qkv(_OPV, q, k, v, 3, "(total_tokens, heads, head_dim)")
     T, H, D = q.shape
-    _dispatch.check_tensor(_OPV, "cu_seqlens", cu_seqlens, dtypes=(torch.int32,))
+    check_tensor(_OPV, "cu_seqlens", cu_seqlens, dtypes=(torch.int32,))
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{_OPV}: cu_seqlens must be 1-D (batch + 1,) with at least one element, "
                          f"got shape {tuple(cu_seqlens.shape)}")
@@ -299,17 +249,17 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=Non
         raise TypeError(f"{_OPV}: max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"{_OPV}: max_seqlen must be >= 0, got {max_seqlen}")
-    _dispatch.check_same_device(_OPV, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
+    check_same_device(_OPV, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     scale = _check_scale(_OPV, scale, D)
     _check_cu_seqlens(cu_seqlens, max_seqlen, T)
-    b = _dispatch.resolve_backend(_OPV, backend, q.device,
-                                  supports=_supports(q, k, v, None, cu_seqlens, max_seqlen, scale),
-                                  tune_key=(T, max_seqlen, H, D, _dtype_name(q.dtype)))
+    b = backends.resolve(_OPV, backend, q.device,
+                         unsupported=_unsupported(q, k, v, None, cu_seqlens, max_seqlen, scale),
+                         tune_key=(T, max_seqlen, H, D, dtype_name(q.dtype)), mode=train_mode(q, k, v))
     if q.numel() == 0:
         return _empty_result(q, k, v)
     if b == "torch":
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
     o, _ = _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b)
     return o

@@ -12,8 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from .. import reference
-from . import _dispatch
+from .. import backends, reference
+from .._utils import dtype_name, unit_last_stride
+from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, train_mode
 
 _OP = "layer_norm"
 
@@ -32,23 +33,23 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, backend
     returns   (..., N) x's dtype. Statistics and arithmetic in float32; differentiable in x,
               residual, weight, bias and x_bias (gradients in each tensor's own dtype).
     """
-    _dispatch.check_tensor(_OP, "x", x, ndim_min=1)
+    check_tensor(_OP, "x", x, ndim_min=1)
     N = x.shape[-1]
     params = (("weight", weight), ("bias", bias), ("x_bias", x_bias))
     for name, p in params:
         if p is not None:
-            _dispatch.check_tensor(_OP, name, p)
+            check_tensor(_OP, name, p)
     if residual is not None:
-        _dispatch.check_tensor(_OP, "residual", residual)
-    _dispatch.check_same_device(_OP, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
+        check_tensor(_OP, "residual", residual)
+    check_same_device(_OP, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
     for name, p in params:
-        _dispatch.check_shape(_OP, name, p, (N,))
-        _dispatch.check_param_dtype(_OP, name, p, x)
+        check_shape(_OP, name, p, (N,))
+        check_param_dtype(_OP, name, p, x)
     if residual is not None:
-        _dispatch.check_shape(_OP, "residual", residual, tuple(x.shape))
+        check_shape(_OP, "residual", residual, tuple(x.shape))
         if residual.dtype != x.dtype:
-            raise TypeError(f"{_OP}: residual must have x's dtype ({str(x.dtype).replace('torch.', '')}), "
-                            f"got {str(residual.dtype).replace('torch.', '')}")
+            raise TypeError(f"{_OP}: residual must have x's dtype ({dtype_name(x.dtype)}), "
+                            f"got {dtype_name(residual.dtype)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{_OP}: eps must be a float, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps >= 0):
@@ -56,47 +57,20 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, backend
 
     M = x.numel() // N if N else 0
 
-    def supports(b):
-        why = _dispatch.check_backend_dtype(_OP, b, "x", x)
-        if why is None and b != "torch":
-            max_n = _max_n(b)
-            if max_n < 0:
-                pkg = "kernels" if b == "triton" else "cuda_ops"
-                why = f"backend {b!r} has no layer_norm module (roberta_fast.{pkg}.layer_norm is missing)"
-            elif N > max_n:
-                why = f"backend {b!r} supports N <= {max_n} (the last dim of x), got N={N}"
-        return why
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(x, weight, bias, eps, residual, x_bias)
 
-    b = _dispatch.resolve_backend(_OP, backend, x.device, supports=supports,
-                                  tune_key=(M, N, str(x.dtype).replace("torch.", "")))
+    b = backends.resolve(_OP, backend, x.device, unsupported=unsupported, tune_key=(M, N, dtype_name(x.dtype)),
+                         mode=train_mode(x, weight, bias, residual, x_bias))
     if b == "torch" or x.numel() == 0:
         # empty input: plain autograd on empty tensors, nothing is launched
         return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
 
-    x2 = _rows(x, N)
-    r2 = _rows(residual, N) if residual is not None else None
+    x2 = unit_last_stride(x.reshape(-1, N))  # (M, N), a view when the layout allows it
+    r2 = unit_last_stride(residual.reshape(-1, N)) if residual is not None else None
     w, bb, xb = (p.contiguous() if p is not None else None for p in (weight, bias, x_bias))
     y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)
     return y.view(x.shape)
-
-
-@torch.compiler.assume_constant_result
-def _max_n(backend: str) -> int:
-    """The widest row a kernel backend takes (its module's MAX_N); -1 when the module is missing.
-    A constant to torch.compile, so the public function traces without importing anything."""
-    try:
-        mod = _dispatch.kernel_module(backend, "layer_norm")
-    except ImportError:
-        return -1
-    return int(getattr(mod, "MAX_N", 1 << 62))
-
-
-def _rows(t: Tensor, N: int) -> Tensor:
-    """(M, N) with unit column stride: a view when the layout allows it (any row stride), else a copy."""
-    t2 = t.reshape(-1, N)
-    if N > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -106,7 +80,7 @@ def _rows(t: Tensor, N: int) -> Tensor:
 def _layer_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                     residual: Tensor | None, x_bias: Tensor | None, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    return _dispatch.kernel_module(backend, "layer_norm").layer_norm_fwd(x, weight, bias, eps, residual, x_bias)
+    return backends.implementation(backend, _OP).forward(x, weight, bias, eps, residual, x_bias)
 
 
 @_layer_norm_fwd.register_fake
@@ -121,8 +95,8 @@ def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor |
                     rstd: Tensor, residual: Tensor | None, x_bias: Tensor | None, backend: str
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dx_bias); a missing parameter's gradient is an empty (0,) placeholder."""
-    dx, dw, db, dxb = _dispatch.kernel_module(backend, "layer_norm").layer_norm_bwd(
-        dy, x, weight, bias, mean, rstd, residual, x_bias)
+    dx, dw, db, dxb = backends.implementation(backend, _OP).backward(dy, x, weight, bias, mean, rstd, residual,
+                                                                     x_bias)
     none = lambda g: g if g is not None else x.new_zeros((0,))
     return dx, none(dw), none(db), none(dxb)
 
@@ -143,8 +117,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd, residual, x_bias = ctx.saved_tensors
-    if x.shape[1] > 1 and dy.stride(1) != 1:  # e.g. an expanded gradient of y.sum()
-        dy = dy.contiguous()
+    dy = unit_last_stride(dy)  # e.g. an expanded gradient of y.sum()
     dx, dw, db, dxb = torch.ops.roberta_fast.layer_norm_bwd(dy, x, weight, bias, mean, rstd, residual,
                                                              x_bias, ctx.backend)
     keep = lambda g, p: g if p is not None else None

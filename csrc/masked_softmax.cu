@@ -1,5 +1,5 @@
-// Launchers of the masked softmax kernels (softmax.cuh).
-#include "softmax.cuh"
+// Launchers of the masked softmax kernels (masked_softmax.cuh).
+#include "masked_softmax.cuh"
 
 namespace rf {
 namespace {

@@ -1,5 +1,5 @@
-// Launchers of the fused bias + GELU kernels (gelu.cuh).
-#include "gelu.cuh"
+// Launchers of the fused bias + GELU kernels (bias_gelu.cuh).
+#include "bias_gelu.cuh"
 
 namespace rf {
 namespace {

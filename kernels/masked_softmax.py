@@ -139,7 +139,20 @@ def _mask_kind(mask) -> int:
 # ----------------------------------------------------------------------------- host functions
 
 
-def masked_softmax_fwd(scores, mask, scale):
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported(scores, mask, scale):
+    """Why these kernels cannot take the call, or None: scores' dtype and rows of at most MAX_K."""
+    if scores.dtype not in KERNEL_DTYPES:
+        return (f"backend 'triton' masked_softmax supports scores dtypes (float16, bfloat16, float32), "
+                f"got {scores.dtype}")
+    if scores.shape[-1] > MAX_K:
+        return f"backend 'triton' masked_softmax takes rows of at most {MAX_K} elements, got K={scores.shape[-1]}"
+    return None
+
+
+def forward(scores, mask, scale):
     """scores (B, H, Q, K), stride(3) == 1; mask None or a (B, H, Q, K) view (stride 0 on broadcast
     dims), bool or any float dtype; scale float -> probs (B, H, Q, K) contiguous, scores.dtype."""
     B, H, Q, K = scores.shape
@@ -162,7 +175,7 @@ def masked_softmax_fwd(scores, mask, scale):
     return probs
 
 
-def masked_softmax_bwd(dprobs, probs, scale):
+def backward(dprobs, probs, scale):
     """dprobs, probs (B, H, Q, K) with stride(3) == 1 -> dscores (B, H, Q, K) contiguous, probs.dtype."""
     B, H, Q, K = probs.shape
     n_rows = B * H * Q

@@ -10,11 +10,12 @@ import numbers
 
 import torch
 
-from .. import reference
-from . import _dispatch
+from .. import backends, reference
+from .._utils import FLOAT_DTYPES, dtype_name, unit_last_stride
+from ._checks import check_same_device, check_tensor, train_mode
 
 _OP = "masked_softmax"
-_MASK_DTYPES = (torch.bool,) + _dispatch.FLOAT_DTYPES
+_MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES
 
 
 @torch.library.custom_op(
@@ -22,7 +23,7 @@ _MASK_DTYPES = (torch.bool,) + _dispatch.FLOAT_DTYPES
     schema="(Tensor scores, Tensor? mask, float scale, str backend) -> Tensor",
 )
 def _fwd(scores, mask, scale, backend):
-    return _dispatch.kernel_module(backend, "softmax").masked_softmax_fwd(scores, mask, scale)
+    return backends.implementation(backend, _OP).forward(scores, mask, scale)
 
 
 @_fwd.register_fake
@@ -35,21 +36,12 @@ def _fwd_fake(scores, mask, scale, backend):
     schema="(Tensor dprobs, Tensor probs, float scale, str backend) -> Tensor",
 )
 def _bwd(dprobs, probs, scale, backend):
-    return _dispatch.kernel_module(backend, "softmax").masked_softmax_bwd(dprobs, probs, scale)
+    return backends.implementation(backend, _OP).backward(dprobs, probs, scale)
 
 
 @_bwd.register_fake
 def _bwd_fake(dprobs, probs, scale, backend):
     return probs.new_empty(probs.shape)
-
-
-def _unit_last_stride(t):
-    """t with stride(-1) == 1, as the kernels' row layout wants: a view where the last dim has size 1."""
-    if t.stride(-1) == 1:
-        return t
-    if t.shape[-1] == 1:
-        return t.as_strided(t.shape, (*t.stride()[:-1], 1))
-    return t.contiguous()
 
 
 def _setup_context(ctx, inputs, output):
@@ -60,7 +52,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dprobs):
     (probs,) = ctx.saved_tensors
-    dprobs = _unit_last_stride(dprobs)
+    dprobs = unit_last_stride(dprobs)
     # no gradient for the mask (an additive mask is treated as a constant)
     return _bwd(dprobs, probs, ctx.scale, ctx.backend), None, None, None
 
@@ -89,7 +81,7 @@ def _row_dims(shape, *strides_list):
 def _kernel_path(scores, mask, scale, backend):
     """Scores (..., K) and a mask already expanded to scores' shape (or None) -> probs (..., K)."""
     K = scores.shape[-1]
-    scores = _unit_last_stride(scores)
+    scores = unit_last_stride(scores)
     strides = [scores.stride()] + ([mask.stride()] if mask is not None else [])
     dims = _row_dims(scores.shape, *strides)
     if len(dims) > 3 and not scores.is_contiguous():
@@ -103,7 +95,7 @@ def _kernel_path(scores, mask, scale, backend):
                             for i in range(scores.shape[0])])
     dims = [(1, (0,) * len(strides))] * (3 - len(dims)) + dims
     size4 = tuple(d[0] for d in dims) + (K,)
-    s4 = _unit_last_stride(scores.reshape(size4))  # a view: the merged dims are contiguous in scores
+    s4 = unit_last_stride(scores.reshape(size4))  # a view: the merged dims are contiguous in scores
     m4 = None
     if mask is not None:
         mstride = tuple(d[1][1] for d in dims) + (mask.stride(-1),)
@@ -131,9 +123,9 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     backend is automatic). An additive mask whose dtype is neither scores' nor float32 is converted
     to float32 at its own (unbroadcast) size.
     """
-    _dispatch.check_tensor(_OP, "scores", scores, ndim_min=1)
+    check_tensor(_OP, "scores", scores, ndim_min=1)
     if mask is not None:
-        _dispatch.check_tensor(_OP, "mask", mask, dtypes=_MASK_DTYPES)
+        check_tensor(_OP, "mask", mask, dtypes=_MASK_DTYPES)
         try:
             shape = torch.broadcast_shapes(mask.shape, scores.shape)
         except RuntimeError:
@@ -143,19 +135,16 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
                              f"shape {tuple(scores.shape)}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python float, got {type(scale).__name__}")
-    _dispatch.check_same_device(_OP, scores=scores, mask=mask)
+    check_same_device(_OP, scores=scores, mask=mask)
     K = scores.shape[-1]
 
-    def supports(b):
-        why = _dispatch.check_backend_dtype(_OP, b, "scores", scores)
-        if why is None and b == "triton" and K > 8192:
-            why = f"backend 'triton' takes rows of at most 8192 elements, got K={K}"
-        return why
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(scores, mask, scale)
 
     mask_kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
-    b = _dispatch.resolve_backend(_OP, backend, scores.device, supports=supports,
-                                  tune_key=(scores.numel() // max(K, 1), K,
-                                            str(scores.dtype).replace("torch.", ""), mask_kind))
+    b = backends.resolve(_OP, backend, scores.device, unsupported=unsupported,
+                         tune_key=(scores.numel() // max(K, 1), K, dtype_name(scores.dtype), mask_kind),
+                         mode=train_mode(scores))
     if mask is not None:
         mask = mask.detach()  # the mask gets no gradient, on every backend
     if scores.numel() == 0:

@@ -194,7 +194,17 @@ def _approx_flag(approximate: str) -> int:
 # ----------------------------------------------------------------------------- host functions
 
 
-def bias_gelu_fwd(x, bias, approximate):
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported(x, bias, approximate):
+    """Why these kernels cannot take the call, or None (any N; x's dtype only)."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"backend 'triton' bias_gelu supports x dtypes (float16, bfloat16, float32), got {x.dtype}"
+    return None
+
+
+def forward(x, bias, approximate):
     """x (M, N) rows (unit column stride); bias (N,) contiguous or None -> y (M, N) x.dtype."""
     M, N = x.shape
     flag = _approx_flag(approximate)
@@ -208,7 +218,7 @@ def bias_gelu_fwd(x, bias, approximate):
     return y
 
 
-def bias_gelu_bwd(dy, x, bias, approximate):
+def backward(dy, x, bias, approximate):
     """dy, x (M, N) rows; bias (N,) or None -> (dx (M, N) x.dtype, dbias (N,) bias.dtype or None)."""
     M, N = x.shape
     flag = _approx_flag(approximate)

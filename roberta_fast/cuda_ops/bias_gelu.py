@@ -1,13 +1,14 @@
-"""CUDA C++ backend of bias_gelu (csrc/gelu.cu): y = GELU(x + bias), exact erf or tanh.
+"""CUDA C++ backend of bias_gelu (csrc/bias_gelu.cu): y = GELU(x + bias), exact erf or tanh.
 
-Host functions with the signatures of docs/kernel_contracts.md.
+The BiasGeluBackend contract (roberta_fast.backends, docs/kernel_contracts.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import col_parts, device_guard, dtype_code, is_f32, lib, param, ptr, rows, stream
+from .._utils import FLOAT_DTYPES
+from ._common import col_parts, device_guard, dtype_code, is_f32, lib, param, ptr, stream, unsupported_dtype
 
 _APPROXIMATE = {"none": 0, "tanh": 1}
 
@@ -18,23 +19,29 @@ def _approx_code(approximate) -> int:
     return _APPROXIMATE[approximate]
 
 
-def bias_gelu_fwd(x, bias, approximate):
+def unsupported(x, bias, approximate):
+    """Why this backend cannot take the call, or None."""
+    return unsupported_dtype("bias_gelu", "x", x, FLOAT_DTYPES)
+
+
+def forward(x, bias, approximate):
     """x (M, N) rows; bias (N,) of x's dtype or float32, or None. Returns y (M, N) x.dtype."""
     code = _approx_code(approximate)
-    x, bias = rows(x), param(bias)
+    bias = param(bias)
     M, N = x.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    mod = lib(x)
     with device_guard(x):
-        lib().bias_gelu_fwd(x=ptr(x), x_stride=x.stride(0), bias=ptr(bias), bias_f32=is_f32(bias), y=ptr(y),
-                            M=M, N=N, approximate=code, dtype=dtype_code(x.dtype), stream=stream(x))
+        mod.bias_gelu_fwd(x=ptr(x), x_stride=x.stride(0), bias=ptr(bias), bias_f32=is_f32(bias), y=ptr(y),
+                            M=M, N=N, approximate=code, dtype=dtype_code(mod, x.dtype), stream=stream(x))
     return y
 
 
-def bias_gelu_bwd(dy, x, bias, approximate):
+def backward(dy, x, bias, approximate):
     """dy, x (M, N) rows. Returns dx (M, N) x.dtype and dbias (N,) bias.dtype (the fp32 dx summed over
     rows) or None."""
     code = _approx_code(approximate)
-    dy, x, bias = rows(dy), rows(x), param(bias)
+    bias = param(bias)
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     dbias = col_ws = None
@@ -43,8 +50,9 @@ def bias_gelu_bwd(dy, x, bias, approximate):
         parts = col_parts(M)
         dbias = torch.empty((N,), dtype=bias.dtype, device=x.device)
         col_ws = torch.empty((parts, N), dtype=torch.float32, device=x.device)
+    mod = lib(x)
     with device_guard(x):
-        lib().bias_gelu_bwd(dy=ptr(dy), dy_stride=dy.stride(0), x=ptr(x), x_stride=x.stride(0), bias=ptr(bias),
+        mod.bias_gelu_bwd(dy=ptr(dy), dy_stride=dy.stride(0), x=ptr(x), x_stride=x.stride(0), bias=ptr(bias),
                             bias_f32=is_f32(bias), dx=ptr(dx), col_ws=ptr(col_ws), dbias=ptr(dbias), M=M, N=N,
-                            parts=parts, approximate=code, dtype=dtype_code(x.dtype), stream=stream(x))
+                            parts=parts, approximate=code, dtype=dtype_code(mod, x.dtype), stream=stream(x))
     return dx, dbias

@@ -1,0 +1,241 @@
+"""The backend registry: which backend can run a call, why one cannot, and the automatic choice.
+
+Backends, and the module that implements an op on each (`implementation(backend, op)`):
+  "torch"   roberta_fast.reference: plain PyTorch on any device; the CPU path and the test oracle
+  "triton"  roberta_fast.kernels.<op>: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  "cuda"    roberta_fast.cuda_ops.<op> over the compiled roberta_fast._C: CUDA tensors; CPU tensors
+            run through roberta_fast._C_emu, the host build of the same sources, when it is built and
+            ROBERTA_FAST_CUDA_EMULATE=1 (that is how CI executes the CUDA kernels; docs/cuda_emulation.md)
+
+A kernel backend's module follows its op's contract, written down once below as a typing.Protocol
+(LayerNormBackend, BiasGeluBackend, MaskedSoftmaxBackend, AttentionBackend): `forward`, `backward`
+and `unsupported`, which returns why the backend cannot take a call (its own limits: dtypes, widths,
+head dims) or None. Those limits live in the backend module and nowhere else.
+
+`resolve(op, backend, device, ...)` picks the backend of one call. backend=None: ROBERTA_FAST_BACKEND
+if set (then it counts as named), else the order measured by `roberta-fast tune` for this op, shape
+bucket and mode (roberta_fast.tuned), else "cuda" if built, then "triton", on CUDA tensors, else
+"torch"; the first that can run the call wins and the automatic choice never raises. A backend named
+by the caller that is missing raises BackendUnavailableError saying how to get it; one that exists but
+cannot take the call (dtype, head_dim, ...) raises ValueError with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from . import cuda_ops, tuned
+
+BACKENDS = ("torch", "triton", "cuda")
+# op name -> the module name of its kernels in kernels/ and cuda_ops/ (attention_varlen shares attention's)
+OP_MODULES = {"layer_norm": "layer_norm", "bias_gelu": "bias_gelu", "masked_softmax": "masked_softmax",
+              "attention": "attention", "attention_varlen": "attention"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says how to get it."""
+
+
+# ----------------------------------------------------------------------------- what is installed
+
+
+def interpret_mode() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def emulate_mode() -> bool:
+    """ROBERTA_FAST_CUDA_EMULATE=1: the CUDA backend runs CPU tensors through roberta_fast._C_emu."""
+    return os.environ.get("ROBERTA_FAST_CUDA_EMULATE", "0") == "1"
+
+
+_UNSET = object()
+_cache = {"triton_error": _UNSET}
+
+
+def triton_import_error() -> str | None:
+    """Why triton cannot be imported, or None (checked once; plain dict cache so torch.compile traces it)."""
+    if _cache["triton_error"] is _UNSET:
+        try:
+            import triton  # noqa: F401
+
+            _cache["triton_error"] = None
+        except Exception as e:  # noqa: BLE001  (a third-party import: any failure means "unavailable")
+            _cache["triton_error"] = f"{type(e).__name__}: {e}"
+    return _cache["triton_error"]
+
+
+def cuda_module():
+    """The compiled roberta_fast._C, or None when it was not built (imported lazily, once)."""
+    return cuda_ops.native_module()
+
+
+def cuda_built() -> bool:
+    return cuda_ops.native_module() is not None
+
+
+def emulation_built() -> bool:
+    return cuda_ops.emulated_module() is not None
+
+
+_HOW_TO_BUILD = ("install on a machine with nvcc (CUDA_HOME or PATH) with "
+                 "`ROBERTA_FAST_CUDA=1 pip install --no-build-isolation -e .`")
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run any call on `device`, or None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = triton_import_error()
+        if err is not None:
+            return f"backend 'triton' needs the triton package ({err}); install it with `pip install triton`"
+        if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
+            return None
+        return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1); "
+                f"got tensors on {device}")
+    if backend == "cuda":
+        if device.type == "cuda":
+            return None if cuda_built() else f"backend 'cuda' needs the compiled module roberta_fast._C, " \
+                                             f"which was not built: {_HOW_TO_BUILD}"
+        if device.type == "cpu" and emulate_mode():
+            return None if emulation_built() else ("backend 'cuda' on CPU tensors needs the emulated build "
+                                                   "roberta_fast._C_emu, which was not built (see "
+                                                   "docs/cuda_emulation.md)")
+        return (f"backend 'cuda' runs on CUDA tensors (or on CPU tensors through the emulation, "
+                f"ROBERTA_FAST_CUDA_EMULATE=1); got tensors on {device}")
+    return f"unknown backend {backend!r}"
+
+
+def can_run(backend: str, device: torch.device) -> bool:
+    return why_unavailable(backend, device) is None
+
+
+def available(device: torch.device) -> dict:
+    """{backend: None (can run here) or the reason it cannot} for every backend."""
+    return {b: why_unavailable(b, device) for b in BACKENDS}
+
+
+def _missing(backend: str, device: torch.device) -> bool:
+    """The backend is not installed at all (as opposed to: installed, but not for this device)."""
+    if backend == "triton":
+        return triton_import_error() is not None
+    if backend == "cuda":
+        return not (cuda_built() or (device.type == "cpu" and emulate_mode() and emulation_built()))
+    return False
+
+
+def implementation(backend: str, op: str):
+    """The module that implements `op` on a kernel backend: roberta_fast.kernels.<op> ("triton") or
+    roberta_fast.cuda_ops.<op> ("cuda"). Imported on first use (the package needs neither)."""
+    name = OP_MODULES.get(op, op)
+    if backend == "triton":
+        return importlib.import_module(f"roberta_fast.kernels.{name}")
+    if backend == "cuda":
+        return importlib.import_module(f"roberta_fast.cuda_ops.{name}")
+    raise ValueError(f"no kernel module for backend {backend!r}")
+
+
+# ----------------------------------------------------------------------------- the choice
+
+
+def resolve(op: str, backend: str | None, device: torch.device, *, unsupported=None, tune_key=None,
+            mode: str = "fwd") -> str:
+    """Pick the backend of one call of `op` on `device`.
+
+    unsupported  optional callable backend -> None or why that backend cannot take this call (the
+                 backend module's own `unsupported`, bound to the call's arguments); the automatic
+                 choice skips such backends, a named one raises ValueError with the reason
+    tune_key     the op's shape key for the tuned-choice cache (None: no lookup)
+    mode         "fwd" or "train" (inputs need gradients): which measurements apply
+    """
+    named, source = backend is not None, "backend"
+    if backend is None:
+        env = os.environ.get("ROBERTA_FAST_BACKEND", "").strip().lower()
+        if env and env != "auto":
+            backend, named, source = env, True, "ROBERTA_FAST_BACKEND"
+    if named:
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"{op}: {source} must be one of {BACKENDS} or None, got {backend!r}")
+        why = why_unavailable(backend, device)
+        if why is not None and _missing(backend, device):
+            raise BackendUnavailableError(f"{op}: {why}")
+        if why is None and unsupported is not None and backend != "torch":
+            why = unsupported(backend)
+        if why is not None:
+            raise ValueError(f"{op}: {why}")
+        return backend
+
+    candidates = ()
+    if tune_key is not None:
+        candidates = tuned.lookup(op, tune_key, device, mode) or ()
+    if device.type == "cuda":
+        candidates += ("cuda", "triton")
+    for b in candidates:
+        if b == "torch":
+            return b
+        if can_run(b, device) and (unsupported is None or unsupported(b) is None):
+            return b
+    return "torch"
+
+
+# ----------------------------------------------------------------------------- the contracts
+# Every kernel backend module of an op (kernels/<op>.py, cuda_ops/<op>.py) has these functions with
+# these parameters. Inputs arrive checked and laid out by roberta_fast.ops: rows / head_dim with a
+# unit last stride, parameters contiguous, one device. Shapes and dtypes: docs/kernel_contracts.md.
+
+
+@runtime_checkable
+class LayerNormBackend(Protocol):
+    def unsupported(self, x, weight, bias, eps, residual, x_bias) -> str | None:
+        """Why this backend cannot take the call, or None."""
+
+    def forward(self, x, weight, bias, eps, residual, x_bias):
+        """x (M, N) -> (y (M, N) x.dtype, mean (M,) fp32, rstd (M,) fp32)."""
+
+    def backward(self, dy, x, weight, bias, mean, rstd, residual, x_bias):
+        """-> (dx (M, N), dweight, dbias, dx_bias) (None where the parameter is None)."""
+
+
+@runtime_checkable
+class BiasGeluBackend(Protocol):
+    def unsupported(self, x, bias, approximate) -> str | None:
+        """Why this backend cannot take the call, or None."""
+
+    def forward(self, x, bias, approximate):
+        """x (M, N) -> y (M, N) x.dtype."""
+
+    def backward(self, dy, x, bias, approximate):
+        """-> (dx (M, N) x.dtype, dbias (N,) bias.dtype or None)."""
+
+
+@runtime_checkable
+class MaskedSoftmaxBackend(Protocol):
+    def unsupported(self, scores, mask, scale) -> str | None:
+        """Why this backend cannot take the call, or None."""
+
+    def forward(self, scores, mask, scale):
+        """scores (B, H, Q, K), mask None or a (B, H, Q, K) view -> probs (B, H, Q, K) contiguous."""
+
+    def backward(self, dprobs, probs, scale):
+        """-> dscores (B, H, Q, K) contiguous."""
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    def unsupported(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale) -> str | None:
+        """Why this backend cannot take the call (forward or backward), or None."""
+
+    def forward(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+        """padded (B, S, H, D) or varlen (T, H, D) -> (o like q, lse (B, H, S) or (H, T) fp32)."""
+
+    def backward(self, do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+        """-> (dq, dk, dv) like q."""
+
+
+CONTRACTS = {"layer_norm": LayerNormBackend, "bias_gelu": BiasGeluBackend,
+             "masked_softmax": MaskedSoftmaxBackend, "attention": AttentionBackend}

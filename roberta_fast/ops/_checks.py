@@ -1,0 +1,53 @@
+"""Argument checks shared by the ops: each error names the op, the argument, what was expected and
+what was given."""
+
+from __future__ import annotations
+
+import torch
+
+from .._utils import FLOAT_DTYPES, dtype_name
+
+
+def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, ndim_min: int = 0):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype in ({', '.join(map(dtype_name, dtypes))}), "
+                        f"got {dtype_name(t.dtype)}")
+    if t.dim() < ndim_min:
+        raise ValueError(f"{op}: {name} must have at least {ndim_min} dimension(s), got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(op: str, **tensors):
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return None
+    name0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: all tensors must be on one device; {name0} is on {t0.device}, "
+                             f"{n} is on {t.device}")
+    return t0.device
+
+
+def check_param_dtype(op: str, name: str, p, x):
+    """Weights and biases may have x's dtype or float32 (mixed-precision training)."""
+    if p is None:
+        return
+    if p.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{op}: {name} must have x's dtype ({dtype_name(x.dtype)}) or float32, "
+                        f"got {dtype_name(p.dtype)}")
+
+
+def check_shape(op: str, name: str, t, expected: tuple):
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def train_mode(*tensors) -> str:
+    """"train" when autograd will record this call (grad mode on and an input requires grad), else
+    "fwd": which tuned measurements apply."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return "train"
+    return "fwd"

@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from _tol import assert_rule
+
+from roberta_fast.testing import assert_rule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

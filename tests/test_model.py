@@ -3,7 +3,7 @@
 transformers models are built from random-init configs (weights perturbed so LayerNorm scales and
 biases are not trivial), saved with save_pretrained to tmp_path and loaded with our from_pretrained.
 References: transformers in float64 (the oracle) and in the dtype under test (torch's own error), the
-rule of tests/_tol.py, on real tokens of padded batches with lengths 1..S.
+rule of roberta_fast.testing, on real tokens of padded batches with lengths 1..S.
 """
 
 import copy
@@ -13,7 +13,8 @@ import warnings
 
 import pytest
 import torch
-from _tol import assert_rule
+
+from roberta_fast.testing import assert_rule
 
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,338 @@
+"""The BERT-family encoder: its modules, each with its forward, and the whole-encoder forward.
+
+    from roberta_fast import RobertaModel
+    model = RobertaModel.from_pretrained("path/to/saved", dtype=torch.float16, device="cuda")
+    out = model(input_ids, attention_mask=attention_mask)      # out.last_hidden_state (B, S, hidden)
+
+Parameter names are transformers' (embeddings.word_embeddings.weight,
+encoder.layer.0.attention.self.query.weight, ..., pooler.dense.weight), so state dicts load both ways.
+The nn.Linear / nn.Embedding / nn.LayerNorm children only hold those parameters: each module's forward
+calls F.linear and the fused ops of roberta_fast.ops on them, the bias of a GEMM fused into the op after
+it. One Layer, on `rows` tokens (the T real tokens when packed, B*S on the padded path):
+
+    x (rows, hidden)
+      SelfAttention  QKV GEMM (one, fused weight cached) (rows, 3 * hidden)
+                     -> attention (varlen when packed, key padding mask when padded) (rows, hidden)
+      SelfOutput     out GEMM (no bias) -> layer_norm(x_bias=out bias, residual=x)       h (rows, hidden)
+      Intermediate   FFN1 GEMM (no bias) -> bias_gelu                                    (rows, intermediate)
+      Output         FFN2 GEMM (no bias) -> layer_norm(x_bias=FFN2 bias, residual=h)     (rows, hidden)
+
+Padding (roberta_fast.padding): a padded batch is packed once after the embedding lookup (only the ids
+of real tokens are looked up), every GEMM and kernel runs on real tokens only, and the outputs are
+scattered back once at the end. The padded positions of last_hidden_state and of every hidden_states
+entry are ZEROS (transformers leaves whatever its layers computed there); `padding_free=False` runs the
+padded layout with ops.attention(key_padding_mask=...) and zeroes the padded positions the same way, so
+both paths return identical tensors. The pooler reads position 0 as transformers does (a left-padded row
+gives tanh(pooler bias) there).
+
+Unfused attention: output_attentions=True, or attention-probs dropout > 0 in train mode, computes
+q k^T, ops.masked_softmax and probs @ v, and returns the probabilities (B, heads, S, S) (after dropout,
+as transformers does; padded query rows are zeros). Eval has no dropout anywhere.
+
+Each forward synchronizes with the device once (model/checks.py): the input range checks and the mask
+statistics (real token count, longest sequence) are read back together; none under CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..padding import Layout
+from .checkpoint import PreTrainedEncoder
+from .checks import check_extra_kwargs, check_inputs
+from .config import ACTIVATIONS, EncoderConfig, as_config
+from .outputs import EncoderOutput
+
+
+class Embeddings(nn.Module):
+    """word + position + token-type embeddings, summed and normalized in one fused layer_norm."""
+
+    def __init__(self, cfg: EncoderConfig, roberta: bool):
+        super().__init__()
+        H = cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_token_id)
+        # RoBERTa's position table has a padding row (padding_idx: no gradient there), BERT's has none
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, H,
+                                                padding_idx=cfg.pad_token_id if roberta else None)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, H)
+        self.LayerNorm = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.dropout_p = cfg.hidden_dropout_prob
+
+    def forward(self, ids, positions, types, inputs_embeds, *, backend=None):
+        """ids, positions, types: int (rows,) (types may be None = all type 0); inputs_embeds (rows, hidden)
+        or None in place of ids. Returns (rows, hidden)."""
+        word, pos, tt, ln = self.word_embeddings, self.position_embeddings, self.token_type_embeddings, self.LayerNorm
+        if inputs_embeds is None:
+            x = F.embedding(ids, word.weight, word.padding_idx)  # (rows, hidden)
+        else:
+            x = inputs_embeds.to(word.weight.dtype)
+        residual = F.embedding(positions, pos.weight, pos.padding_idx)  # (rows, hidden)
+        x_bias = None
+        if types is None:
+            x_bias = tt.weight[0]  # (hidden,): every token has type 0
+        else:
+            residual = residual + F.embedding(types, tt.weight)
+        h = ops.layer_norm(x, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=x_bias, backend=backend)
+        if self.training and self.dropout_p > 0:
+            h = F.dropout(h, self.dropout_p, training=True)
+        return h
+
+
+class SelfAttention(nn.Module):
+    """query, key, value projections run as one GEMM with a cached fused weight, then attention."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.query = nn.Linear(H, H)
+        self.key = nn.Linear(H, H)
+        self.value = nn.Linear(H, H)
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.head_dim
+        self.dropout_p = cfg.attention_probs_dropout_prob
+        self._qkv_cache = None
+
+    def forward(self, x, layout: Layout, *, need_probs=False, backend=None):
+        """x (rows, hidden) -> context (rows, hidden), probabilities (B, heads, S, S) or None."""
+        w, b = self.qkv_weight_bias()  # (3 * hidden, hidden), (3 * hidden,)
+        qkv = F.linear(x, w, b)  # (rows, 3 * hidden)
+        q, k, v = qkv.view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)  # (rows, heads, head_dim)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if need_probs or dropout_p > 0:
+            ctx, probs = self._unfused(q, k, v, layout, dropout_p, backend)
+        else:
+            ctx, probs = self._fused(q, k, v, layout, backend), None
+        return ctx.reshape(x.shape[0], -1), (probs if need_probs else None)  # (rows, hidden)
+
+    def _fused(self, q, k, v, layout: Layout, backend):
+        """ops.attention_varlen on packed rows, else ops.attention with the key padding mask."""
+        if layout.is_packed:
+            return ops.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=backend)  # (T, ..)
+        q, k, v = (t.view(layout.batch, layout.seqlen, *t.shape[1:]) for t in (q, k, v))  # (B, S, heads, head_dim)
+        return ops.attention(q, k, v, key_padding_mask=layout.mask, backend=backend)  # (B, S, heads, head_dim)
+
+    def _unfused(self, q, k, v, layout: Layout, dropout_p, backend):
+        """The (B, heads, S, S) probabilities materialized through ops.masked_softmax."""
+        q, k, v = (layout.to_padded(t).transpose(1, 2) for t in (q, k, v))  # (B, heads, S, head_dim)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, heads, S, S)
+        mask = None
+        if layout.mask is not None:  # keep real keys of real queries; padded query rows come out as zeros
+            mask = layout.mask[:, None, None, :] & layout.mask[:, None, :, None]  # (B, 1, S, S)
+        probs = ops.masked_softmax(scores, mask, self.head_dim ** -0.5, backend=backend)
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p, training=True)
+        ctx = torch.matmul(probs, v).transpose(1, 2)  # (B, S, heads, head_dim)
+        return layout.to_rows(ctx), probs  # (rows, heads, head_dim)
+
+    def qkv_weight_bias(self):
+        """(3*hidden, hidden) weight and (3*hidden,) bias of the fused QKV GEMM.
+
+        When autograd records (grad mode on and a projection parameter requires grad) the fused tensors
+        are built with torch.cat inside autograd, so gradients reach query/key/value. Otherwise they are
+        built once and cached, keyed on the six source tensors' data_ptr and _version (an in-place update,
+        load_state_dict, .to() or a new tensor rebuilds them). The cache keeps the sources alive, so a
+        freed address cannot be reused by a different tensor under the same key.
+        """
+        srcs = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias,
+                self.value.bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):
+            return torch.cat(srcs[:3]), torch.cat(srcs[3:])
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in srcs)
+        key += (torch.is_inference_mode_enabled(),)
+        cache = self._qkv_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, torch.cat(srcs[:3]), torch.cat(srcs[3:]), tuple(t.detach() for t in srcs))
+            self._qkv_cache = cache
+        return cache[1], cache[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._qkv_cache = None  # .to() / .half() / .cuda(): drop the stale copy now, not at the next forward
+        return super()._apply(fn, *args, **kwargs)
+
+
+class _DenseAddNorm(nn.Module):
+    """LayerNorm(dropout(x @ W^T + b) + residual): the GEMM without bias, the bias fused into the norm."""
+
+    def __init__(self, cfg: EncoderConfig, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout_p = cfg.hidden_dropout_prob
+
+    def forward(self, x, residual, *, backend=None):
+        """x (rows, in_features), residual (rows, hidden) -> (rows, hidden)."""
+        dense, ln = self.dense, self.LayerNorm
+        y = F.linear(x, dense.weight)  # (rows, hidden)
+        if residual.dtype != y.dtype:  # autocast: GEMM output in the autocast dtype
+            residual = residual.to(y.dtype)
+        if self.training and self.dropout_p > 0:
+            y = F.dropout(y + dense.bias, self.dropout_p, training=True)
+            return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
+        return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=dense.bias, backend=backend)
+
+
+class SelfOutput(_DenseAddNorm):
+    """Attention output GEMM + fused bias, residual and LayerNorm."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__(cfg, cfg.hidden_size)
+
+
+class Output(_DenseAddNorm):
+    """FFN2 GEMM + fused bias, residual and LayerNorm."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__(cfg, cfg.intermediate_size)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.self = SelfAttention(cfg)
+        self.output = SelfOutput(cfg)
+
+    def forward(self, x, layout: Layout, *, need_probs=False, backend=None):
+        """x (rows, hidden) -> (rows, hidden), probabilities (B, heads, S, S) or None."""
+        ctx, probs = self.self(x, layout, need_probs=need_probs, backend=backend)  # (rows, hidden)
+        return self.output(ctx, x, backend=backend), probs
+
+
+class Intermediate(nn.Module):
+    """FFN1 GEMM + fused bias and GELU (ReLU: plain torch)."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.approximate = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, h, *, backend=None):
+        """h (rows, hidden) -> (rows, intermediate)."""
+        if self.approximate is None:
+            return F.relu(F.linear(h, self.dense.weight, self.dense.bias))
+        return ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias, self.approximate, backend=backend)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = Output(cfg)
+
+    def forward(self, x, layout: Layout, *, need_probs=False, backend=None):
+        """x (rows, hidden) -> (rows, hidden), probabilities (B, heads, S, S) or None."""
+        h, probs = self.attention(x, layout, need_probs=need_probs, backend=backend)  # (rows, hidden)
+        inter = self.intermediate(h, backend=backend)  # (rows, intermediate)
+        return self.output(inter, h, backend=backend), probs  # (rows, hidden)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, h, layout: Layout, *, output_hidden_states=False, output_attentions=False, backend=None):
+        """h (rows, hidden) -> (rows, hidden); the layers' inputs and last output [(rows, hidden)] or None;
+        their probabilities [(B, heads, S, S)] or None."""
+        hidden = [h] if output_hidden_states else None
+        probs = [] if output_attentions else None
+        for layer in self.layer:
+            h, p = layer(h, layout, need_probs=output_attentions, backend=backend)  # (rows, hidden)
+            if hidden is not None:
+                hidden.append(h)
+            if probs is not None:
+                probs.append(p)
+        return h, hidden, probs
+
+
+class Pooler(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, hidden):
+        """hidden (B, S, hidden) -> tanh(dense(first token)) (B, hidden)."""
+        return torch.tanh(F.linear(hidden[:, 0], self.dense.weight, self.dense.bias))
+
+
+def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta: bool, backend=None,
+                    padding_free=True, input_ids=None, attention_mask=None, token_type_ids=None,
+                    position_ids=None, inputs_embeds=None, output_hidden_states=False, output_attentions=False):
+    """The whole encoder on modules with transformers' names (ours, or a transformers model's after
+    roberta_fast.optimize: our embeddings and encoder, its own pooler). Inputs as in _EncoderModel.forward.
+    Returns (last_hidden_state, pooler_output, hidden_states, attentions)."""
+    inputs = check_inputs(cfg, roberta=roberta, input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+    layout = inputs.layout(padding_free)  # the one host sync: pack the real tokens, or keep the padded layout
+    rows = (layout.to_rows(t) for t in (inputs.input_ids, inputs.position_ids, inputs.token_type_ids,
+                                        inputs.inputs_embeds))
+    h = embeddings(*rows, backend=backend)  # (rows, hidden)
+    h, hidden, probs = encoder(h, layout, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions, backend=backend)
+    last = layout.to_padded(h)  # (B, S, hidden), zeros at padding: repadded once
+    if hidden is not None:
+        hidden = tuple(layout.to_padded(t) for t in hidden[:-1]) + (last,)
+    pooled = pooler(last) if pooler is not None else None  # (B, hidden)
+    return last, pooled, hidden, (tuple(probs) if probs is not None else None)
+
+
+class _EncoderModel(PreTrainedEncoder):
+    """The encoder: embeddings -> layers -> (pooler). forward() as transformers' RobertaModel/BertModel."""
+
+    def __init__(self, config, add_pooling_layer=True, *, backend=None, padding_free=True, _init=True):
+        super().__init__()
+        self.config = as_config(config)
+        self._backend = backend
+        self._padding_free = bool(padding_free)
+        self.embeddings = Embeddings(self.config, self._roberta)
+        self.encoder = Encoder(self.config)
+        self.pooler = Pooler(self.config) if add_pooling_layer else None
+        if _init:  # a head initializes everything once, itself
+            self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
+                **kwargs):
+        """input_ids int (B, S) or inputs_embeds (B, S, hidden); attention_mask (B, S) (nonzero = real
+        token); token_type_ids, position_ids int (B, S). Returns EncoderOutput (last_hidden_state
+        (B, S, hidden) with zeros at padded positions, pooler_output (B, hidden) or None, hidden_states,
+        attentions (B, heads, S, S)), or with return_dict=False the tuple (last_hidden_state,
+        pooler_output[, hidden_states][, attentions]) as transformers returns it."""
+        check_extra_kwargs(kwargs)
+        last, pooled, hs, attn = encoder_forward(
+            self.embeddings, self.encoder, self.pooler, self.config, roberta=self._roberta,
+            backend=self._backend, padding_free=self._padding_free, input_ids=input_ids,
+            attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions))
+        if return_dict is False:
+            return (last, pooled) + tuple(t for t in (hs, attn) if t is not None)
+        return EncoderOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs, attentions=attn)
+
+
+class RobertaModel(_EncoderModel):
+    """RoBERTa / XLM-R / CamemBERT encoder: position ids = padding_idx + cumsum of the non-pad mask."""
+
+    _roberta = True
+
+
+class XLMRobertaModel(RobertaModel):
+    """XLM-RoBERTa: the RoBERTa architecture (its checkpoints also load through RobertaModel)."""
+
+
+class BertModel(_EncoderModel):
+    """BERT / MiniLM encoder: position ids 0..S-1."""
+
+    _roberta = False
+
+
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -33,6 +33,7 @@ from roberta_fast import (  # noqa: E402
     RobertaForTokenClassification,
     RobertaModel,
     XLMRobertaModel,
+    padding,  # noqa: E402
     pool,
 )
 from roberta_fast.ops import BackendUnavailableError  # noqa: E402
@@ -572,6 +573,109 @@ def test_unpad_pad_round_trip():
     torch.testing.assert_close(back, x * mask[..., None, None])
     with pytest.raises(ValueError, match="attention_mask"):
         unpad_input(x, mask[:, :5])
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (1, 1), (3, 1), (0, 5), (2, 0)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_layout_round_trip(shape):
+    """padding.Layout in its three forms: packed (from mask_stats and the host-read counts, no sync of its
+    own), padded with the mask, dense; rows -> (B, S, ...) puts zeros at padding."""
+    B, S = shape
+    x = torch.randn(B, S, 3)
+    real_m = torch.rand(B, S) > 0.4
+    if B > 1:
+        real_m[1] = False  # an empty sequence
+    if B and S:
+        real_m[0, 0] = True
+    expect = x * real_m[..., None]
+    if B * S:
+        seqlens, total, longest = padding.mask_stats(real_m)
+        packed = padding.Layout.packed(real_m, seqlens, int(total), int(longest))
+        assert packed.is_packed and packed.max_seqlen == int(real_m.sum(1).max())
+        assert packed.indices.tolist() == torch.nonzero(real_m.flatten()).flatten().tolist()
+        assert packed.cu_seqlens.dtype == torch.int32
+        assert packed.cu_seqlens.tolist() == [0] + torch.cumsum(real_m.sum(1), 0).tolist()
+        rows = packed.to_rows(x)
+        torch.testing.assert_close(rows, x[real_m], rtol=0, atol=0)
+        torch.testing.assert_close(packed.to_padded(rows), expect, rtol=0, atol=0)
+    indices, cu, max_len = padding.seqlens_info(real_m.long())
+    assert indices.numel() == int(real_m.sum()) and cu.shape == (B + 1,) and max_len == (int(real_m.sum(1).max())
+                                                                                          if B * S else 0)
+    padded = padding.Layout(B, S, mask=padding.real_tokens(real_m.long()))
+    assert padded.to_rows(x).shape == (B * S, 3) and padded.to_rows(None) is None
+    torch.testing.assert_close(padded.to_padded(padded.to_rows(x)), expect, rtol=0, atol=0)
+    dense = padding.Layout(B, S)
+    torch.testing.assert_close(dense.to_padded(dense.to_rows(x)), x, rtol=0, atol=0)
+
+
+def test_model_packs_through_padding_module(monkeypatch):
+    """The packing of padded batches lives in roberta_fast.padding only: the model packs through it (once per
+    forward, only on the padding-free path of a batch with padding) and holds no packing code of its own."""
+    import inspect
+
+    import roberta_fast.model as model_pkg
+
+    calls = []
+    real_pack = padding.pack_indices
+    monkeypatch.setattr(padding, "pack_indices", lambda *a: calls.append(1) or real_pack(*a))
+    cfg = hf_config("roberta")
+    model = randomize_(RobertaModel(cfg).eval())
+    ids, mask = make_batch(4, 7, cfg.pad_token_id)
+    for padding_free, m, n in ((True, mask, 1), (False, mask, 0), (True, torch.ones_like(mask), 0), (True, None, 0)):
+        calls.clear()
+        model.padding_free = padding_free
+        run(model, ids, m)
+        assert len(calls) == n, (padding_free, m is None, calls)
+    for mod in (model_pkg.encoder, model_pkg.checks, model_pkg.heads):
+        src = inspect.getsource(mod)
+        for word in ("argsort", ".nonzero(", "index_select", "index_copy", "cumsum(seqlens", "seqlens.sum"):
+            assert word not in src, f"{mod.__name__} packs batches itself ({word!r}): use roberta_fast.padding"
+
+
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding_free", "padded"])
+def test_one_host_read_per_forward(monkeypatch, padding_free):
+    """The model reads the device back once per forward (range checks and mask statistics together); reads
+    made inside an op (the CPU reference of attention_varlen reads cu_seqlens) are the backend's own."""
+    import roberta_fast.ops as ops_mod
+
+    reads, depth = [], [0]
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        orig = getattr(torch.Tensor, name)
+
+        def read(self, *a, _orig=orig, _name=name, **k):
+            if depth[0] == 0:
+                reads.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for name in ("layer_norm", "bias_gelu", "masked_softmax", "attention", "attention_varlen"):
+        op = getattr(ops_mod, name)
+
+        def inside(*a, _op=op, **k):
+            depth[0] += 1
+            try:
+                return _op(*a, **k)
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(ops_mod, name, inside)
+    cfg = hf_config("bert")
+    model = randomize_(BertModel(cfg, padding_free=padding_free).eval())
+    ids, mask = make_batch(4, 7, cfg.pad_token_id)
+    kw = dict(token_type_ids=(torch.arange(7) > 3).long().expand(4, 7), position_ids=torch.arange(7)[None])
+    for extra in ({}, kw, dict(kw, output_attentions=True, output_hidden_states=True)):
+        reads.clear()
+        run(model, ids, mask, **extra)
+        assert reads == ["tolist"], (extra.keys(), reads)
+
+    # under CUDA graph capture (faked here on CPU tensors): no read at all, the padded layout with the mask
+    from roberta_fast.model import checks
+
+    inputs = checks.check_inputs(model.config, roberta=False, input_ids=ids, attention_mask=mask)
+    inputs.device = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    reads.clear()
+    layout = inputs.layout(padding_free)
+    assert reads == [] and not layout.is_packed and torch.equal(layout.mask, mask.bool())
 
 
 # ----------------------------------------------------------------------------------------- Triton backend

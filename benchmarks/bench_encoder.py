@@ -26,6 +26,7 @@ import torch
 
 from roberta_fast import flops
 from roberta_fast._utils import dtype_name
+from roberta_fast.optimize import optimize
 from roberta_fast.testing import time_cpu, time_gpu_loop
 
 from .common import Budget, Progress, short_error
@@ -92,48 +93,9 @@ def hf_copy(ref, impl: str, dtype, device):
     return m.to(device=device, dtype=dtype).eval()
 
 
-def _set_padding_free(model, padding_free: bool) -> bool:
-    hit = False
-    for obj in [model, *model.modules(), getattr(model, "config", None)]:
-        if obj is not None and hasattr(obj, "padding_free"):
-            try:
-                obj.padding_free = padding_free
-                hit = True
-            except Exception:  # noqa: BLE001  (a frozen config)
-                pass
-    return hit
-
-
 def build_roberta_fast(ref, dtype, device, padding_free: bool):
-    """roberta_fast.optimize(hf_model, padding_free=...) on a copy of the reference; if optimize is
-    missing, the RobertaModel(config) route with the reference's weights."""
-    import roberta_fast
-
-    try:
-        hf = hf_copy(ref, "eager", dtype, device)
-        optimize = roberta_fast.optimize
-    except (ImportError, AttributeError) as e:
-        first_err = e
-    else:
-        try:
-            return optimize(hf, padding_free=padding_free).eval()
-        except TypeError as e:
-            if "padding_free" not in str(e):
-                raise
-        m = optimize(hf)
-        if not _set_padding_free(m, padding_free) and not padding_free:
-            raise NotImplementedError("roberta_fast.optimize has no padding_free switch")
-        return m.eval()
-    cls = roberta_fast.RobertaModel  # raises if model.py is missing too
-    try:
-        m = cls(ref.config, padding_free=padding_free)
-    except TypeError:
-        m = cls(ref.config)
-        if not _set_padding_free(m, padding_free) and not padding_free:
-            raise NotImplementedError(f"RobertaModel has no padding_free switch (optimize: "
-                                      f"{short_error(first_err)})") from None
-    m.load_state_dict(ref.state_dict(), strict=False)
-    return m.to(device=device, dtype=dtype).eval()
+    """roberta_fast.optimize(hf_model, padding_free=...) on a copy of the reference."""
+    return optimize(hf_copy(ref, "eager", dtype, device), padding_free=padding_free).eval()
 
 
 def _forward(model, wl):

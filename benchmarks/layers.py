@@ -20,6 +20,7 @@ from collections import Counter
 import torch
 
 from roberta_fast import flops
+from roberta_fast.optimize import optimize
 
 from .common import short_error
 
@@ -152,9 +153,7 @@ def measured(device: torch.device, kernel_backend: str | None) -> dict:
         return _tiny_models(layers, device, dt)
 
     def ours(layers):
-        import roberta_fast
-
-        return roberta_fast.optimize(_tiny_models(layers, device, dt))
+        return optimize(_tiny_models(layers, device, dt))
 
     for name, build, backend in (("hf_eager", hf, None), ("roberta_fast", ours, kernel_backend)):
         label = backend or ("auto" if name == "roberta_fast" else "-")

@@ -29,7 +29,7 @@ TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 def ptr(dtype) -> str:
     """Triton pointer type for a torch dtype (or its name)."""
-    name = str(dtype).replace("torch.", "")
+    name = str(dtype).removeprefix("torch.")
     if name == "bool":
         return "*i1"
     if name in ("int8", "uint8"):

@@ -22,7 +22,6 @@ cannot take the call (dtype, head_dim, ...) raises ValueError with its reason.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Protocol, runtime_checkable
 
@@ -31,9 +30,6 @@ import torch
 from . import cuda_ops, tuned
 
 BACKENDS = ("torch", "triton", "cuda")
-# op name -> the module name of its kernels in kernels/ and cuda_ops/ (attention_varlen shares attention's)
-OP_MODULES = {"layer_norm": "layer_norm", "bias_gelu": "bias_gelu", "masked_softmax": "masked_softmax",
-              "attention": "attention", "attention_varlen": "attention"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -99,13 +95,15 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1); "
                 f"got tensors on {device}")
     if backend == "cuda":
-        if device.type == "cuda":
-            return None if cuda_built() else f"backend 'cuda' needs the compiled module roberta_fast._C, " \
-                                             f"which was not built: {_HOW_TO_BUILD}"
         if device.type == "cpu" and emulate_mode():
-            return None if emulation_built() else ("backend 'cuda' on CPU tensors needs the emulated build "
-                                                   "roberta_fast._C_emu, which was not built (see "
-                                                   "docs/cuda_emulation.md)")
+            return None if emulation_built() else ("backend 'cuda' on CPU tensors runs through the emulated build "
+                                                   "roberta_fast._C_emu, which was not built: reinstall with a "
+                                                   "host C++ compiler (`pip install --no-build-isolation -e .`; "
+                                                   "see docs/cuda_emulation.md)")
+        if not cuda_built():
+            return f"backend 'cuda' needs the compiled module roberta_fast._C, which was not built: {_HOW_TO_BUILD}"
+        if device.type == "cuda":
+            return None
         return (f"backend 'cuda' runs on CUDA tensors (or on CPU tensors through the emulation, "
                 f"ROBERTA_FAST_CUDA_EMULATE=1); got tensors on {device}")
     return f"unknown backend {backend!r}"
@@ -131,13 +129,19 @@ def _missing(backend: str, device: torch.device) -> bool:
 
 def implementation(backend: str, op: str):
     """The module that implements `op` on a kernel backend: roberta_fast.kernels.<op> ("triton") or
-    roberta_fast.cuda_ops.<op> ("cuda"). Imported on first use (the package needs neither)."""
-    name = OP_MODULES.get(op, op)
+    roberta_fast.cuda_ops.<op> ("cuda"). Imported on first use (the package needs neither), with import
+    statements rather than importlib, so that torch.compile traces a call through it."""
     if backend == "triton":
-        return importlib.import_module(f"roberta_fast.kernels.{name}")
-    if backend == "cuda":
-        return importlib.import_module(f"roberta_fast.cuda_ops.{name}")
-    raise ValueError(f"no kernel module for backend {backend!r}")
+        from .kernels import attention, bias_gelu, layer_norm, masked_softmax
+    elif backend == "cuda":
+        from .cuda_ops import attention, bias_gelu, layer_norm, masked_softmax
+    else:
+        raise ValueError(f"no kernel module for backend {backend!r}")
+    mods = {"layer_norm": layer_norm, "bias_gelu": bias_gelu, "masked_softmax": masked_softmax,
+            "attention": attention, "attention_varlen": attention}
+    if op not in mods:
+        raise ValueError(f"unknown op {op!r}: expected one of {tuple(mods)}")
+    return mods[op]
 
 
 # ----------------------------------------------------------------------------- the choice

@@ -3,7 +3,7 @@ reference, on every backend that can run here.
 
 "torch" and, on CPU, "triton" under the interpreter; the `gpu` variants run the same checks on CUDA
 tensors (triton, and cuda when built; a backend that cannot take a case, e.g. cuda with head_dim 16,
-is skipped for it). Rule (tests/_tol.py): max|ours - ref64| <= 2 * max|torch in q's dtype - ref64|
+is skipped for it). Rule (roberta_fast.testing): max|ours - ref64| <= 2 * max|torch in q's dtype - ref64|
 + floor, where "torch in q's dtype" runs both matmuls in that dtype (FlashAttention's test rule).
 Inputs are views into one fused QKV buffer; in the varlen cases the buffer's unused memory (between
 the q / k / v views and after the last token) is NaN, so an out-of-bounds read shows up as NaN.
@@ -13,24 +13,41 @@ import math
 
 import pytest
 import torch
-from _tol import assert_rule
-from conftest import kernel_backends
+from conftest import BACKEND_CASES, KERNEL_CASES, skip_unsupported, with_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from roberta_fast import reference
+from roberta_fast import backends, reference
 from roberta_fast.ops import BackendUnavailableError, attention, attention_varlen
+from roberta_fast.testing import assert_rule
 
 NEG_INF = float("-inf")
-CPU_BACKENDS = ["torch"] + kernel_backends("cpu")
-CPU_KERNELS = kernel_backends("cpu")
-GPU_BACKENDS = kernel_backends("cuda")
 gpu = pytest.mark.gpu
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
-# (dtype, head_dim) cases on CPU: every dtype at small head dims, one head_dim 128 case
-CPU_CASES = [(torch.float32, 16), (torch.float16, 16), (torch.bfloat16, 16), (torch.float16, 32),
-             (torch.bfloat16, 32), (torch.float32, 64), (torch.float16, 64), (torch.float16, 128)]
-GPU_CASES = [(dt, d) for dt in (torch.float16, torch.bfloat16) for d in (16, 32, 64, 128)]
+# (dtype, head_dim, sizes) per device and backend. CPU (interpreter): every dtype at small head dims, one
+# head_dim 128 case. CUDA C++ through the emulation: head dims 32 / 64 / 128 in fp16 and bf16 (what it
+# takes). GPU: fp16 / bf16 x every head_dim x lengths around the blocks.
+CPU_SIZES, GPU_SIZES = dict(B=6, S=37, H=2), [dict(B=7, S=S, H=3) for S in (1, 77, 300)]
+PADDED = {
+    "cpu": [(dt, d, CPU_SIZES) for dt, d in ((F32, 16), (F16, 16), (BF16, 16), (F16, 32), (BF16, 32), (F32, 64),
+                                              (F16, 64), (F16, 128))],
+    ("cpu", "cuda"): [(dt, d, CPU_SIZES) for dt in (F16, BF16) for d in (32, 64, 128)],
+    "cuda": [(dt, d, sz) for dt in (F16, BF16) for d in (16, 32, 64, 128) for sz in GPU_SIZES],
+}
+CPU_LENS, GPU_LENS = [37, 0, 1, 36, 16, 5, 0], [300, 0, 1, 299, 128, 129, 64, 7, 0, 511]
+VARLEN = {
+    "cpu": [(dt, d, dict(lens=CPU_LENS)) for dt, d, _ in PADDED["cpu"]],
+    ("cpu", "cuda"): [(dt, d, dict(lens=CPU_LENS)) for dt, d, _ in PADDED[("cpu", "cuda")]],
+    "cuda": [(dt, d, dict(lens=GPU_LENS, H=3)) for dt in (F16, BF16) for d in (16, 32, 64, 128)],
+}
+
+
+def _small(device, backend):
+    """A (dtype, head_dim) every backend on `device` takes, for the tests of one behaviour."""
+    if backend == "cuda":
+        return F16, 32
+    return (F32, 16) if device == "cpu" else (F16, 16)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -96,16 +113,6 @@ def _varlen_qkv(T_used, T, H, D, dtype, device, gap=16):
     return buf, (lambda t: tuple(t[:, i, :, :D] for i in range(3)))
 
 
-def _supported_or_skip(backend, q):
-    """Skip a kernel backend that cannot take this case (e.g. cuda without head_dim 16)."""
-    if backend == "cuda":
-        from roberta_fast.cuda_ops import attention as cuda_attention
-
-        why = cuda_attention.supports(q)
-        if why is not None:
-            pytest.skip(why)
-
-
 # ------------------------------------------------------------------------------------ padded cases
 
 
@@ -120,7 +127,8 @@ def _check_padded(backend, dtype, D, device, *, B=6, S=37, H=2, mask_kind="prefi
     else:
         mask = None
     buf, split = _padded_qkv(B, S, H, D, dtype, device)
-    _supported_or_skip(backend, buf[:, :, 0])
+    q0 = buf[:, :, 0]
+    skip_unsupported(backend, "attention", q0, q0, q0, mask, None, None, scale)
     sc = D**-0.5 if scale is None else scale
 
     def ours(t):
@@ -143,38 +151,30 @@ def _check_padded(backend, dtype, D, device, *, B=6, S=37, H=2, mask_kind="prefi
     return o
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype,D", CPU_CASES)
-def test_padded(backend, dtype, D, poison_empty):
-    _check_padded(backend, dtype, D, "cpu")
+@pytest.mark.parametrize("device,backend,dtype,D,sizes", with_cases(PADDED))
+def test_padded(device, backend, dtype, D, sizes, poison_empty):
+    _check_padded(backend, dtype, D, device, **sizes)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNELS)
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 @pytest.mark.parametrize("mask_kind", ["none", "random"])
-def test_padded_mask_kinds(backend, mask_kind, poison_empty):
-    _check_padded(backend, torch.float16, 32, "cpu", mask_kind=mask_kind, scale=0.3)
+def test_padded_mask_kinds(device, backend, mask_kind, poison_empty):
+    _check_padded(backend, torch.float16, 32, device, mask_kind=mask_kind, scale=0.3)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNELS)
-@pytest.mark.parametrize("S", [1, 16, 17])
-def test_padded_short(backend, S, poison_empty):
-    """Sequence lengths at and around one block (the interpreter's blocks are 16 rows)."""
-    _check_padded(backend, torch.float32, 16, "cpu", B=4 if S > 1 else 2, S=S)
-
-
-@gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype,D", GPU_CASES)
-@pytest.mark.parametrize("S", [1, 77, 300])
-def test_padded_gpu(backend, dtype, D, S, poison_empty):
-    _check_padded(backend, dtype, D, "cuda", B=7, S=S, H=3)
+@pytest.mark.parametrize("device,backend,S", with_cases(
+    {"cpu": [1, 16, 17], ("cpu", "cuda"): [1, 17, 63, 65], "cuda": [1, 16, 17, 65]}, kernels_only=True))
+def test_padded_short(device, backend, S, poison_empty):
+    """Sequence lengths at and around one block (the interpreter's blocks are 16 rows, the CUDA kernels'
+    64 queries and 32-64 keys)."""
+    _check_padded(backend, *_small(device, backend), device, B=4 if S > 1 else 2, S=S)
 
 
 @gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_padded_gpu_long(backend):
+@pytest.mark.parametrize("device,backend", [c for c in KERNEL_CASES if c.values[0] == "cuda"])
+def test_padded_gpu_long(device, backend):
     """Several full blocks per program in every kernel (the GPU configs hold up to 128 rows)."""
-    _check_padded(backend, torch.float16, 64, "cuda", B=4, S=1031, H=2)
+    _check_padded(backend, torch.float16, 64, device, B=4, S=1031, H=2)
 
 
 # ------------------------------------------------------------------------------------ varlen cases
@@ -186,7 +186,8 @@ def _check_varlen(backend, dtype, D, device, *, lens, H=2, tail=3, max_seqlen=No
     T = T_used + tail
     max_seqlen = max(lens) if max_seqlen is None else max_seqlen
     buf, split = _varlen_qkv(T_used, T, H, D, dtype, device)
-    _supported_or_skip(backend, buf[:, 0, :, :D])
+    q0 = buf[:, 0, :, :D]
+    skip_unsupported(backend, "attention_varlen", q0, q0, q0, None, cu, max_seqlen, scale)
     sc = D**-0.5 if scale is None else scale
 
     def ours(t):
@@ -205,28 +206,18 @@ def _check_varlen(backend, dtype, D, device, *, lens, H=2, tail=3, max_seqlen=No
     return o
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype,D", CPU_CASES)
-def test_varlen(backend, dtype, D, poison_empty):
-    S = 37
-    lens = [S, 0, 1, S - 1, 16, 5, 0]
-    _check_varlen(backend, dtype, D, "cpu", lens=lens)
+@pytest.mark.parametrize("device,backend,dtype,D,sizes", with_cases(VARLEN))
+def test_varlen(device, backend, dtype, D, sizes, poison_empty):
+    _check_varlen(backend, dtype, D, device, **sizes)
 
 
-@pytest.mark.parametrize("backend", CPU_KERNELS)
-def test_varlen_edges(backend, poison_empty):
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_varlen_edges(device, backend, poison_empty):
     """No tail, a max_seqlen larger than every length, one sequence only, all sequences empty."""
-    _check_varlen(backend, torch.float32, 16, "cpu", lens=[33], tail=0, max_seqlen=50, scale=0.2)
-    _check_varlen(backend, torch.float32, 16, "cpu", lens=[3, 17, 32], tail=0)
-    _check_varlen(backend, torch.float16, 16, "cpu", lens=[0, 0], tail=5, max_seqlen=0)
-
-
-@gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("dtype,D", GPU_CASES)
-def test_varlen_gpu(backend, dtype, D, poison_empty):
-    lens = [300, 0, 1, 299, 128, 129, 64, 7, 0, 511]
-    _check_varlen(backend, dtype, D, "cuda", lens=lens, H=3)
+    dtype, D = _small(device, backend)
+    _check_varlen(backend, dtype, D, device, lens=[33], tail=0, max_seqlen=50, scale=0.2)
+    _check_varlen(backend, dtype, D, device, lens=[3, 17, 32], tail=0)
+    _check_varlen(backend, F16, D, device, lens=[0, 0], tail=5, max_seqlen=0)
 
 
 def _padded_vs_varlen(backend, device, dtype, D, S, B=5, H=2):
@@ -244,72 +235,69 @@ def _padded_vs_varlen(backend, device, dtype, D, S, B=5, H=2):
     ov.backward(do[mask])
     # triton runs the same blocks from each sequence's start in both layouts: equal up to the sums'
     # order; another backend may take different paths for the two layouts (a few ulps apart)
-    tol = dict(rtol=1e-5, atol=1e-5) if backend == "triton" else dict(rtol=4e-3, atol=4e-3)
+    tol = dict(rtol=1e-5, atol=1e-5) if backend == "triton" else dict(rtol=4e-3, atol=4e-3)  # noqa: C408
     torch.testing.assert_close(ov, o[mask], **tol)
     for name, a, b in zip("qkv", packed, (q, k, v)):
         torch.testing.assert_close(a.grad, b.grad[mask], **tol, msg=lambda m, n=name: f"d{n}: {m}")
         assert (b.grad[~mask] == 0).all() or name == "q"  # padded keys get no gradient
 
 
-@pytest.mark.parametrize("backend", CPU_KERNELS)
-def test_padded_equals_varlen(backend):
-    _padded_vs_varlen(backend, "cpu", torch.float16, 16, 33, B=4)
-
-
-@gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("S", [77, 513])
-def test_padded_equals_varlen_gpu(backend, S):
-    _padded_vs_varlen(backend, "cuda", torch.float16, 64, S, B=6, H=4)
+@pytest.mark.parametrize("device,backend,S,sizes", with_cases(
+    {"cpu": [(33, dict(B=4))], "cuda": [(77, dict(B=6, H=4)), (513, dict(B=6, H=4))]}, kernels_only=True))
+def test_padded_equals_varlen(device, backend, S, sizes):
+    D = 64 if device == "cuda" else (32 if backend == "cuda" else 16)
+    _padded_vs_varlen(backend, device, F16, D, S, **sizes)
 
 
 # ------------------------------------------------------------------------------ kernel-level checks
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 @pytest.mark.parametrize("varlen", [False, True])
-def test_lse(varlen):
+def test_lse(device, backend, varlen):
     """The kernels' log-sum-exp (natural log of the scaled scores per row; -inf for no real key)."""
-    if not CPU_KERNELS:
-        pytest.skip("no kernel backend on CPU here")
-    from roberta_fast.kernels import attention as kernels
-
-    H, D, S, scale = 2, 16, 21, 0.37
+    kernels = backends.implementation(backend, "attention")
+    dtype, D = _small(device, backend)
+    H, S, scale = 2, 21, 0.37
     lens = [S, 0, 5]
-    cu = torch.tensor([0, S, S, S + 5], dtype=torch.int32)
+    cu = torch.tensor([0, S, S, S + 5], dtype=torch.int32, device=device)
     if varlen:
-        q, k, v = (torch.randn(S + 5 + 2, H, D) for _ in range(3))
-        o, lse = kernels.attention_fwd(q, k, v, None, cu, S, scale)
+        q, k, v = (torch.randn(S + 5 + 2, H, D, device=device).to(dtype) for _ in range(3))
+        o, lse = kernels.forward(q, k, v, None, cu, S, scale)
         expect = torch.full((H, q.shape[0]), NEG_INF, dtype=torch.float64)
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
             if e > s:
                 sc = torch.einsum("qhd,khd->hqk", q[s:e].double(), k[s:e].double()) * scale
                 expect[:, s:e] = sc.logsumexp(-1)
     else:
-        q, k, v = (torch.randn(3, S, H, D) for _ in range(3))
-        mask = torch.arange(S)[None, :] < torch.tensor(lens)[:, None]
-        o, lse = kernels.attention_fwd(q, k, v, mask, None, None, scale)
+        q, k, v = (torch.randn(3, S, H, D, device=device).to(dtype) for _ in range(3))
+        mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).to(device)
+        o, lse = kernels.forward(q, k, v, mask, None, None, scale)
         sc = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
         expect = sc.masked_fill(~mask[:, None, None, :], NEG_INF).logsumexp(-1)  # (B, H, S)
     assert lse.dtype == torch.float32 and lse.shape == expect.shape
     assert torch.equal(lse.isneginf(), expect.isneginf())
     fin = expect.isfinite()
-    torch.testing.assert_close(lse.double()[fin], expect[fin], rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == F32 else 1e-3  # the 16-bit kernels' scores come from 16-bit inputs exactly
+    torch.testing.assert_close(lse.double()[fin], expect[fin], rtol=tol, atol=tol)
 
 
-def test_non_unit_last_stride():
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_non_unit_last_stride(device, backend):
     """q with a non-unit last stride (a transposed view) is copied, not misread."""
-    backend = (CPU_KERNELS or ["torch"])[0]
-    B, S, H, D = 2, 9, 2, 16
-    qt = torch.randn(B, S, D, H)
+    dtype, D = _small(device, backend)
+    B, S, H = 2, 9, 2
+    qt = torch.randn(B, S, D, H, device=device).to(dtype)
     q = qt.transpose(-1, -2)  # (B, S, H, D), stride(-1) == H
-    k, v = torch.randn(B, S, H, D), torch.randn(B, S, H, D)
+    k, v = torch.randn(B, S, H, D, device=device).to(dtype), torch.randn(B, S, H, D, device=device).to(dtype)
     o = attention(q, k, v, backend=backend)
-    torch.testing.assert_close(o, reference.attention(q, k, v), rtol=1e-5, atol=1e-5)
+    assert_rule(o, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v))
 
 
-def test_nan_in_gives_nan_out():
-    backend = (CPU_KERNELS or ["torch"])[0]
-    q, k, v = (torch.randn(1, 20, 2, 16) for _ in range(3))
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_nan_in_gives_nan_out(device, backend):
+    dtype, D = _small(device, backend)
+    q, k, v = (torch.randn(1, 20, 2, D, device=device).to(dtype) for _ in range(3))
     q[0, 3, 1, 0] = float("nan")
     o = attention(q, k, v, backend=backend)
     assert o[0, 3, 1].isnan().all() and not o[0, :3].isnan().any() and not o[0, :, 0].isnan().any()
@@ -318,23 +306,25 @@ def test_nan_in_gives_nan_out():
     assert o[:, :, 0, 2].isnan().all()
 
 
-def test_backward_deterministic():
-    if not CPU_KERNELS:
-        pytest.skip("no kernel backend on CPU here")
-    q, k, v = (torch.randn(2, 33, 2, 16, requires_grad=True) for _ in range(3))
-    do = torch.randn(2, 33, 2, 16)
+@pytest.mark.parametrize("device,backend", [c for c in KERNEL_CASES if c.values[1] == "triton"])
+def test_backward_deterministic(device, backend):
+    """The Triton backward has no atomics: bit-identical gradients run to run. (The CUDA C++ backward adds
+    dQ with fp32 atomics, so it is not; docs/kernel_contracts.md.)"""
+    dtype, D = _small(device, backend)
+    q, k, v = (torch.randn(2, 33, 2, D, device=device).to(dtype).requires_grad_() for _ in range(3))
+    do = torch.randn(2, 33, 2, D, device=device).to(dtype)
     grads = []
     for _ in range(2):
         for t in (q, k, v):
             t.grad = None
-        attention(q, k, v, backend=CPU_KERNELS[0]).backward(do)
+        attention(q, k, v, backend=backend).backward(do)
         grads.append([t.grad.clone() for t in (q, k, v)])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_backward_deterministic_gpu(backend):
+@pytest.mark.parametrize("device,backend", [c for c in KERNEL_CASES if c.values == ("cuda", "triton")])
+def test_backward_deterministic_gpu(device, backend):
     lens = [513, 7, 300]
     cu = torch.tensor([0, 513, 520, 820], dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(820, 12, 64, device="cuda", dtype=torch.float16, requires_grad=True)
@@ -352,21 +342,21 @@ def test_backward_deterministic_gpu(backend):
 # ------------------------------------------------------------------------------------ empty inputs
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (3, 0, 2, 16), (2, 4, 0, 16)])
-def test_empty_padded(backend, shape):
-    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-    o = attention(q, k, v, key_padding_mask=torch.ones(shape[:2], dtype=torch.bool), backend=backend)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("shape", [(0, 5, 2, 32), (3, 0, 2, 32), (2, 4, 0, 32)])
+def test_empty_padded(device, backend, shape):
+    q, k, v = (torch.randn(shape, device=device).half().requires_grad_() for _ in range(3))
+    o = attention(q, k, v, key_padding_mask=torch.ones(shape[:2], dtype=torch.bool, device=device), backend=backend)
     assert o.shape == shape and o.dtype == q.dtype
     o.sum().backward()
     assert q.grad is not None and q.grad.shape == shape
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_empty_varlen(backend):
-    q, k, v = (torch.randn(0, 2, 16, requires_grad=True) for _ in range(3))
-    o = attention_varlen(q, k, v, torch.zeros(3, dtype=torch.int32), 0, backend=backend)
-    assert o.shape == (0, 2, 16)
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_empty_varlen(device, backend):
+    q, k, v = (torch.randn(0, 2, 32, device=device).half().requires_grad_() for _ in range(3))
+    o = attention_varlen(q, k, v, torch.zeros(3, dtype=torch.int32, device=device), 0, backend=backend)
+    assert o.shape == (0, 2, 32)
     o.sum().backward()
 
 
@@ -404,7 +394,7 @@ def test_bad_head_dim():
     q = torch.randn(2, 5, 2, 24)
     ref = reference.attention(q, q, q)
     torch.testing.assert_close(attention(q, q, q), ref)  # the automatic choice falls back to torch
-    if CPU_KERNELS:
+    if backends.can_run("triton", q.device):
         with pytest.raises(ValueError, match=r"attention: backend 'triton' supports head_dim in "
                                              r"\(16, 32, 64, 128\), got 24"):
             attention(q, q, q, backend="triton")
@@ -412,13 +402,16 @@ def test_bad_head_dim():
             attention_varlen(q[0], q[0], q[0], torch.tensor([0, 5], dtype=torch.int32), 5, backend="triton")
 
 
-def test_cuda_backend_missing_or_wrong_device():
+def test_cuda_backend_missing_or_wrong_device(monkeypatch):
     q = torch.randn(1, 4, 2, 16)
-    from roberta_fast.ops import _dispatch
-
-    err = BackendUnavailableError if not _dispatch.cuda_built() else ValueError
+    monkeypatch.setenv("ROBERTA_FAST_CUDA_EMULATE", "0")  # CPU tensors, no emulation: never runs
+    err = BackendUnavailableError if not backends.cuda_built() else ValueError
     with pytest.raises(err, match=r"attention: backend 'cuda'"):
         attention(q, q, q, backend="cuda")
+    if backends.emulation_built():  # through the emulation the backend runs, and says what it cannot take
+        monkeypatch.setenv("ROBERTA_FAST_CUDA_EMULATE", "1")
+        with pytest.raises(ValueError, match=r"backend 'cuda' attention supports head_dim \(32, 64, 128\)"):
+            attention(q, q, q, backend="cuda")
 
 
 def test_bad_varlen_inputs():
@@ -452,7 +445,7 @@ def test_mixed_devices_and_fp32_gpu():
     q = torch.randn(1, 4, 2, 16, device="cuda")
     with pytest.raises(ValueError, match=r"attention: all tensors must be on one device"):
         attention(q, q.cpu(), q)
-    if "triton" in GPU_BACKENDS:
+    if backends.can_run("triton", q.device):
         with pytest.raises(ValueError, match=r"backend 'triton' supports q dtypes \(float16, bfloat16\) on CUDA"):
             attention(q, q, q, backend="triton")
         torch.testing.assert_close(attention(q, q, q), reference.attention(q, q, q))  # automatic: torch
@@ -461,14 +454,15 @@ def test_mixed_devices_and_fp32_gpu():
 # ------------------------------------------------------------------------ custom ops and compile
 
 
-@pytest.mark.parametrize("backend", CPU_KERNELS)
-def test_opcheck(backend):
-    B, S, H, D = 2, 5, 2, 16
-    q, k, v = (torch.randn(B, S, H, D, requires_grad=True) for _ in range(3))
-    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_opcheck(device, backend):
+    dtype, D = _small(device, backend)
+    B, S, H = 2, 5, 2
+    q, k, v = (torch.randn(B, S, H, D, device=device).to(dtype).requires_grad_() for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]], device=device)
     torch.library.opcheck(torch.ops.roberta_fast.attention_fwd.default, (q, k, v, mask, 0.25, backend))
-    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
-    qv, kv, vv = (torch.randn(8, H, D, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32, device=device)
+    qv, kv, vv = (torch.randn(8, H, D, device=device).to(dtype).requires_grad_() for _ in range(3))
     torch.library.opcheck(torch.ops.roberta_fast.attention_varlen_fwd.default, (qv, kv, vv, cu, 4, 0.25, backend))
     o, lse = torch.ops.roberta_fast.attention_fwd(q, k, v, mask, 0.25, backend)
     torch.library.opcheck(torch.ops.roberta_fast.attention_bwd.default,
@@ -500,10 +494,11 @@ def test_aot_specs_cover_the_config_table(monkeypatch):
         kernels.attention_config("fwd", 64, torch.float32, 128)
 
 
-def test_compile_fullgraph():
-    backend = (CPU_KERNELS or ["torch"])[0]
-    q, k, v = (torch.randn(8, 2, 16, requires_grad=True) for _ in range(3))
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_compile_fullgraph(device, backend):
+    dtype, D = _small(device, backend)
+    q, k, v = (torch.randn(8, 2, D, device=device).to(dtype).requires_grad_() for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
 
     def f(q, k, v, cu):
         return attention_varlen(q, k, v, cu, 5, backend=backend).float().square().sum()
@@ -526,7 +521,7 @@ def test_compile_fullgraph():
        dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
        masked=st.booleans(), scale=st.floats(0.05, 1.0))
 def test_property_padded(B, S, H, D, dtype, masked, scale):
-    backend = (CPU_KERNELS or ["torch"])[0]
+    backend = "triton" if backends.can_run("triton", torch.device("cpu")) else "torch"
     torch.manual_seed(B * 1000 + S)
     buf, split = _padded_qkv(B, S, H, D, dtype, "cpu")
     mask = (torch.rand(B, S) < 0.7) if masked else None

@@ -1,26 +1,25 @@
 """bias_gelu: GELU(x + bias), forward and backward, against a float64 reference.
 
-Every backend that can run here is judged by the same tests: "torch" and, on CPU, "triton" under the
-interpreter; the `gpu` variants run the same cases on CUDA tensors (triton, and cuda when built).
-Rule (tests/_tol.py): max|ours - ref64| <= 2 * max|torch in x's dtype - ref64| + floor.
+Every backend that can run here is judged by the same tests (conftest's BACKEND_CASES): "torch"; on CPU
+"triton" under the interpreter and "cuda" through the emulation (`cuda_emulated`); the `gpu` variants
+run the same cases on CUDA tensors.
+Rule (roberta_fast.testing): max|ours - ref64| <= 2 * max|torch in x's dtype - ref64| + floor.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _tol import assert_rule
-from conftest import kernel_backends
+from conftest import BACKEND_CASES, KERNEL_CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from roberta_fast import reference
 from roberta_fast.ops import bias_gelu
+from roberta_fast.testing import assert_rule
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 LAST_DIMS = [1, 7, 384, 768, 1000, 1023, 4096]
-CASES = [("cpu", b) for b in ["torch"] + kernel_backends("cpu")] + [
-    pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ["torch"] + kernel_backends("cuda")]
-KERNEL_CASES = [c for c in CASES if (c.values[1] if hasattr(c, "values") else c[1]) != "torch"]
+CASES = BACKEND_CASES
 
 
 def _leaf(t):
@@ -235,7 +234,7 @@ def test_backward_grid_covers_every_row_tile(monkeypatch, M, N):
     """The GPU grid of the backward: every row tile belongs to exactly one program, no program is
     empty, about _BWD_TARGET_PROGRAMS programs at most, and at the FFN size the fp32 partial-sum
     buffer is under 1% of dx's elements."""
-    from roberta_fast.kernels import gelu as kernels
+    from roberta_fast.kernels import bias_gelu as kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     block_m, block_n, _ = kernels._tile(M, N)

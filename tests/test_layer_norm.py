@@ -1,25 +1,24 @@
 """layer_norm: LayerNorm(x + x_bias + residual), forward and backward, against a float64 reference.
 
-Every backend that can run here is judged by the same tests: "torch" and, on CPU, "triton" under the
-interpreter; the `gpu` variants run the same cases on CUDA tensors (triton, and cuda when built).
-Rule (tests/_tol.py): max|ours - ref64| <= 2 * max|torch in x's dtype - ref64| + floor.
+Every backend that can run here is judged by the same tests (conftest's BACKEND_CASES): "torch"; on CPU
+"triton" under the interpreter and "cuda" through the emulation (`cuda_emulated`); the `gpu` variants
+run the same cases on CUDA tensors.
+Rule (roberta_fast.testing): max|ours - ref64| <= 2 * max|torch in x's dtype - ref64| + floor.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _tol import assert_rule
-from conftest import kernel_backends
+from conftest import BACKEND_CASES, KERNEL_CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from roberta_fast import reference
-from roberta_fast.ops import BackendUnavailableError, _dispatch, layer_norm
+from roberta_fast import backends, reference
+from roberta_fast.ops import BackendUnavailableError, layer_norm
+from roberta_fast.testing import assert_rule
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-CASES = [("cpu", b) for b in ["torch"] + kernel_backends("cpu")] + [
-    pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ["torch"] + kernel_backends("cuda")]
-KERNEL_CASES = [c for c in CASES if (c.values[1] if hasattr(c, "values") else c[1]) != "torch"]
+CASES = BACKEND_CASES
 NAMES = ("x", "weight", "bias", "residual", "x_bias")
 
 
@@ -305,14 +304,21 @@ def test_unknown_backend():
 
 
 def test_cuda_backend_missing(monkeypatch):
-    monkeypatch.setattr(_dispatch, "cuda_built", lambda: False)
-    _bad("ROBERTA_FAST_CUDA=1", BackendUnavailableError, backend="cuda")
+    monkeypatch.setattr(backends, "cuda_built", lambda: False)
+    monkeypatch.setattr(backends, "emulation_built", lambda: False)
+    monkeypatch.setenv("ROBERTA_FAST_CUDA_EMULATE", "0")
+    _bad("ROBERTA_FAST_CUDA=1 pip install", BackendUnavailableError, backend="cuda")
+    monkeypatch.setenv("ROBERTA_FAST_CUDA_EMULATE", "1")  # CPU tensors then need the emulated build
+    _bad(r"roberta_fast._C_emu, which was not built: reinstall", BackendUnavailableError, backend="cuda")
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_kernel_backend_rejects_too_wide_rows(device, backend):
-    x = torch.randn(2, 8193, device=device)
-    with pytest.raises(ValueError, match="N <= 8192"):
+    max_n = getattr(backends.implementation(backend, "layer_norm"), "MAX_N", None)
+    if max_n is None:
+        pytest.skip(f"backend {backend!r} takes rows of any width")
+    x = torch.randn(2, max_n + 1, device=device)
+    with pytest.raises(ValueError, match=f"N <= {max_n}"):
         layer_norm(x, None, None, backend=backend)
     # the automatic choice falls back instead of raising
     assert layer_norm(x, None, None).shape == x.shape

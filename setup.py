@@ -14,8 +14,20 @@ CUDA extension roberta_fast._C (csrc/): built with nvcc through ninja when nvcc 
   ROBERTA_FAST_CUDA_BUILD_DIR  where the objects and build.ninja live (default build/csrc)
 The build log with every kernel's ptxas report (registers, spills) is kept beside the module as
 roberta_fast/_C_build.log; tests/test_cuda_build.py reads it.
+
+Emulated extension roberta_fast._C_emu (csrc/ again, compiled by the host C++ compiler with -DRF_EMULATE
+against the emulation layer in csrc/emu/; docs/cuda_emulation.md): runs every CUDA C++ kernel on CPU
+tensors, for tests. Needs only a C++17 compiler, pybind11 and ninja, so it builds on any CI machine.
+  ROBERTA_FAST_CUDA_EMULATE_BUILD=0  skip it
+  ROBERTA_FAST_CUDA_EMULATE_BUILD=1  require it: a missing compiler or a failed build is an error
+  (unset)                            build it; a failure is an error in a checkout (editable or in-place
+                                     builds: development and CI, where it means csrc/ is broken), and
+                                     one line and a normal finish when building a wheel for a user
+  ROBERTA_FAST_CUDA_EMULATE_BUILD_DIR  objects and build.ninja (default build/csrc_emu); incremental
+The build itself lives in csrc/emu/build.py (also used by the tests for the ASan and planted-bug builds).
 """
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -38,6 +50,7 @@ CXX_FLAGS = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wex
 # persistent, so a re-install only recompiles what changed (ROBERTA_FAST_CUDA_BUILD_DIR moves it)
 BUILD_DIR = Path(os.environ.get("ROBERTA_FAST_CUDA_BUILD_DIR") or ROOT / "build" / "csrc").resolve()
 LOG_NAME = "_C_build.log"  # the compile commands and ptxas reports, kept beside the module
+EMU_BUILD_DIR = Path(os.environ.get("ROBERTA_FAST_CUDA_EMULATE_BUILD_DIR") or ROOT / "build" / "csrc_emu").resolve()
 
 
 def _cuda_mode():
@@ -49,6 +62,25 @@ def _cuda_mode():
     if v in ("1", "true", "yes", "on"):
         return "on"
     raise SystemExit(f"ROBERTA_FAST_CUDA must be 0 or 1 (or unset), got {v!r}")
+
+
+def _emu_mode():
+    v = os.environ.get("ROBERTA_FAST_CUDA_EMULATE_BUILD", "").strip().lower()
+    if v in ("", "auto"):
+        return "auto"
+    if v in ("0", "false", "no", "off"):
+        return "off"
+    if v in ("1", "true", "yes", "on"):
+        return "on"
+    raise SystemExit(f"ROBERTA_FAST_CUDA_EMULATE_BUILD must be 0 or 1 (or unset), got {v!r}")
+
+
+def emu_builder():
+    """csrc/emu/build.py, loaded by path (nothing is installed yet when setup.py runs)."""
+    spec = importlib.util.spec_from_file_location("roberta_fast_emu_build", ROOT / "csrc" / "emu" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def find_nvcc():
@@ -164,6 +196,8 @@ class NinjaCudaBuild(build_ext):
             self.extensions = keep
 
     def build_extension(self, ext):
+        if ext.name == "roberta_fast._C_emu":
+            return self._build_emulated(ext)
         if ext.name != "roberta_fast._C":
             return super().build_extension(ext)
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -202,6 +236,20 @@ class NinjaCudaBuild(build_ext):
         if getattr(self, "_to_source", False):
             (ROOT / "roberta_fast" / LOG_NAME).write_text(log)
 
+    def _build_emulated(self, ext):
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        try:
+            built = emu_builder().build(EMU_BUILD_DIR)
+        except Exception as e:  # noqa: BLE001
+            if _emu_mode() == "on" or getattr(self, "_to_source", False):
+                raise RuntimeError(f"roberta_fast: the emulated build roberta_fast._C_emu failed: {e}\n(set "
+                                   "ROBERTA_FAST_CUDA_EMULATE_BUILD=0 to skip it)") from e
+            self._failed.add(ext.name)
+            print(f"roberta_fast: emulated build failed ({e}); continuing without roberta_fast._C_emu")
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, out)
+
 
 class BuildPy(build_py):
     """The wheel leaves out the pytest-benchmark entry of benchmarks/ (test_*.py, conftest.py): it runs
@@ -215,6 +263,30 @@ class BuildPy(build_py):
 
 
 def ext_modules():
+    return cuda_ext_modules() + emu_ext_modules()
+
+
+def emu_ext_modules():
+    mode = _emu_mode()
+    if mode == "off":
+        print("roberta_fast: ROBERTA_FAST_CUDA_EMULATE_BUILD=0, skipping the emulated build roberta_fast._C_emu")
+        return []
+    if not list((ROOT / "csrc").glob("*.cu")) or not (ROOT / "csrc" / "emu" / "build.py").exists():
+        if mode == "on":
+            raise SystemExit("roberta_fast: ROBERTA_FAST_CUDA_EMULATE_BUILD=1 but the sources are not in "
+                             f"{ROOT / 'csrc'}")
+        print("roberta_fast: no csrc/ sources, skipping the emulated build roberta_fast._C_emu")
+        return []
+    if emu_builder().find_cxx() is None:
+        if mode == "on":
+            raise SystemExit("roberta_fast: ROBERTA_FAST_CUDA_EMULATE_BUILD=1 but no host C++ compiler was found "
+                             "(c++, g++, clang++ or CXX)")
+        print("roberta_fast: no host C++ compiler, skipping the emulated build roberta_fast._C_emu")
+        return []
+    return [Extension("roberta_fast._C_emu", sources=[])]
+
+
+def cuda_ext_modules():
     mode = _cuda_mode()
     if mode == "off":
         print("roberta_fast: ROBERTA_FAST_CUDA=0, skipping the CUDA extension (Triton and torch backends only)")

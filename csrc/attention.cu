@@ -45,11 +45,11 @@ void attention_fwd(const AttnFwdParams& p, void* stream_ptr) {
       using Tr = AttnTraits<D>;
       if (p.seqlen > 0 && p.batch > 0 && p.heads > 0) {
         const dim3 grid(ceil_div(p.seqlen, Tr::kBlockM), p.heads, p.batch);
-        attention_fwd_kernel<scalar_t, D><<<grid, Tr::kThreads, 0, stream>>>(p);
+        RF_LAUNCH(grid, Tr::kThreads, 0, stream, attention_fwd_kernel<scalar_t, D>)(p);
         check_launch("attention_fwd_kernel");
       }
       if (p.cu_seqlens != nullptr && p.total_rows > 0) {
-        attention_varlen_tail_kernel<scalar_t><<<128, 256, 0, stream>>>(p);
+        RF_LAUNCH(128, 256, 0, stream, attention_varlen_tail_kernel<scalar_t>)(p);
         check_launch("attention_varlen_tail_kernel");
       }
     });

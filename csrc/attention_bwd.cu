@@ -26,7 +26,7 @@ void launch(const AttnBwdParams& p, cudaStream_t stream) {
                                cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
   }
   const dim3 grid(ceil_div(p.seqlen, Tr::kBlockN), p.heads, p.batch);
-  attention_bwd_kernel<T, D><<<grid, Tr::kThreads, smem, stream>>>(p);
+  RF_LAUNCH(grid, Tr::kThreads, smem, stream, attention_bwd_kernel<T, D>)(p);
   check_launch("attention_bwd_kernel");
 }
 

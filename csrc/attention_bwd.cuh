@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(AttnBwdTraits<D>::kThreads, 2)
 attention_bwd_kernel(const AttnBwdParams p) {
   using Tr = AttnBwdTraits<D>;
   constexpr int BN = Tr::kBlockN, BM = Tr::kBlockM, LD = Tr::kLd, LDS = Tr::kLdS;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  RF_EXTERN_SHARED(unsigned char, smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);  // [BN][LD]
   T* sV = sK + BN * LD;                     // [BN][LD]
   T* sQ = sV + BN * LD;                     // [BM][LD]

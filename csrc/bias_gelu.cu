@@ -21,7 +21,7 @@ template <typename T, int VEC, bool BWD>
 void gelu_launch(const BiasGeluParams& p, cudaStream_t stream) {
   const unsigned int gy = (BWD && p.col_ws != nullptr) ? static_cast<unsigned int>(p.parts) : row_blocks(p.M);
   const dim3 grid(ceil_div(p.N, 32 * VEC), gy);
-  bias_gelu_kernel<T, VEC, BWD><<<grid, dim3(32, kGeluThreadsY), 0, stream>>>(p);
+  RF_LAUNCH(grid, dim3(32, kGeluThreadsY), 0, stream, bias_gelu_kernel<T, VEC, BWD>)(p);
   check_launch(BWD ? "bias_gelu_bwd_kernel" : "bias_gelu_fwd_kernel");
 }
 
@@ -39,7 +39,7 @@ void gelu_run(const BiasGeluParams& p, void* stream_ptr) {
       gelu_launch<scalar_t, 1, BWD>(p, stream);
     }
     if (BWD && p.dbias != nullptr) {
-      bias_gelu_finalize_kernel<scalar_t><<<ceil_div(p.N, 256), 256, 0, stream>>>(p);
+      RF_LAUNCH(ceil_div(p.N, 256), 256, 0, stream, bias_gelu_finalize_kernel<scalar_t>)(p);
       check_launch("bias_gelu_finalize_kernel");
     }
   });

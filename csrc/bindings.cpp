@@ -1,5 +1,9 @@
 // roberta_fast._C: pybind11 bindings of the CUDA launchers in ops.h.
 //
+// The same file builds roberta_fast._C_emu (RF_EMULATE: csrc/ compiled by the host compiler against
+// the emulation layer in csrc/emu/): the same functions, arguments and DTYPES, taking CPU pointers,
+// plus the submodule `emu` (schedules, counters, self-test kernels; csrc/emu/module.cpp).
+//
 // Device pointers are Python ints (tensor.data_ptr(); 0 = absent), sizes and strides are in
 // elements, `stream` is torch.cuda.current_stream().cuda_stream. The GIL is released around
 // every launch; a launch failure raises RuntimeError naming the kernel and the CUDA error, a bad
@@ -14,6 +18,15 @@
 
 namespace py = pybind11;
 
+#ifdef RF_EMULATE
+#define RF_MODULE _C_emu
+namespace rf_emu {
+void bind(py::module_& emu);  // csrc/emu/module.cpp
+}
+#else
+#define RF_MODULE _C
+#endif
+
 namespace {
 
 const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
@@ -25,8 +38,15 @@ using GilFree = py::call_guard<py::gil_scoped_release>;
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(RF_MODULE, m) {
+#ifdef RF_EMULATE
+  m.doc() = "roberta_fast CUDA C++ kernels (csrc/) run on the host through the emulation layer (csrc/emu/): "
+            "CPU pointers, sizes and strides; the stream is ignored";
+  py::module_ emu = m.def_submodule("emu", "the emulation runtime: schedules, counters, self-test kernels");
+  rf_emu::bind(emu);
+#else
   m.doc() = "roberta_fast CUDA C++ kernels (csrc/): raw device pointers, sizes, strides and a CUDA stream";
+#endif
 
   py::dict dtypes;
   dtypes["float16"] = static_cast<int>(rf::kF16);

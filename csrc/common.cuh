@@ -2,9 +2,21 @@
 // conversions, 16-byte vector loads/stores, warp/block reductions and the launch check.
 #pragma once
 
+#ifdef RF_EMULATE
+// the emulated build (roberta_fast._C_emu): host stand-ins for the CUDA headers and built-ins
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// Every launch goes through RF_LAUNCH(grid, block, smem, stream, kernel)(args), which is
+// kernel<<<grid, block, smem, stream>>>(args) here and a call into the emulation runtime in the
+// emulated build; dynamic shared memory is declared with RF_EXTERN_SHARED(T, name), which is
+// extern __shared__ T name[] here (16-byte aligned).
+#define RF_LAUNCH(GRID, BLOCK, SMEM, STREAM, ...) __VA_ARGS__<<<GRID, BLOCK, SMEM, STREAM>>>
+#define RF_EXTERN_SHARED(T, NAME) extern __shared__ __align__(16) T NAME[]
+#endif
 
 #include <cstdint>
 #include <stdexcept>
@@ -12,6 +24,12 @@
 #include <type_traits>
 
 #include "ops.h"
+
+#ifdef RF_EMULATE
+#define RF_MODULE_NAME "_C_emu"
+#else
+#define RF_MODULE_NAME "_C"
+#endif
 
 namespace rf {
 
@@ -44,7 +62,7 @@ namespace rf {
 inline void check_launch(const char* kernel) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("roberta_fast._C: kernel ") + kernel + " failed to launch: " +
+    throw std::runtime_error(std::string("roberta_fast.") + RF_MODULE_NAME + ": kernel " + kernel + " failed to launch: " +
                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
   }
 }

@@ -45,9 +45,9 @@ void ln_fwd(const LayerNormFwdParams& p, cudaStream_t stream) {
     const dim3 grid(ceil_div(p.M, L::kRows));
     const size_t smem = L::kRows * p.N * sizeof(float);
     if (smem <= kSmemBudget) {
-      layer_norm_fwd_kernel<T, VEC, WARPS, true><<<grid, L::kThreads, smem, stream>>>(p);
+      RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_fwd_kernel<T, VEC, WARPS, true>)(p);
     } else {
-      layer_norm_fwd_kernel<T, VEC, WARPS, false><<<grid, L::kThreads, 0, stream>>>(p);
+      RF_LAUNCH(grid, L::kThreads, 0, stream, layer_norm_fwd_kernel<T, VEC, WARPS, false>)(p);
     }
     check_launch("layer_norm_fwd_kernel");
   });
@@ -61,9 +61,9 @@ void ln_bwd_rows(const LayerNormBwdParams& p, cudaStream_t stream) {
     const dim3 grid(ceil_div(p.M, L::kRows));
     const size_t smem = L::kRows * 2 * p.N * sizeof(float);
     if (smem <= kSmemBudget) {
-      layer_norm_bwd_kernel<T, VEC, WARPS, true><<<grid, L::kThreads, smem, stream>>>(p);
+      RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_bwd_kernel<T, VEC, WARPS, true>)(p);
     } else {
-      layer_norm_bwd_kernel<T, VEC, WARPS, false><<<grid, L::kThreads, 0, stream>>>(p);
+      RF_LAUNCH(grid, L::kThreads, 0, stream, layer_norm_bwd_kernel<T, VEC, WARPS, false>)(p);
     }
     check_launch("layer_norm_bwd_kernel");
   });
@@ -100,9 +100,9 @@ void layer_norm_bwd(const LayerNormBwdParams& p, void* stream_ptr) {
     }
     if (p.dweight == nullptr && p.dbias == nullptr && p.dx_bias == nullptr) return;
     const dim3 grid(ceil_div(p.N, 32), static_cast<unsigned int>(p.parts));
-    layer_norm_bwd_cols_kernel<scalar_t><<<grid, dim3(32, kColThreadsY), 0, stream>>>(p);
+    RF_LAUNCH(grid, dim3(32, kColThreadsY), 0, stream, layer_norm_bwd_cols_kernel<scalar_t>)(p);
     check_launch("layer_norm_bwd_cols_kernel");
-    layer_norm_bwd_finalize_kernel<scalar_t><<<ceil_div(p.N, 256), 256, 0, stream>>>(p);
+    RF_LAUNCH(ceil_div(p.N, 256), 256, 0, stream, layer_norm_bwd_finalize_kernel<scalar_t>)(p);
     check_launch("layer_norm_bwd_finalize_kernel");
   });
 }

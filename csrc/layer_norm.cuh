@@ -44,7 +44,7 @@ template <typename T, int VEC, int WARPS, bool CACHE>
 __global__ void __launch_bounds__(RowLayout<WARPS>::kThreads)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   using L = RowLayout<WARPS>;
-  extern __shared__ float cache[];  // CACHE: (kRows, N) fp32 values of h
+  RF_EXTERN_SHARED(float, cache);  // CACHE: (kRows, N) fp32 values of h
   __shared__ float red[L::kRows * WARPS];
   const int r = threadIdx.x / L::kRowThreads, t = threadIdx.x % L::kRowThreads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * L::kRows + r;
@@ -108,7 +108,7 @@ template <typename T, int VEC, int WARPS, bool CACHE>
 __global__ void __launch_bounds__(RowLayout<WARPS>::kThreads)
 layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   using L = RowLayout<WARPS>;
-  extern __shared__ float cache[];  // CACHE: (kRows, 2, N) fp32 xhat and g
+  RF_EXTERN_SHARED(float, cache);  // CACHE: (kRows, 2, N) fp32 xhat and g
   __shared__ float red[L::kRows * WARPS];
   const int r = threadIdx.x / L::kRowThreads, t = threadIdx.x % L::kRowThreads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * L::kRows + r;

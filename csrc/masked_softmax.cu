@@ -27,7 +27,8 @@ void sm_fwd(const SoftmaxFwdParams& p, cudaStream_t stream) {
     constexpr bool CACHE = decltype(c)::value;
     using L = RowLayout<WARPS>;
     const size_t smem = CACHE ? L::kRows * p.K * sizeof(float) : 0;
-    masked_softmax_fwd_kernel<T, VEC, WARPS, CACHE><<<ceil_div(rows, L::kRows), L::kThreads, smem, stream>>>(p);
+    RF_LAUNCH(ceil_div(rows, L::kRows), L::kThreads, smem, stream,
+              masked_softmax_fwd_kernel<T, VEC, WARPS, CACHE>)(p);
     check_launch("masked_softmax_fwd_kernel");
   });
 }
@@ -40,7 +41,8 @@ void sm_bwd(const SoftmaxBwdParams& p, cudaStream_t stream) {
     constexpr bool CACHE = decltype(c)::value;
     using L = RowLayout<WARPS>;
     const size_t smem = CACHE ? L::kRows * 2 * p.K * sizeof(float) : 0;
-    masked_softmax_bwd_kernel<T, VEC, WARPS, CACHE><<<ceil_div(rows, L::kRows), L::kThreads, smem, stream>>>(p);
+    RF_LAUNCH(ceil_div(rows, L::kRows), L::kThreads, smem, stream,
+              masked_softmax_bwd_kernel<T, VEC, WARPS, CACHE>)(p);
     check_launch("masked_softmax_bwd_kernel");
   });
 }

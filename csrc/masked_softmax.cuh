@@ -46,7 +46,7 @@ template <typename T, int VEC, int WARPS, bool CACHE>
 __global__ void __launch_bounds__(RowLayout<WARPS>::kThreads)
 masked_softmax_fwd_kernel(const SoftmaxFwdParams p) {
   using L = RowLayout<WARPS>;
-  extern __shared__ float cache[];  // CACHE: (kRows, K) fp32 scaled, masked scores, then exp
+  RF_EXTERN_SHARED(float, cache);  // CACHE: (kRows, K) fp32 scaled, masked scores, then exp
   __shared__ float red[L::kRows * WARPS];
   const int r = threadIdx.x / L::kRowThreads, t = threadIdx.x % L::kRowThreads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * L::kRows + r;
@@ -117,7 +117,7 @@ template <typename T, int VEC, int WARPS, bool CACHE>
 __global__ void __launch_bounds__(RowLayout<WARPS>::kThreads)
 masked_softmax_bwd_kernel(const SoftmaxBwdParams p) {
   using L = RowLayout<WARPS>;
-  extern __shared__ float cache[];  // CACHE: (kRows, 2, K) fp32 probs and dprobs
+  RF_EXTERN_SHARED(float, cache);  // CACHE: (kRows, 2, K) fp32 probs and dprobs
   __shared__ float red[L::kRows * WARPS];
   const int r = threadIdx.x / L::kRowThreads, t = threadIdx.x % L::kRowThreads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * L::kRows + r;

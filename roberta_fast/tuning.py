@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from . import backends as registry
-from . import testing
+from . import testing, tuned
 from ._utils import dtype_name
 from .testing import OPS, OpCase, build_case, shape_label
-from .tuned import MODES, bucket, cache_dir, clear, identity, load_entries, reset, save_entries  # noqa: F401
+from .tuned import MODES, cache_dir, clear, load_entries, reset  # noqa: F401  (the CLI's cache commands)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "f16": "float16", "bf16": "bfloat16",
@@ -184,10 +184,10 @@ def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="
                         if log:
                             log(f"[{n}/{total}] {_entry_line(e)}")
     path = None
-    ident = identity(device)
+    ident = tuned.identity(device)
     keep = [e for e in entries if e["order"]]
     if save and keep:
-        path = save_entries(keep, ident)
+        path = tuned.save_entries(keep, ident)
     return TuneResult(entries, path, ident, str(device), smoke, unavailable)
 
 
@@ -253,7 +253,7 @@ def _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed):
 
 def _entry(op, params, dtype, mode, case, times, status) -> dict:
     key = case.key if case is not None else None
-    fixed, tok = bucket(op, key) if key is not None else (None, None)
+    fixed, tok = tuned.bucket(op, key) if key is not None else (None, None)
     order = sorted(times, key=lambda b: (times[b], registry.BACKENDS.index(b)))
     t_torch = times.get("torch")
     return {

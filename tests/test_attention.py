@@ -295,6 +295,17 @@ def test_non_unit_last_stride(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_unaligned_views(device, backend):
+    """q, k, v starting 2 bytes past a 16-byte boundary (a kernel that loads 16 bytes at a time copies)."""
+    dtype, D = _small(device, backend)
+    buf = torch.randn(2 * 9 * 2 * D + 1, device=device).to(dtype)
+    q = buf[1:].view(2, 9, 2, D)
+    assert q.data_ptr() % 16 != 0
+    o = attention(q, q, q, backend=backend)
+    assert_rule(o, reference.attention(q.double(), q.double(), q.double()), reference.attention(q, q, q))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_nan_in_gives_nan_out(device, backend):
     dtype, D = _small(device, backend)
     q, k, v = (torch.randn(1, 20, 2, D, device=device).to(dtype) for _ in range(3))

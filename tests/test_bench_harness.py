@@ -10,11 +10,10 @@ import types
 
 import pytest
 import torch
+from roberta_fast.benchmarks import bench_ops, layers, report
+from roberta_fast.benchmarks import run as bench
 
-from roberta_fast import cli, flops
-
-bench = cli.load_benchmarks()  # benchmarks.run; imports the checkout's benchmarks package
-from benchmarks import bench_ops, layers, report  # noqa: E402
+from roberta_fast import cli, flops, testing
 
 # ----------------------------------------------------------------------------- FLOPs
 
@@ -30,7 +29,7 @@ def test_attention_flops_by_hand():
 
 
 def test_encoder_flops_roberta_base_by_hand():
-    from benchmarks.bench_encoder import make_config
+    from roberta_fast.benchmarks.bench_encoder import make_config
 
     cfg = make_config("roberta-base")
     # per layer: GEMMs 2 * 4096 tokens * (4 * 768^2 + 2 * 768 * 3072) = 57_982_058_496
@@ -134,22 +133,18 @@ def test_eager_layer_measured_matches_the_analytic_list():
 def test_our_layer_measured_has_the_fused_ops():
     """roberta_fast's layer under its Triton backend: one fused LayerNorm per sub-block, one bias+GELU,
     no separate add / gelu / layer_norm aten ops."""
-    try:
-        import roberta_fast
+    from roberta_fast.optimize import optimize
 
-        build = lambda n: roberta_fast.optimize(layers._tiny_models(n, torch.device("cpu"), torch.float32))
-        with layers._env("ROBERTA_FAST_BACKEND", "triton"):
-            ops = layers._per_layer(build, torch.device("cpu"), layers.count_ops)
-    except (ImportError, AttributeError, NotImplementedError) as e:
-        pytest.skip(f"roberta_fast model / kernels not available yet: {e}")
+    build = lambda n: optimize(layers._tiny_models(n, torch.device("cpu"), torch.float32))  # noqa: E731
+    with layers._env("ROBERTA_FAST_BACKEND", "triton"):
+        ops = layers._per_layer(build, torch.device("cpu"), layers.count_ops)
     assert ops.get("roberta_fast::layer_norm_fwd") == 2, ops
     assert ops.get("roberta_fast::bias_gelu_fwd") == 1, ops
     for unfused in ("native_layer_norm", "gelu", "_softmax", "bmm", "clone", "add"):
         assert unfused not in ops, ops
-    if "roberta_fast::attention_varlen_fwd" in ops:  # all kernels landed: exactly the analytic list
-        assert ops == {"addmm": 1, "mm": 3, "roberta_fast::attention_varlen_fwd": 1,
-                       "roberta_fast::layer_norm_fwd": 2, "roberta_fast::bias_gelu_fwd": 1}, ops
-        assert sum(ops.values()) == len(flops.layer_kernels("roberta_fast", **SMALL)) == 8
+    assert ops == {"addmm": 1, "mm": 3, "roberta_fast::attention_varlen_fwd": 1,
+                   "roberta_fast::layer_norm_fwd": 2, "roberta_fast::bias_gelu_fwd": 1}, ops
+    assert sum(ops.values()) == len(flops.layer_kernels("roberta_fast", **SMALL)) == 8
 
 
 # ----------------------------------------------------------------------------- grids and cases
@@ -163,26 +158,31 @@ def test_shape_grids():
     assert {p["seqlen"] for op, p in full if "seqlen" in p} == {128, 512}
     assert {p["heads"] for op, p in full if "heads" in p} == {12, 16}
     quick = bench_ops.shape_grid("quick")
-    for op in bench_ops.OPS:
+    for op in testing.OPS:
         assert 1 <= sum(1 for o, _ in quick if o == op) <= 2
+    # the tuner's grids: every power of two of tokens, one quick shape
+    assert {p["tokens"] for _, p in testing.shape_grid("tune")} == {4096, 8192, 16384, 32768, 65536}
+    assert {p["tokens"] for _, p in testing.shape_grid("tune-quick")} == {32768}
+    with pytest.raises(ValueError, match="unknown shape grid"):
+        testing.shape_grid("huge")
 
 
-@pytest.mark.parametrize("op", bench_ops.OPS)
+@pytest.mark.parametrize("op", testing.OPS)
 def test_case_eager_matches_float64_reference(op):
     """The eager baseline computes the same math as the op (so speedups compare like with like)."""
     (_, p), = bench_ops.shape_grid("check", [op])
-    case = bench_ops.build_case(op, p, torch.float32, torch.device("cpu"))
-    ref = case.ref64(**{k: v.double() for k, v in case.inputs.items()})
-    for fn in (case.eager, lambda **kw: case.ours("torch", **kw)) + ((case.sdpa,) if case.sdpa else ()):
-        out = fn(**case.inputs)
+    case = testing.build_case(op, p, torch.float32, torch.device("cpu"))
+    ref = bench_ops.reference_output(case)
+    for fn in (case.eager, lambda i: case.run("torch", i)) + ((case.sdpa,) if case.sdpa else ()):
+        out = fn(case.inputs)
         assert out.shape == ref.shape
-        err = bench_ops.max_err(out, ref)
+        err = testing.max_abs_err(out, ref)
         assert err < 1e-5, f"{op}: max err {err:.3e} against float64"
 
 
 def test_varlen_lengths_seeded_and_exact():
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    a, b = bench_ops._seqlens(g1, 1000, 128), bench_ops._seqlens(g2, 1000, 128)
+    a, b = testing.uniform_lengths(g1, 1000, 128), testing.uniform_lengths(g2, 1000, 128)
     assert a == b and sum(a) == 1000 and max(a) <= 128 and min(a[:-1]) >= 25
 
 

@@ -313,6 +313,14 @@ def test_cuda_backend_missing(monkeypatch):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_CASES)
+def test_rows_wider_than_8192(device, backend, poison_empty):
+    """A backend without a row limit (no MAX_N) takes very wide rows, every input at once."""
+    if getattr(backends.implementation(backend, "layer_norm"), "MAX_N", None) is not None:
+        pytest.skip(f"backend {backend!r} has a row limit (test_kernel_backend_rejects_too_wide_rows)")
+    _check(_make(2, 13000, torch.float16, device, param_dtype=torch.float32), backend)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_CASES)
 def test_kernel_backend_rejects_too_wide_rows(device, backend):
     max_n = getattr(backends.implementation(backend, "layer_norm"), "MAX_N", None)
     if max_n is None:

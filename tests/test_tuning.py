@@ -1,5 +1,5 @@
-"""roberta_fast.tuning: selection by measurement, the verification veto, bucketing, the cache files and
-the lookup the op dispatch makes.
+"""roberta_fast.tuning (selection by measurement, the verification veto) and roberta_fast.tuned (bucketing,
+the cache files, the lookup the backend registry makes).
 
 Runs on CPU: fake timers (a parameter of `tune`) decide who is fastest, the Triton interpreter runs the
 real kernels for the verification, and a fake CUDA identity stands in for a GPU where the lookup needs
@@ -12,15 +12,15 @@ import os
 import pytest
 import torch
 
-from roberta_fast import tuning
-from roberta_fast.ops import _dispatch
+from roberta_fast import backends, testing, tuned, tuning
+from roberta_fast.ops import _checks
 
 CUDA0 = torch.device("cuda", 0)
-FAKE_ID = {"schema": tuning.SCHEMA, "gpu": "Fake GPU 80GB HBM3", "capability": "9.0", "driver": "12.4",
+FAKE_ID = {"schema": tuned.SCHEMA, "gpu": "Fake GPU 80GB HBM3", "capability": "9.0", "driver": "12.4",
            "torch": "2.11.0", "torch_cuda": "12.8", "triton": "3.6.0", "roberta_fast": "0.1.0", "cuda_ext": True,
            "code": "0123456789abcdef", "triton_interpret": False}
 SMALL = {"layer_norm": {"tokens": 8, "hidden": 24}, "bias_gelu": {"tokens": 8, "n": 16}}
-needs_interpreter = pytest.mark.skipif(not _dispatch.triton_can_run(torch.device("cpu")),
+needs_interpreter = pytest.mark.skipif(not backends.can_run("triton", torch.device("cpu")),
                                        reason="needs TRITON_INTERPRET=1 and triton (the CPU runs)")
 
 
@@ -30,16 +30,22 @@ def _clean(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBERTA_FAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("ROBERTA_FAST_TUNING", raising=False)
     monkeypatch.delenv("ROBERTA_FAST_BACKEND", raising=False)
-    tuning.reset()
+    tuned.reset()
     yield
-    tuning.reset()
+    tuned.reset()
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Every device reports FAKE_ID, so a table saved for it is what lookups on cuda:0 read."""
-    monkeypatch.setattr(tuning, "identity", lambda device: dict(FAKE_ID))
+    monkeypatch.setattr(tuned, "identity", lambda device: dict(FAKE_ID))
     return FAKE_ID
+
+
+def first(op, key, device=CUDA0, mode="fwd"):
+    """The fastest backend the cache holds for this exact bucket and mode (None: nothing measured)."""
+    order = tuned.lookup(op, key, device, mode)
+    return order[0] if order else None
 
 
 def fake_timer(ms: dict):
@@ -73,13 +79,13 @@ def test_round_log2_and_ceil_pow2():
 
     for n in list(range(0, 3000)) + [4095, 4096, 5792, 5793, 65535, 65536, 92681, 92682]:
         want = 0 if n <= 1 else round(__import__("math").log2(n) - 1e-12)
-        assert tuning._round_log2(n) == tuning._round_log2(Sym(n)) == want, n
-    assert [tuning._ceil_pow2(n) for n in (0, 1, 2, 3, 97, 128, 129, 512, 513)] == [1, 1, 2, 4, 128, 128, 256,
+        assert tuned.round_log2(n) == tuned.round_log2(Sym(n)) == want, n
+    assert [tuned.ceil_pow2(n) for n in (0, 1, 2, 3, 97, 128, 129, 512, 513)] == [1, 1, 2, 4, 128, 128, 256,
                                                                                     512, 1024]
 
 
-def test_bucket_covers_neighbours_and_keeps_exact_fields():
-    b = tuning.bucket
+def test_bucket_rounds_sizes_and_keeps_exact_fields():
+    b = tuned.bucket
     assert b("layer_norm", (4096, 768, "float16")) == ((768, "float16"), 12)
     assert b("layer_norm", (5000, 768, "float16")) == b("layer_norm", (3000, 768, "float16"))
     assert b("layer_norm", (4096, 1024, "float16"))[0] != b("layer_norm", (4096, 768, "float16"))[0]
@@ -95,16 +101,28 @@ def test_bucket_covers_neighbours_and_keeps_exact_fields():
     assert b("not_an_op", (1, 2)) is None
 
 
-def test_op_keys_match_what_the_ops_pass(monkeypatch):
-    """The key a tuning case records is exactly the tune_key its op hands to the dispatch."""
+def test_op_keys_and_modes_match_what_the_ops_pass(monkeypatch):
+    """The key a tuning case records is exactly the tune_key its op hands to the registry, and the mode is
+    "train" exactly when the op's inputs need gradients under grad mode."""
     seen = []
-    monkeypatch.setattr(_dispatch, "_tuned_choice", lambda op, key, device: seen.append((op, key)))
+    monkeypatch.setattr(tuned, "lookup", lambda op, key, device, mode: seen.append((op, key, mode)))
     for op, params in tuning.default_shapes(device="cpu"):
-        case = tuning.build_case(op, params, torch.float16, "cpu")
+        case = testing.build_case(op, params, torch.float16, "cpu")
         seen.clear()
         with torch.no_grad():
             case.run(None, case.inputs)
-        assert seen == [(op, case.key)], (op, seen, case.key)
+        assert seen == [(op, case.key, "fwd")], (op, seen, case.key)
+        seen.clear()
+        leaves = {k: (v.detach().requires_grad_() if k in case.leaves else v) for k, v in case.inputs.items()}
+        case.run(None, leaves)
+        assert seen == [(op, case.key, "train")], (op, seen)
+
+
+def test_train_mode_needs_grad_mode_and_an_input_that_requires_grad():
+    x, w = torch.zeros(2, requires_grad=True), torch.zeros(2)
+    assert _checks.train_mode(x, None) == "train" and _checks.train_mode(w, None) == "fwd"
+    with torch.no_grad():
+        assert _checks.train_mode(x) == "fwd"
 
 
 # ------------------------------------------------------------------------------------- selection
@@ -133,18 +151,18 @@ def test_fastest_verified_backend_wins(times, winner):
 def test_a_wrong_answer_never_wins(monkeypatch, mode):
     """triton is made 100x 'faster' but subtly wrong (forward, or only the backward in train mode):
     it is rejected and torch wins."""
-    import roberta_fast.kernels.gelu as kgelu
+    import roberta_fast.kernels.bias_gelu as kgelu
 
     if mode == "fwd":
-        real = kgelu.bias_gelu_fwd
-        monkeypatch.setattr(kgelu, "bias_gelu_fwd", lambda x, b, a: real(x, b, a) * 1.01)
+        real = kgelu.forward
+        monkeypatch.setattr(kgelu, "forward", lambda x, b, a: real(x, b, a) * 1.01)
     else:
-        real = kgelu.bias_gelu_bwd
+        real = kgelu.backward
 
         def wrong_bwd(dy, x, b, a):
             dx, db = real(dy, x, b, a)
             return dx.flip(0), db
-        monkeypatch.setattr(kgelu, "bias_gelu_bwd", wrong_bwd)
+        monkeypatch.setattr(kgelu, "backward", wrong_bwd)
     timer = fake_timer({"torch": 1.0, "triton": 0.01})
     res = tuning.tune(ops=["bias_gelu"], shapes=[("bias_gelu", SMALL["bias_gelu"])], dtypes=["fp16"],
                       device="cpu", modes=(mode,), timer=timer, save=False)
@@ -157,10 +175,10 @@ def test_a_wrong_answer_never_wins(monkeypatch, mode):
 
 @needs_interpreter
 def test_nan_output_and_crashes_never_win(monkeypatch):
-    import roberta_fast.kernels.gelu as kgelu
+    import roberta_fast.kernels.bias_gelu as kgelu
     import roberta_fast.kernels.layer_norm as kln
 
-    real = kgelu.bias_gelu_fwd
+    real = kgelu.forward
 
     def nan_fwd(x, b, a):
         y = real(x, b, a)
@@ -170,8 +188,8 @@ def test_nan_output_and_crashes_never_win(monkeypatch):
     def boom(*a):
         raise RuntimeError("illegal instruction (simulated)")
 
-    monkeypatch.setattr(kgelu, "bias_gelu_fwd", nan_fwd)
-    monkeypatch.setattr(kln, "layer_norm_fwd", boom)
+    monkeypatch.setattr(kgelu, "forward", nan_fwd)
+    monkeypatch.setattr(kln, "forward", boom)
     res = tuning.tune(ops=["bias_gelu", "layer_norm"], shapes=list(SMALL.items()), dtypes=["fp16"],
                       device="cpu", timer=fake_timer({"torch": 1.0, "triton": 0.01}), save=False)
     by_op = {e["op"]: e for e in res.entries}
@@ -211,195 +229,180 @@ def test_cache_round_trip_and_lookup(fake_gpu):
     timer = fake_timer({"torch": 2.0, "triton": 1.0})
     res = tuning.tune(ops=["bias_gelu"], shapes=[("bias_gelu", SMALL["bias_gelu"])], dtypes=["fp16"],
                       device="cpu", timer=timer, save=True)
-    path = tuning.cache_path(FAKE_ID)
-    assert res.path == path and path.is_file() and path.parent == tuning.cache_dir()
+    path = tuned.cache_path(FAKE_ID)
+    assert res.path == path and path.is_file() and path.parent == tuned.cache_dir()
     assert not list(path.parent.glob("*.tmp"))  # the atomic write left no temporary behind
     doc = json.loads(path.read_text())
-    assert doc["schema"] == tuning.SCHEMA and doc["identity"] == FAKE_ID
+    assert doc["schema"] == tuned.SCHEMA and doc["identity"] == FAKE_ID
     assert [e["winner"] for e in doc["entries"]] == ["triton"]
-    assert tuning.load_entries(CUDA0) == (path, doc["entries"])
-    with torch.no_grad():
-        assert tuning.lookup_backend("bias_gelu", (8, 16, "float16"), CUDA0) == "triton"
-        assert tuning.lookup_backend("bias_gelu", (11, 16, "float16"), CUDA0) == "triton"  # same bucket
-        assert tuning.lookup_backend("bias_gelu", (16, 16, "float16"), CUDA0) == "triton"  # a neighbour
-        assert tuning.lookup_backend("bias_gelu", (64, 16, "float16"), CUDA0) is None  # too far
-        assert tuning.lookup_backend("bias_gelu", (8, 32, "float16"), CUDA0) is None  # another width
-        assert tuning.lookup_backend("bias_gelu", (8, 16, "bfloat16"), CUDA0) is None  # another dtype
-        assert tuning.lookup_backend("layer_norm", (8, 16, "float16"), CUDA0) is None  # another op
+    assert tuned.load_entries(CUDA0) == (path, doc["entries"])
+    assert tuned.lookup("bias_gelu", (8, 16, "float16"), CUDA0) == ("triton", "torch")
+    assert first("bias_gelu", (11, 16, "float16")) == "triton"  # same bucket
+    assert first("bias_gelu", (16, 16, "float16")) is None  # the next bucket: nothing is borrowed
+    assert first("bias_gelu", (8, 16, "float16"), mode="train") is None  # another mode
+    assert first("bias_gelu", (8, 32, "float16")) is None  # another width
+    assert first("bias_gelu", (8, 16, "bfloat16")) is None  # another dtype
+    assert first("layer_norm", (8, 16, "float16")) is None  # another op
     # a second tune merges: the first op's entry stays, the new one joins
     tuning.tune(ops=["layer_norm"], shapes=[("layer_norm", SMALL["layer_norm"])], dtypes=["fp16"], device="cpu",
                 timer=fake_timer({"torch": 1.0, "triton": 2.0}), save=True)
     doc = json.loads(path.read_text())
     assert sorted((e["op"], e["winner"]) for e in doc["entries"]) == [("bias_gelu", "triton"),
                                                                      ("layer_norm", "torch")]
-    with torch.no_grad():
-        assert tuning.lookup_backend("layer_norm", (8, 24, "float16"), CUDA0) == "torch"
+    assert first("layer_norm", (8, 24, "float16")) == "torch"
 
 
 def test_lookup_reads_the_file_once(fake_gpu, monkeypatch):
-    tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["triton", "torch"])], FAKE_ID)
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["triton", "torch"])], FAKE_ID)
     calls = []
-    real = tuning._read_entries
-    monkeypatch.setattr(tuning, "_read_entries", lambda *a: calls.append(1) or real(*a))
-    with torch.no_grad():
-        for _ in range(50):
-            assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) == "triton"
+    real = tuned.read_entries
+    monkeypatch.setattr(tuned, "read_entries", lambda *a: calls.append(1) or real(*a))
+    for _ in range(50):
+        assert first("layer_norm", (4096, 768, "float16")) == "triton"
     assert len(calls) == 1
 
 
 def test_file_name_per_gpu_and_versions():
-    ident = tuning.identity("cpu")
-    assert set(FAKE_ID) == set(ident) and ident["schema"] == tuning.SCHEMA
-    assert ident["cuda_ext"] == _dispatch.cuda_built() and ident["gpu"] == "cpu"
-    base = tuning.cache_path(FAKE_ID)
+    ident = tuned.identity("cpu")
+    assert set(FAKE_ID) == set(ident) and ident["schema"] == tuned.SCHEMA
+    assert ident["cuda_ext"] == backends.cuda_built() and ident["gpu"] == "cpu"
+    base = tuned.cache_path(FAKE_ID)
     assert base.name.startswith("tuning_Fake-GPU-80GB-HBM3_sm90_") and base.suffix == ".json"
     changes = {"gpu": "NVIDIA A100-SXM4-80GB", "capability": "8.0", "driver": "12.8", "torch": "2.12.0",
                "torch_cuda": "13.0", "triton": "3.7.0", "roberta_fast": "0.2.0", "cuda_ext": False,
                "code": "fedcba9876543210", "schema": "roberta_fast.tuning/2"}
     paths = {base}
     for field, value in changes.items():
-        p = tuning.cache_path(dict(FAKE_ID, **{field: value}))
+        p = tuned.cache_path(dict(FAKE_ID, **{field: value}))
         assert p not in paths, field
         paths.add(p)
-    assert tuning.cache_path(dict(FAKE_ID)) == base  # the same identity, the same file
+    assert tuned.cache_path(dict(FAKE_ID)) == base  # the same identity, the same file
 
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "corrupt"),
     ("[1, 2, 3]", "schema"),
     (json.dumps({"schema": "someone_else/7", "entries": []}), "schema"),
-    (json.dumps({"schema": tuning.SCHEMA, "identity": dict(FAKE_ID, gpu="Other GPU"), "entries": []}),
+    (json.dumps({"schema": tuned.SCHEMA, "identity": dict(FAKE_ID, gpu="Other GPU"), "entries": []}),
      "another GPU"),
-    (json.dumps({"schema": tuning.SCHEMA, "identity": FAKE_ID, "entries": [{"op": "layer_norm"}]}), "malformed"),
-    (json.dumps({"schema": tuning.SCHEMA, "identity": FAKE_ID,
+    (json.dumps({"schema": tuned.SCHEMA, "identity": FAKE_ID, "entries": [{"op": "layer_norm"}]}), "malformed"),
+    (json.dumps({"schema": tuned.SCHEMA, "identity": FAKE_ID,
                  "entries": [entry("layer_norm", (768, "float16"), 12, ["rocm"])]}), "malformed"),
 ])
 def test_corrupt_or_foreign_file_is_ignored_with_a_warning(fake_gpu, content, message):
-    path = tuning.cache_path(FAKE_ID)
+    path = tuned.cache_path(FAKE_ID)
     path.parent.mkdir(parents=True)
     path.write_text(content)
     with pytest.warns(RuntimeWarning, match=message):
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) is None
-    assert tuning.load_entries(CUDA0)[1] == []
+        assert first("layer_norm", (4096, 768, "float16")) is None
+    assert tuned.load_entries(CUDA0)[1] == []
     # a save over it replaces it with a valid file
-    tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch"])], FAKE_ID)
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch"])], FAKE_ID)
     with torch.no_grad():
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) == "torch"
+        assert first("layer_norm", (4096, 768, "float16")) == "torch"
 
 
 def test_a_failing_identity_never_raises(monkeypatch):
     def broken(device):
         raise RuntimeError("no driver")
 
-    monkeypatch.setattr(tuning, "identity", broken)
+    monkeypatch.setattr(tuned, "identity", broken)
     with pytest.warns(RuntimeWarning, match="no driver"):
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) is None
+        assert first("layer_norm", (4096, 768, "float16")) is None
 
 
 def test_clear(fake_gpu):
-    tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch"])], FAKE_ID)
-    other = tuning.cache_path(dict(FAKE_ID, gpu="Other"))
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch"])], FAKE_ID)
+    other = tuned.cache_path(dict(FAKE_ID, gpu="Other"))
     other.write_text("{}")
-    keep = tuning.cache_dir() / "notes.txt"
+    keep = tuned.cache_dir() / "notes.txt"
     keep.write_text("not ours")
     with torch.no_grad():
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) == "torch"
-    removed = tuning.clear()
-    assert sorted(removed) == sorted([tuning.cache_path(FAKE_ID), other]) and keep.exists()
+        assert first("layer_norm", (4096, 768, "float16")) == "torch"
+    removed = tuned.clear()
+    assert sorted(removed) == sorted([tuned.cache_path(FAKE_ID), other]) and keep.exists()
     with torch.no_grad():
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) is None
-    assert tuning.clear() == []
+        assert first("layer_norm", (4096, 768, "float16")) is None
+    assert tuned.clear() == []
 
 
 # ------------------------------------------------------------------------------------- lookup rules
 
 
 def test_env_switch_disables_lookups(fake_gpu, monkeypatch):
-    tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["triton"])], FAKE_ID)
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["triton"])], FAKE_ID)
     with torch.no_grad():
         for off in ("0", "off", "false"):
             monkeypatch.setenv("ROBERTA_FAST_TUNING", off)
-            assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) is None
+            assert first("layer_norm", (4096, 768, "float16")) is None
         monkeypatch.setenv("ROBERTA_FAST_TUNING", "1")
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) == "triton"
+        assert first("layer_norm", (4096, 768, "float16")) == "triton"
 
 
-def test_lookup_never_returns_a_backend_that_cannot_run(fake_gpu, monkeypatch):
-    tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["cuda", "triton", "torch"])], FAKE_ID)
+def test_the_registry_skips_a_tuned_backend_that_cannot_run(fake_gpu, monkeypatch):
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["cuda", "triton", "torch"])], FAKE_ID)
     key = (4096, 768, "float16")
-    with torch.no_grad():
-        monkeypatch.setattr(_dispatch, "cuda_built", lambda: True)
-        assert tuning.lookup_backend("layer_norm", key, CUDA0) == "cuda"
-        monkeypatch.setattr(_dispatch, "cuda_built", lambda: False)  # _C gone since the tuning
-        assert tuning.lookup_backend("layer_norm", key, CUDA0) == "triton"
-        monkeypatch.setattr(_dispatch, "_triton_import_error", lambda: "ImportError: no triton")
-        assert tuning.lookup_backend("layer_norm", key, CUDA0) == "torch"
-    tuning.reset()
-    tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["cuda"])], FAKE_ID)
-    with torch.no_grad():
-        assert tuning.lookup_backend("layer_norm", key, CUDA0) is None  # the default order applies
+    resolve = backends.resolve
+    monkeypatch.setattr(backends, "cuda_built", lambda: True)
+    assert resolve("layer_norm", None, CUDA0, tune_key=key) == "cuda"
+    monkeypatch.setattr(backends, "cuda_built", lambda: False)  # _C gone since the tuning
+    assert resolve("layer_norm", None, CUDA0, tune_key=key) == "triton"
+    monkeypatch.setattr(backends, "triton_import_error", lambda: "ImportError: no triton")
+    assert resolve("layer_norm", None, CUDA0, tune_key=key) == "torch"
 
 
-def test_train_entries_are_preferred_under_grad_mode(fake_gpu):
-    tuning.save_entries([entry("bias_gelu", (3072, "float16"), 12, ["triton"]),
-                         entry("bias_gelu", (3072, "float16"), 12, ["torch"], mode="train"),
-                         entry("layer_norm", (768, "float16"), 12, ["triton"])], FAKE_ID)
-    with torch.no_grad():
-        assert tuning.lookup_backend("bias_gelu", (4096, 3072, "float16"), CUDA0) == "triton"
-    with torch.enable_grad():
-        assert tuning.lookup_backend("bias_gelu", (4096, 3072, "float16"), CUDA0) == "torch"
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), CUDA0) == "triton"  # fwd fallback
+def test_modes_and_mask_kinds_are_never_borrowed(fake_gpu):
+    """A choice applies only where it was measured: its mode ("fwd" / "train") and its mask kind."""
+    tuned.save_entries([entry("bias_gelu", (3072, "float16"), 12, ["triton"]),
+                        entry("bias_gelu", (3072, "float16"), 12, ["torch"], mode="train"),
+                        entry("layer_norm", (768, "float16"), 12, ["triton"]),
+                        entry("attention", (128, 12, 64, "float16", True), 12, ["torch"]),
+                        entry("masked_softmax", (512, "float16", "bool"), 17, ["torch"])], FAKE_ID)
+    assert first("bias_gelu", (4096, 3072, "float16")) == "triton"
+    assert first("bias_gelu", (4096, 3072, "float16"), mode="train") == "torch"
+    assert first("layer_norm", (4096, 768, "float16"), mode="train") is None  # only fwd was measured
+    assert first("attention", (32, 128, 12, 64, "float16", True)) == "torch"
+    assert first("attention", (32, 128, 12, 64, "float16", False)) is None
+    assert first("masked_softmax", (1 << 17, 512, "float16", "bool")) == "torch"
+    assert first("masked_softmax", (1 << 17, 512, "float16", "none")) is None
+    assert first("masked_softmax", (1 << 17, 512, "float16", "additive")) is None
 
 
-def test_another_mask_kind_borrows_the_bucket_when_nothing_closer_was_tuned(fake_gpu):
-    tuning.save_entries([entry("attention", (128, 12, 64, "float16", True), 12, ["torch"]),
-                         entry("masked_softmax", (512, "float16", "bool"), 17, ["torch"])], FAKE_ID)
-    with torch.no_grad():
-        assert tuning.lookup_backend("attention", (32, 128, 12, 64, "float16", False), CUDA0) == "torch"
-        assert tuning.lookup_backend("masked_softmax", (1 << 17, 512, "float16", "none"), CUDA0) == "torch"
-        assert tuning.lookup_backend("masked_softmax", (1 << 17, 512, "float16", "additive"), CUDA0) == "torch"
-    tuning.save_entries([entry("attention", (128, 12, 64, "float16", False), 12, ["triton"])], FAKE_ID)
-    with torch.no_grad():  # the exact kind wins once it is tuned
-        assert tuning.lookup_backend("attention", (32, 128, 12, 64, "float16", False), CUDA0) == "triton"
-        assert tuning.lookup_backend("attention", (32, 128, 12, 64, "float16", True), CUDA0) == "torch"
-
-
-def test_resolve_backend_uses_the_tuned_choice(fake_gpu, monkeypatch):
-    monkeypatch.setattr(_dispatch, "cuda_built", lambda: True)
+def test_resolve_uses_the_tuned_choice(fake_gpu, monkeypatch):
+    monkeypatch.setattr(backends, "cuda_built", lambda: True)
     key = (4096, 768, "float16")
-    resolve = _dispatch.resolve_backend
-    assert _dispatch._tuning is tuning  # the dispatch imported the tuner
-    with torch.no_grad():
-        assert resolve("layer_norm", None, CUDA0, tune_key=key) == "cuda"  # nothing tuned: the default order
-        tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch", "triton"])], FAKE_ID)
-        assert resolve("layer_norm", None, CUDA0, tune_key=key) == "torch"
-        assert resolve("layer_norm", None, CUDA0, tune_key=(4096, 1024, "float16")) == "cuda"  # not tuned
-        # a tuned backend that cannot take the call (supports says no) falls back to the default order
-        no_torch = lambda b: "no" if b == "torch" else None
-        assert resolve("layer_norm", None, CUDA0, supports=no_torch, tune_key=key) == "cuda"
-        assert resolve("layer_norm", "triton", CUDA0, tune_key=key) == "triton"  # a named backend wins
-        monkeypatch.setenv("ROBERTA_FAST_BACKEND", "triton")
-        assert resolve("layer_norm", None, CUDA0, tune_key=key) == "triton"
-        monkeypatch.delenv("ROBERTA_FAST_BACKEND")
-        monkeypatch.setenv("ROBERTA_FAST_TUNING", "0")
-        assert resolve("layer_norm", None, CUDA0, tune_key=key) == "cuda"
-        # CPU tensors never consult the tuner
-        assert resolve("layer_norm", None, torch.device("cpu"), tune_key=key) == "torch"
+    resolve = backends.resolve
+    assert resolve("layer_norm", None, CUDA0, tune_key=key) == "cuda"  # nothing tuned: the default order
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch", "triton"])], FAKE_ID)
+    assert resolve("layer_norm", None, CUDA0, tune_key=key) == "torch"
+    assert resolve("layer_norm", None, CUDA0, tune_key=key, mode="train") == "cuda"  # train not measured
+    assert resolve("layer_norm", None, CUDA0, tune_key=(4096, 1024, "float16")) == "cuda"  # not tuned
+    # a tuned backend that cannot take the call falls back to the next one, then to the default order
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["triton", "torch"])], FAKE_ID)
+    no_triton = lambda b: "no" if b == "triton" else None  # noqa: E731
+    assert resolve("layer_norm", None, CUDA0, unsupported=no_triton, tune_key=key) == "torch"
+    assert resolve("layer_norm", "cuda", CUDA0, tune_key=key) == "cuda"  # a named backend wins
+    monkeypatch.setenv("ROBERTA_FAST_BACKEND", "cuda")
+    assert resolve("layer_norm", None, CUDA0, tune_key=key) == "cuda"
+    monkeypatch.delenv("ROBERTA_FAST_BACKEND")
+    monkeypatch.setenv("ROBERTA_FAST_TUNING", "0")
+    assert resolve("layer_norm", None, CUDA0, tune_key=key) == "cuda"
+    # CPU tensors never consult the tuner
+    assert resolve("layer_norm", None, torch.device("cpu"), tune_key=key) == "torch"
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_lookup_traces_under_torch_compile(fake_gpu, monkeypatch, dynamic):
     """fullgraph: the lookup (env switch, first file read, bucketing of symbolic sizes) traces without a
     graph break, and the compiled answers are the eager ones."""
-    monkeypatch.setattr(_dispatch, "cuda_built", lambda: True)
-    tuning.save_entries([entry("layer_norm", (768, "float32"), 12, ["triton", "torch"]),
+    monkeypatch.setattr(backends, "cuda_built", lambda: True)
+    tuned.save_entries([entry("layer_norm", (768, "float32"), 12, ["triton", "torch"]),
                          entry("attention", (128, 12, 64, "float32", True), 12, ["torch"])], FAKE_ID)
-    tuning.reset()  # the first read happens inside the traced call
+    tuned.reset()  # the first read happens inside the traced call
 
     def f(x):
-        b1 = _dispatch.resolve_backend("layer_norm", None, CUDA0, tune_key=(x.shape[0], x.shape[1], "float32"))
-        b2 = _dispatch.resolve_backend("attention", None, CUDA0,
-                                       tune_key=(x.shape[0] // 128, 128, 12, 64, "float32", True))
+        b1 = backends.resolve("layer_norm", None, CUDA0, tune_key=(x.shape[0], x.shape[1], "float32"))
+        b2 = backends.resolve("attention", None, CUDA0, tune_key=(x.shape[0] // 128, 128, 12, 64, "float32", True))
         return x + (1.0 if b1 == "triton" else 2.0) + (10.0 if b2 == "torch" else 20.0)
 
     torch._dynamo.reset()
@@ -424,7 +427,7 @@ def test_cli_without_gpu_writes_nothing(monkeypatch, capsys):
     assert len(out) == 1 and "no CUDA GPU" in out[0]
     assert cli.main(["tune", "--device", "cuda"]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
-    assert not tuning.cache_dir().exists()
+    assert not tuned.cache_dir().exists()
     assert cli.main(["tune", "--show"]) == 0
     assert "no CUDA GPU here; 0 tuning file(s)" in capsys.readouterr().out
 
@@ -440,17 +443,17 @@ def test_cli_cpu_smoke_run(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "SMOKE RUN" in out and "NOT a tuning" in out and "nothing written (smoke run)" in out
     assert "bias_gelu" in out and "layer_norm" in out and "winner" in out
-    assert not tuning.cache_dir().exists()
+    assert not tuned.cache_dir().exists()
     assert cli.main(["tune", "--device", "cpu", "--dtypes", "int8"]) == 2
 
 
 def test_cli_clear(fake_gpu, capsys):
     from roberta_fast import cli
 
-    tuning.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch"])], FAKE_ID)
+    tuned.save_entries([entry("layer_norm", (768, "float16"), 12, ["torch"])], FAKE_ID)
     assert cli.main(["tune", "--clear"]) == 0
     assert "removed 1 tuning file(s)" in capsys.readouterr().out
-    assert not list(tuning.cache_dir().glob("tuning_*.json"))
+    assert not list(tuned.cache_dir().glob("tuning_*.json"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -463,7 +466,7 @@ def test_real_quick_tune_on_one_shape():
                       rep_ms=10, warmup_ms=5)
     (e,) = res.entries
     assert e["status"]["torch"] == "ok" and e["status"]["triton"] == "ok", e["status"]
-    if _dispatch.cuda_built():
+    if backends.cuda_built():
         assert e["status"]["cuda"] == "ok", e["status"]
     assert all(t > 0 for t in e["times_ms"].values())
     assert e["winner"] == min(e["times_ms"], key=e["times_ms"].get)
@@ -471,6 +474,5 @@ def test_real_quick_tune_on_one_shape():
     doc = json.loads(res.path.read_text())
     assert doc["identity"]["gpu"] == torch.cuda.get_device_name() and doc["entries"][0]["winner"] == e["winner"]
     dev = torch.device("cuda", torch.cuda.current_device())
-    with torch.no_grad():
-        assert tuning.lookup_backend("layer_norm", (4096, 768, "float16"), dev) == e["winner"]
-        assert _dispatch.resolve_backend("layer_norm", None, dev, tune_key=(4096, 768, "float16")) == e["winner"]
+    assert first("layer_norm", (4096, 768, "float16"), dev) == e["winner"]
+    assert backends.resolve("layer_norm", None, dev, tune_key=(4096, 768, "float16")) == e["winner"]

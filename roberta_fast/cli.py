@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from roberta_fast.benchmarks import run as bench_run
+
 
 def _needs_interpreter_restart(argv) -> bool:
     """On a machine without a GPU, Triton must run under TRITON_INTERPRET=1, which has to be set before
@@ -151,16 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="kernel and encoder benchmarks (JSON, markdown, plots)",
                        description="Benchmarks every op and the encoder against eager PyTorch and the "
                                    "measured hardware ceilings. Without a GPU: the reduced CPU run.")
-    # the options live with the harness; they are declared here too so --help works without a checkout
-    b.add_argument("--quick", action="store_true", help="the small set (what gpu_suite.sh runs)")
-    b.add_argument("--out", metavar="DIR", default=None, help="output directory (default bench_out/<date>_<gpu>)")
-    b.add_argument("--only", metavar="NAME", default=None,
-                   help="comma-separated: kernels, encoder, layers, checks, an op name or a model name")
-    b.add_argument("--time-budget", metavar="SECONDS", type=float, default=None,
-                   help="skip (and say so) what would start after this many seconds")
-    b.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    b.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench_run.add_arguments(b)  # the options live with the harness (its module imports nothing heavy)
     d = sub.add_parser("demo", help="encode sample sentences and check parity with transformers", add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("env", help="versions, GPU and the backends available here")
@@ -205,9 +198,7 @@ def main(argv=None) -> int:
             env = dict(os.environ, TRITON_INTERPRET="1")
             sys.stdout.flush()
             os.execve(sys.executable, [sys.executable, "-m", "roberta_fast.cli", *argv], env)
-        from roberta_fast.benchmarks import run
-
-        return run.run_from_args(args)
+        return bench_run.run_from_args(args)
     return 2
 
 

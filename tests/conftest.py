@@ -62,6 +62,10 @@ BACKEND_CASES = _backend_cases(kernels_only=False)
 KERNEL_CASES = _backend_cases(kernels_only=True)
 
 
+def _short(v):
+    return "x".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
 def with_cases(table: dict, *, kernels_only: bool = False) -> list:
     """BACKEND_CASES (or KERNEL_CASES) times per-device cases: pytest params (device, backend, *case) with the
     backend's marks. `table` maps a device ("cpu", "cuda") or a (device, backend) pair (which wins) to a list
@@ -72,7 +76,7 @@ def with_cases(table: dict, *, kernels_only: bool = False) -> list:
         for case in table.get((device, backend), table.get(device, [])):
             case = case if isinstance(case, tuple) else (case,)
             label = "-".join(str(c).removeprefix("torch.") if not isinstance(c, dict) else
-                             ",".join(f"{k}{v}" for k, v in c.items()) for c in case)
+                             ",".join(f"{k}{_short(v)}" for k, v in c.items()) for c in case)
             out.append(pytest.param(device, backend, *case, marks=param.marks, id=f"{param.id}-{label}"))
     return out
 

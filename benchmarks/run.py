@@ -78,6 +78,8 @@ def parse_only(only) -> dict:
 def run(*, quick: bool = False, out=None, only=None, time_budget: float | None = None, device: str | None = None,
         plots: bool = True, progress: bool = True, echo=print) -> dict:
     t_start = time.monotonic()
+    if device == "cuda" and not _cuda_available():
+        raise ValueError("--device cuda, but no CUDA GPU is visible (leave --device out for the reduced CPU run)")
     dev_type = prepare_environment(device)
     if dev_type == "cpu":
         echo(CPU_NOTE)
@@ -94,7 +96,13 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
         echo(f"roberta_fast bench on {env['gpu']} (driver {env['driver']}, torch {env['torch']}, CUDA "
              f"{env['cuda']}, triton {env['triton']}), {'quick' if quick else 'full'} run")
     out_dir = Path(out) if out else default_out_dir(env)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before any measurement: a run that cannot write its results does not start
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out_dir}: cannot write there ({e.strerror or e})") from None
     budget = Budget(time_budget)
     notes: list[str] = []
     avail = env.get("backends") or {}

@@ -2,7 +2,8 @@
 
     roberta-fast bench [--quick] [--out DIR] [--only NAME] [--time-budget S] [--device cuda|cpu]
     roberta-fast demo [demo options]        (roberta_fast.demo.main)
-    roberta-fast env                        (versions, GPU, which backends can run here)
+    roberta-fast env                        (versions, GPU, which backends can run here; exit 1 when a
+                                            setting such as ROBERTA_FAST_BACKEND is invalid)
     roberta-fast tune [--quick] [--ops ...] [--dtypes ...] [--train] [--show] [--clear] [--device cuda|cpu]
                                             (time every backend per op and shape on this GPU and cache
                                             the fastest verified one: roberta_fast.tuning)
@@ -82,7 +83,11 @@ def cmd_env() -> int:
     print(f"compiled module roberta_fast._C: {'built (' + str(mod.__file__) + ')' if mod else 'not built'}")
     emu = backends.cuda_ops.emulated_module()
     print(f"emulated build roberta_fast._C_emu: {'built (' + str(emu.__file__) + ')' if emu else 'not built'}")
-    default = backends.resolve("layer_norm", None, dev)
+    try:
+        default = backends.resolve("layer_norm", None, dev)
+    except (ValueError, backends.BackendUnavailableError) as e:  # a bad setting is what this command reports
+        print(f"default backend for {dev.type} tensors: none; problem: {e}")
+        return 1
     print(f"default backend for {dev.type} tensors: {default}")
     return 0
 

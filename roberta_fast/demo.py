@@ -101,7 +101,14 @@ def main(argv=None) -> int:
 
     from .model import RobertaModel, count_params, pool
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        print(f"error: --device must be cpu, cuda or cuda:N, got {args.device!r}", file=sys.stderr)
+        return 2
+    if device.type not in ("cpu", "cuda"):
+        print(f"error: --device must be cpu, cuda or cuda:N, got {args.device!r}", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2

@@ -358,3 +358,38 @@ def test_cli_bench_first_line_without_gpu(tmp_path):
     assert report.validate(doc) == [] and doc["env"]["triton_interpret"] is True
     with pytest.raises(SystemExit):
         cli.main(["bench", "--only"])  # argparse: missing value
+
+
+# ----------------------------------------------------------------------------- bad setup: messages, not tracebacks
+
+
+@pytest.mark.parametrize("value", ["garbage", "cuda"])
+def test_cli_env_reports_a_bad_backend_setting(monkeypatch, capsys, value):
+    """The diagnostic command must survive the setup it diagnoses: one problem line and exit status 1."""
+    monkeypatch.setenv("ROBERTA_FAST_BACKEND", value)
+    if value == "cuda":
+        monkeypatch.setenv("ROBERTA_FAST_CUDA_EMULATE", "0")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["env"]) == 1
+    out = capsys.readouterr().out
+    assert "backends on cpu:" in out and "problem: layer_norm:" in out
+    assert ("got 'garbage'" if value == "garbage" else "backend 'cuda'") in out
+
+
+def test_cli_demo_bad_device(capsys):
+    assert cli.main(["demo", "--device", "banana"]) == 2
+    assert "--device must be cpu, cuda or cuda:N, got 'banana'" in capsys.readouterr().err
+
+
+def test_cli_bench_cuda_without_gpu(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--device", "cuda", "--only", "layers", "--out", str(tmp_path)]) == 2
+    assert "--device cuda, but no CUDA GPU is visible" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_bench_unwritable_out(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert cli.main(["bench", "--only", "layers", "--device", "cpu", "--out", str(blocker / "out")]) == 2
+    assert f"--out {blocker / 'out'}: cannot write there" in capsys.readouterr().err

@@ -16,8 +16,9 @@ dq, dk, dv) are read once per block row, so every size worth timing is compute-b
 Padded and varlen share one kernel body and one compiled specialization; runtime arguments say
 how a program finds its sequence:
     padded   (B, S, H, D) tensors: sequence b starts at b * stride_b and has S tokens; the key
-             padding mask (B, S) is loaded per key block and added to the scores as a 0 / -inf
-             bias (without a mask the kernel reads one True through a zero stride);
+             padding mask (B, S) is loaded per key block: K and V rows of padded keys are never read
+             (they count as 0, so NaN or inf there cannot reach a real row) and their scores are -inf
+             (without a mask the kernel reads one True through a zero stride);
     varlen   (T, H, D) tensors (stride_b = 0, is_varlen = 1): sequence b spans tokens
              cu_seqlens[b] .. cu_seqlens[b + 1]; the grid covers max_seqlen rows per sequence and
              programs past a sequence's end exit at once. One extra "sequence" b == n_seq owns the
@@ -72,10 +73,16 @@ def _zero_rows(X, stride_xs, stride_xh, h, seq_start, n_rows, pid, n_prog,
 
 
 @triton.jit
-def _key_bias(mask_base, stride_ms, cols, seq_len):
-    """0 for a real key, -inf for a padded key or a column past the sequence end."""
-    keep = tl.load(mask_base + cols * stride_ms, mask=cols < seq_len, other=0)
-    return tl.where(keep != 0, 0.0, float("-inf"))
+def _key_keep(mask_base, stride_ms, cols, seq_len):
+    """True for a real key; False for a padded key or a column past the sequence end."""
+    return tl.load(mask_base + cols * stride_ms, mask=cols < seq_len, other=0) != 0
+
+
+@triton.jit
+def _load_keys(base, cols, stride, keep, offs_d):
+    """(len(cols), HEAD_DIM) tile of K or V; rows that are not kept are never read and count as 0, so
+    whatever a padded key position holds (NaN, inf) cannot reach a real row."""
+    return tl.load(base + cols[:, None] * stride + offs_d[None, :], mask=keep[:, None], other=0.0)
 
 
 @triton.jit
@@ -102,10 +109,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d)
-        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d)
-        bias = _key_bias(mask_base, stride_ms, cols, seq_len)
-        qk = _mma(q, tl.trans(k), UPCAST) * qk_scale + bias[None, :]  # (BLOCK_M, BLOCK_N), log2 units
+        keep = _key_keep(mask_base, stride_ms, cols, seq_len)
+        k = _load_keys(k_base, cols, stride_ks, keep, offs_d)
+        v = _load_keys(v_base, cols, stride_vs, keep, offs_d)
+        qk = tl.where(keep[None, :], _mma(q, tl.trans(k), UPCAST) * qk_scale, float("-inf"))  # log2 units
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # no real key yet: avoid -inf - -inf
         alpha = tl.exp2(m_i - m_new)
@@ -192,11 +199,11 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, 
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d)
-        v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d)
-        bias = _key_bias(mask_base, stride_ms, cols, seq_len)
+        keep = _key_keep(mask_base, stride_ms, cols, seq_len)
+        k = _load_keys(k_base, cols, stride_ks, keep, offs_d)
+        v = _load_keys(v_base, cols, stride_vs, keep, offs_d)
         qk = _mma(q, tl.trans(k), UPCAST)  # (BLOCK_M, BLOCK_N)
-        p = tl.exp2(qk * qk_scale - lse2[:, None] + bias[None, :])
+        p = tl.exp2(tl.where(keep[None, :], qk * qk_scale - lse2[:, None], float("-inf")))
         dp = _mma(do, tl.trans(v), UPCAST)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = dq + _mma(ds.to(k.dtype), k, UPCAST)
@@ -346,11 +353,11 @@ def _attn_bwd_dkdv(
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = cols < seq_len
-    k = _load_rows(k_base, cols, stride_ks, seq_len, offs_d)
-    v = _load_rows(v_base, cols, stride_vs, seq_len, offs_d)
     # a padded key gets zero gradients; its rows of p are never mixed with other keys' rows, so the
-    # mask is applied once to the result instead of to every p block
-    key_ok = tl.load(MASK + b64 * stride_mb + cols * stride_ms, mask=col_ok, other=0) != 0
+    # mask is applied once to the result instead of to every p block; its K and V are never read
+    key_ok = _key_keep(MASK + b64 * stride_mb, stride_ms, cols, seq_len)
+    k = _load_keys(k_base, cols, stride_ks, key_ok, offs_d)
+    v = _load_keys(v_base, cols, stride_vs, key_ok, offs_d)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)

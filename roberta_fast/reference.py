@@ -63,13 +63,18 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
     """Non-causal softmax(q k^T * scale) v per head.
 
     q, k, v: (batch, seqlen, heads, head_dim); key_padding_mask: bool (batch, seqlen), True = real
-    key. Query rows of a sequence with no real key give zeros. Returns (batch, seqlen, heads, head_dim).
+    key; the K and V rows of padded keys are ignored whatever they hold (NaN, inf). Query rows of a sequence
+    with no real key give zeros. Returns (batch, seqlen, heads, head_dim).
     """
     acc = _acc(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qf, kf, vf = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+        # what a padded key holds never reaches a real row (0 * NaN would): its K and V count as 0
+        kf, vf = (t.masked_fill(~mask.transpose(-1, -2), 0.0) for t in (kf, vf))
     s = torch.matmul(qf, kf.transpose(-1, -2))  # (B, H, Sq, Sk)
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     p = masked_softmax(s, mask, scale)
     o = torch.matmul(p, vf)  # (B, H, Sq, D)
     return o.transpose(1, 2).to(q.dtype)

@@ -364,3 +364,16 @@ def test_property_random_shapes(device, backend, lead, K, dtype, mask_kind, bcas
         keep = _bool_mask(mshape, device)
         mask = keep if mask_kind == "bool" else _additive(keep).to(dtype)
     _check(scores, mask, scale, backend)
+
+
+def test_float_keep_mask_is_refused():
+    """A 0/1 float mask is a keep-mask given as float: as an additive mask it would mask nothing."""
+    s = torch.randn(2, 5)
+    keep = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="float tensor of 0s and 1s.*pass a bool mask"):
+        masked_softmax(s, keep)
+    torch.testing.assert_close(masked_softmax(s, keep.bool()),
+                               torch.softmax(s.masked_fill(keep == 0, float("-inf")), -1))
+    additive = torch.zeros(2, 5)  # all zeros: masks nothing, and says so by being additive
+    torch.testing.assert_close(masked_softmax(s, additive), torch.softmax(s, -1))
+    masked_softmax(s, torch.tensor([0.0, -1e4, 0, 0, 1]))  # a real additive bias: accepted

@@ -103,13 +103,27 @@ def _kernel_path(scores, mask, scale, backend):
     return _fwd(s4, m4, scale, backend).view(scores.shape)
 
 
+def _check_additive(mask):
+    """A float mask is additive (0 keeps, -inf masks). A float mask of 0s and 1s is almost surely a keep-mask
+    given as float, which as additive masks nothing: refuse it. Checked on CPU tensors only (free there;
+    on a GPU it would synchronize) and never under torch.compile."""
+    if mask is None or mask.dtype == torch.bool or mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if mask.numel() and bool(((mask == 0) | (mask == 1)).all()) and bool((mask == 1).any()):
+        raise ValueError(f"{_OP}: mask is a float tensor of 0s and 1s, which as an additive mask masks nothing; "
+                         "pass a bool mask (mask.bool(), True = keep) or an additive one (0 = keep, -inf or "
+                         "finfo.min = masked)")
+
+
 def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     """softmax(scale * scores, masked) over the last dim, with the gradient for scores.
 
     scores   (..., K) float16 / bfloat16 / float32, at least 1-D, any number of leading dims and
              any strides
     mask     None; bool (True = keep); or an additive float mask of any float dtype (added after
-             scaling, e.g. transformers' extended mask (B, 1, 1, K) holding 0 / finfo.min).
+             scaling, e.g. transformers' extended mask (B, 1, 1, K) holding 0 / finfo.min). A float mask
+             of only 0s and 1s is refused with ValueError on CPU tensors (a keep-mask given as float would
+             mask nothing); on GPU tensors it is not checked (that would synchronize).
              Broadcastable to scores: (B, 1, 1, K), (B, H, Q, K), (K,), (1, 1, Q, K), ... A broadcast
              mask is read through stride-0 views, never materialized. The mask gets no gradient.
     scale    Python float applied to the scores before the additive mask
@@ -136,6 +150,7 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python float, got {type(scale).__name__}")
     check_same_device(_OP, scores=scores, mask=mask)
+    _check_additive(mask)
     K = scores.shape[-1]
 
     def unsupported(b):

@@ -44,15 +44,18 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// ROWS x D tile from global (rows `row_stride` apart) into shared [ROWS][kLd]; rows >= valid are
-// zero-filled without reading (`fallback` is any readable address, never dereferenced then).
+// ROWS x D tile from global (rows `row_stride` apart) into shared [ROWS][kLd]; rows >= valid, and
+// rows whose `keep` byte is 0 (padded keys: K and V rows there are never read, they count as 0, so
+// NaN or inf stored at a padded position cannot reach a real row), are zero-filled without reading
+// (`fallback` is any readable address, never dereferenced then).
 template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int valid, const T* fallback) {
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, int valid, const T* fallback,
+                                          const uint8_t* keep = nullptr) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kLd = AttnTraits<D>::kLd;
   for (int i = threadIdx.x; i < ROWS * kChunks; i += AttnTraits<D>::kThreads) {
     const int r = i / kChunks, c = i % kChunks;
-    const bool ok = r < valid;
+    const bool ok = r < valid && (keep == nullptr || keep[r] != 0);
     cp_async_16(s + r * kLd + c * 8, ok ? g + r * row_stride + c * 8 : fallback, ok);
   }
 }
@@ -87,7 +90,7 @@ attention_fwd_kernel(const AttnFwdParams p) {
   const float scale_log2 = p.scale * 1.4426950408889634f;  // exp(x) = exp2(x * log2(e))
 
   load_tile<T, BM, D>(sQ, q + static_cast<int64_t>(m0) * p.q_row_stride, p.q_row_stride, len - m0, q);
-  load_tile<T, BN, D>(sK, k, p.k_row_stride, len, k);
+  load_tile<T, BN, D>(sK, k, p.k_row_stride, len, k, kpm);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
@@ -109,7 +112,8 @@ attention_fwd_kernel(const AttnFwdParams p) {
   const int n_tiles = (len + BN - 1) / BN;
   for (int j = 0; j < n_tiles; ++j) {
     const int n0 = j * BN;
-    load_tile<T, BN, D>(sV, v + static_cast<int64_t>(n0) * p.v_row_stride, p.v_row_stride, len - n0, v);
+    load_tile<T, BN, D>(sV, v + static_cast<int64_t>(n0) * p.v_row_stride, p.v_row_stride, len - n0, v,
+                        kpm == nullptr ? nullptr : kpm + n0);
     cp_async_commit();
 
     // S = Q K^T for 16 rows x BN keys
@@ -169,7 +173,8 @@ attention_fwd_kernel(const AttnFwdParams p) {
     cp_async_wait_all();  // V tile j has landed
     __syncthreads();      // ... for every thread; and every warp is done reading sK
     if (j + 1 < n_tiles) {
-      load_tile<T, BN, D>(sK, k + static_cast<int64_t>(n0 + BN) * p.k_row_stride, p.k_row_stride, len - n0 - BN, k);
+      load_tile<T, BN, D>(sK, k + static_cast<int64_t>(n0 + BN) * p.k_row_stride, p.k_row_stride, len - n0 - BN, k,
+                          kpm == nullptr ? nullptr : kpm + n0 + BN);
       cp_async_commit();
     }
 

@@ -72,8 +72,11 @@ attention_bwd_kernel(const AttnBwdParams p) {
   const int g = lane / 4, c = lane % 4;
   const float scale_log2 = p.scale * 1.4426950408889634f;
 
-  load_tile<T, BN, D>(sK, k + static_cast<int64_t>(n0) * p.k_row_stride, p.k_row_stride, len - n0, k);
-  load_tile<T, BN, D>(sV, v + static_cast<int64_t>(n0) * p.v_row_stride, p.v_row_stride, len - n0, v);
+  // padded keys' K and V rows are zeros (never read): their S^T and dP^T rows are 0, so dS K adds nothing
+  load_tile<T, BN, D>(sK, k + static_cast<int64_t>(n0) * p.k_row_stride, p.k_row_stride, len - n0, k,
+                      kpm == nullptr ? nullptr : kpm + n0);
+  load_tile<T, BN, D>(sV, v + static_cast<int64_t>(n0) * p.v_row_stride, p.v_row_stride, len - n0, v,
+                      kpm == nullptr ? nullptr : kpm + n0);
   cp_async_commit();
 
   // this thread's two key rows: warp * 16 + g and + 8 of the block

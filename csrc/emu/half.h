@@ -1,8 +1,8 @@
 // Host stand-ins for cuda_fp16.h / cuda_bf16.h in the emulated build (RF_EMULATE): the 16-bit
 // storage types and the conversions the kernels use, written from IEEE 754 and the CUDA Math API:
 //   fp32 -> fp16 / bf16 ("_rn", and the plain forms, which CUDA also rounds to nearest): round to
-//   nearest, ties to even, with fp16 subnormals and overflow to +-inf; NaN -> the canonical NaN
-//   0x7fff (what CUDA returns), sign kept.
+//   nearest, ties to even, with fp16 subnormals and overflow to +-inf; any NaN -> the canonical NaN
+//   0x7fff (PTX cvt.rn.{f16,bf16}.f32 returns the canonical NaN; the sign is not kept).
 //   fp16 / bf16 -> fp32: exact.
 // Pure integer arithmetic, so the result does not depend on the host's rounding mode or flags.
 // tests/test_cuda_emulation.py checks every fp16 / bf16 value, every midpoint between two of them
@@ -42,7 +42,7 @@ inline float bits_f32(uint32_t u) {
 inline uint16_t f32_to_f16_bits(uint32_t x) {
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   x &= 0x7fffffffu;
-  if (x > 0x7f800000u) return 0x7fffu | sign;        // NaN
+  if (x > 0x7f800000u) return 0x7fffu;               // NaN: canonical
   if (x >= 0x477ff000u) return 0x7c00u | sign;       // >= 65520 (the tie above 65504): inf
   if (x >= 0x38800000u) {                            // normal fp16 (>= 2^-14): rebias, round 13 bits
     const uint32_t r = x - (112u << 23);
@@ -77,7 +77,7 @@ inline uint32_t f16_bits_to_f32_bits(uint16_t h) {
 
 // fp32 bits -> bf16 bits, round to nearest even (the carry into the exponent gives inf on overflow).
 inline uint16_t f32_to_bf16_bits(uint32_t x) {
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(((x >> 16) & 0x8000u) | 0x7fffu);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;  // NaN: canonical
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 

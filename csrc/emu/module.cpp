@@ -204,6 +204,17 @@ __global__ void big_static_probe_kernel(const BigStaticProbe p) {
   if (threadIdx.x == 0) p.out[0] = big[0] + static_cast<float>(small[0]) + dyn[0];
 }
 
+struct PastEndProbe {
+  int n;
+  float* out;
+};
+
+// reads byte n of an n-byte dynamic shared arena: one past its end (the AddressSanitizer build's canary)
+__global__ void past_end_probe_kernel(const PastEndProbe p) {
+  RF_EXTERN_SHARED(unsigned char, smem);
+  p.out[0] = static_cast<float>(smem[p.n]);
+}
+
 void run_or_raise(const char* name) { rf::check_launch(name); }
 
 }  // namespace
@@ -339,6 +350,15 @@ void bind(py::module_& m) {
       "big_static_probe_kernel (40 KB static shared) with this block, grid.y and dynamic shared memory; "
       "optin >= 0 sets cudaFuncAttributeMaxDynamicSharedMemorySize first",
       py::arg("bx"), py::arg("by"), py::arg("bz"), py::arg("gy"), py::arg("smem"), py::arg("optin"), py::arg("out"));
+  m.def(
+      "read_past_shared",
+      [](int n, uintptr_t out) {
+        RF_LAUNCH(1, 1, static_cast<size_t>(n), nullptr, past_end_probe_kernel)(PastEndProbe{n, as<float>(out)});
+        run_or_raise("past_end_probe_kernel");
+      },
+      "one thread reads byte n of n bytes of dynamic shared memory, one past the end: the AddressSanitizer "
+      "build reports a heap-buffer-overflow (its canary); elsewhere the read goes unnoticed",
+      py::arg("n"), py::arg("out"));
   m.def(
       "static_shared",
       [](const std::string& kernel) {

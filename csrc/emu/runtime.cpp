@@ -235,6 +235,7 @@ Runtime& R() {
 }
 
 constexpr size_t kStackSize = 256 * 1024;
+[[maybe_unused]] constexpr size_t kStackTopFrames = 32 * 1024;  // ASan: the frames that never return
 constexpr unsigned kFull = 0xffffffffu;
 
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
@@ -690,8 +691,9 @@ std::string deadlock_report() {
   return s;
 }
 
-// Runs one block to completion; false after an error (recorded).
-bool run_block() {
+// Runs one block to completion; false after an error (recorded). `descending`: the warp-ahead
+// schedules start from the last warp.
+bool run_block(bool descending) {
   Runtime& r = R();
   const dim3 bd = g_block.dim;
   const int n = static_cast<int>(bd.x * bd.y * bd.z);
@@ -705,7 +707,10 @@ bool run_block() {
       t.stack_size = kStackSize;
     }
 #ifdef RF_EMU_ASAN
-    if (t.stack_dirty) __asan_unpoison_memory_region(t.stack, t.stack_size);
+    // fiber_main, thread_exit and yield_to_scheduler never return, so the redzones of their frames
+    // stay poisoned at the top of the stack; an abandoned fiber (an error) left frames anywhere
+    const size_t clean = t.stack_dirty ? t.stack_size : kStackTopFrames;
+    __asan_unpoison_memory_region(t.stack + t.stack_size - clean, clean);
 #endif
     t.stack_dirty = false;
     t.tid = uint3{i % bd.x, (i / bd.x) % bd.y, i / (bd.x * bd.y)};
@@ -743,7 +748,7 @@ bool run_block() {
         case Schedule::kWarpAhead:
         case Schedule::kWarpAheadReverse:
           for (int k = 0; k < nw && !r.abort; ++k) {
-            const int wi = sched == Schedule::kWarpAhead ? k : nw - 1 - k;
+            const int wi = descending ? nw - 1 - k : k;
             const int lo = 32 * wi, hi = std::min(n, lo + 32);
             for (bool any = true; any && !r.abort;) {
               any = false;
@@ -787,11 +792,11 @@ bool run_block() {
 
 int default_schedule() {
   const char* env = std::getenv("ROBERTA_FAST_EMU_SCHEDULE");
-  if (env == nullptr || *env == '\0') return static_cast<int>(Schedule::kRandom);
+  if (env == nullptr || *env == '\0') return static_cast<int>(Schedule::kWarpAhead);
   for (size_t i = 0; i < kScheduleNames.size(); ++i)
     if (kScheduleNames[i] == env) return static_cast<int>(i);
-  std::fprintf(stderr, "roberta_fast._C_emu: unknown ROBERTA_FAST_EMU_SCHEDULE=%s, using random\n", env);
-  return static_cast<int>(Schedule::kRandom);
+  std::fprintf(stderr, "roberta_fast._C_emu: unknown ROBERTA_FAST_EMU_SCHEDULE=%s, using warp_ahead\n", env);
+  return static_cast<int>(Schedule::kWarpAhead);
 }
 
 void ensure_schedule() {
@@ -960,7 +965,11 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
     g_block.grid = grid;
     for (const StaticVar& v : k->statics) poison(reinterpret_cast<void*>(v.addr), v.size);
     poison(r.dyn, smem);
-    if (!run_block()) break;
+    // warp_ahead alternates the warp order between consecutive blocks (so a launch of two or more
+    // blocks runs both the "producer warp first" and the "consumer warp first" orders); _reverse
+    // starts with the other one
+    const bool descending = ((j & 1u) != 0) != (sched == Schedule::kWarpAheadReverse);
+    if (!run_block(descending)) break;
   }
   std::free(dyn);
   r.dyn = nullptr;

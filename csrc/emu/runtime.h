@@ -11,9 +11,11 @@ namespace rf_emu {
 // How the fibers of a block take turns (each runs until it blocks: barrier, warp collective, exit):
 //   lockstep            thread 0, 1, ..., n-1, 0, 1, ...: every thread advances one step per round,
 //                       so the warps move in lockstep
-//   warp_ahead          warp 0 runs until all its lanes wait at a block barrier (or exited), then
-//                       warp 1, ...; blocks in grid order
-//   warp_ahead_reverse  the same from the last warp down, and the blocks in reverse grid order
+//   warp_ahead          (the default) one warp runs until all its lanes wait at a block barrier (or
+//                       exited), then the next: warps 0, 1, ... in even blocks and from the last warp
+//                       down in odd blocks (the k-th block run), blocks in grid order; a missing
+//                       barrier between warps then shows up whichever warp produces the data
+//   warp_ahead_reverse  the same with the warp orders swapped and the blocks in reverse grid order
 //   random              a seeded random ready thread at every step, blocks in a seeded random order
 //                       (the seed is the same for every launch, so a run is reproducible)
 const std::vector<std::string>& schedules();

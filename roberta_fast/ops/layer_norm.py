@@ -19,42 +19,27 @@ from ._checks import check_param_dtype, check_same_device, check_shape, check_te
 _OP = "layer_norm"
 
 
-def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, backend=None):
+def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dtype=None, backend=None):
     """LayerNorm(x + x_bias + residual) over the last dim, with optional affine weight and bias.
 
     x         (..., N) float16 / bfloat16 / float32, any strides, any number of leading dims
     weight    (N,) x's dtype or float32, or None (no scale)
     bias      (N,) x's dtype or float32, or None (no shift)
     eps       float >= 0, added to the variance
-    residual  (..., N) same shape and dtype as x, or None
+    residual  (..., N) same shape as x and the output's dtype (x's unless out_dtype says otherwise), or None
     x_bias    (N,) x's dtype or float32, or None: a bias added to x before the residual (the bias
               of the GEMM that produced x, fused here)
+    out_dtype None (x's dtype) or float32: float32 with a float16 / bfloat16 x is autocast's float32
+              residual stream (transformers' LayerNorm runs in float32 under autocast): x (the GEMM output
+              in the autocast dtype) is upcast inside the op and the residual must be float32
     backend   None (automatic), "torch", "triton" or "cuda"
-    returns   (..., N) x's dtype. Statistics and arithmetic in float32; differentiable in x,
-              residual, weight, bias and x_bias (gradients in each tensor's own dtype).
+    returns   (..., N) out_dtype (x's dtype by default). Statistics and arithmetic in float32;
+              differentiable in x, residual, weight, bias and x_bias (gradients in each tensor's own dtype).
     """
-    check_tensor(_OP, "x", x, ndim_min=1)
+    _check_args(x, weight, bias, eps, residual, x_bias, out_dtype)
     N = x.shape[-1]
-    params = (("weight", weight), ("bias", bias), ("x_bias", x_bias))
-    for name, p in params:
-        if p is not None:
-            check_tensor(_OP, name, p)
-    if residual is not None:
-        check_tensor(_OP, "residual", residual)
-    check_same_device(_OP, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
-    for name, p in params:
-        check_shape(_OP, name, p, (N,))
-        check_param_dtype(_OP, name, p, x)
-    if residual is not None:
-        check_shape(_OP, "residual", residual, tuple(x.shape))
-        if residual.dtype != x.dtype:
-            raise TypeError(f"{_OP}: residual must have x's dtype ({dtype_name(x.dtype)}), "
-                            f"got {dtype_name(residual.dtype)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{_OP}: eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
-
+    if out_dtype is not None and out_dtype != x.dtype:  # autocast's float32 residual stream: all in float32
+        x, weight, bias, x_bias = (t.float() if t is not None else None for t in (x, weight, bias, x_bias))
     M = x.numel() // N if N else 0
 
     def unsupported(b):
@@ -71,6 +56,36 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, backend
     w, bb, xb = (p.contiguous() if p is not None else None for p in (weight, bias, x_bias))
     y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)
     return y.view(x.shape)
+
+
+def _check_args(x, weight, bias, eps, residual, x_bias, out_dtype):
+    """TypeError / ValueError naming the argument, per layer_norm's docstring."""
+    check_tensor(_OP, "x", x, ndim_min=1)
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise TypeError(f"{_OP}: out_dtype must be None, x's dtype ({dtype_name(x.dtype)}) or float32, "
+                        f"got {out_dtype}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    N = x.shape[-1]
+    params = (("weight", weight), ("bias", bias), ("x_bias", x_bias))
+    for name, p in params:
+        if p is not None:
+            check_tensor(_OP, name, p)
+    if residual is not None:
+        check_tensor(_OP, "residual", residual)
+    check_same_device(_OP, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
+    for name, p in params:
+        check_shape(_OP, name, p, (N,))
+        check_param_dtype(_OP, name, p, x)
+    if residual is not None:
+        check_shape(_OP, "residual", residual, tuple(x.shape))
+        if residual.dtype != out_dtype:
+            whose = "x's dtype" if out_dtype == x.dtype else "out_dtype"
+            raise TypeError(f"{_OP}: residual must have {whose} ({dtype_name(out_dtype)}), "
+                            f"got {dtype_name(residual.dtype)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{_OP}: eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
 
 
 # ----------------------------------------------------------------------------- custom ops

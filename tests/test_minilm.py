@@ -97,3 +97,40 @@ def test_minilm_gpu_low_precision(batch, hf_models, dtype):
     h64, e64 = _outputs(ref, b)
     assert_rule(_real(h, mask), _real(h64, mask), _real(hs, mask), name=f"last_hidden_state {dtype}")
     assert_rule(e, e64, es, name=f"mean-pooled embeddings {dtype}")
+
+
+def _st_modules():
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+    except ImportError:  # older releases
+        from sentence_transformers.models import Normalize, Pooling
+    return Pooling, Normalize
+
+
+def test_sentence_transformer_optimize():
+    """optimize() on a SentenceTransformer (the package's own all-MiniLM-L6-v2 layout: Transformer, Pooling,
+    Normalize) returns it with its transformers model optimized; encode() gives the same embeddings."""
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(MODEL_DIR, device="cpu")
+    ref = model.encode(SENTENCES, convert_to_tensor=True)
+    assert roberta_fast.optimize(model) is model
+    assert type(model[0].auto_model.encoder).__module__ == "roberta_fast.model.encoder"
+    got = model.encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() > 0.999999
+
+
+def test_pool_matches_sentence_transformers(batch, hf_models):
+    """pool() = sentence-transformers' Pooling (mean, cls, max) and Normalize on the same token states."""
+    pytest.importorskip("sentence_transformers")
+    Pooling, Normalize = _st_modules()
+    ids, mask, types = batch
+    h, _ = _outputs(BertModel.from_pretrained(MODEL_DIR), batch)
+    left = mask.flip(1)  # left padding: cls is the first real token
+    for mode in ("mean", "cls", "max"):
+        for m, states in ((mask, h), (left, h.flip(1))):
+            theirs = Pooling(h.shape[-1], pooling_mode=mode)({"token_embeddings": states, "attention_mask": m})
+            emb = theirs["sentence_embedding"]
+            torch.testing.assert_close(pool(states, m, mode), emb, rtol=1e-6, atol=1e-6)
+            normed = Normalize()({"sentence_embedding": emb})["sentence_embedding"]
+            torch.testing.assert_close(pool(states, m, mode, normalize=True), normed, rtol=1e-6, atol=1e-6)

@@ -221,13 +221,15 @@ def test_return_dict_false_and_output_object():
     out = run(model, ids, mask, return_dict=False)
     assert isinstance(out, tuple) and len(out) == 2
     out = run(model, ids, mask, return_dict=False, output_hidden_states=True, output_attentions=True)
-    assert len(out) == 4 and len(out[2]) == 3 and len(out[3]) == 2
+    # transformers 5: (last, pooler, hidden_states, attentions, cross_attentions=())
+    assert len(out) == 5 and len(out[2]) == 3 and len(out[3]) == 2 and out[4] == ()
     d = run(model, ids, mask)
     assert d.keys() == ["last_hidden_state", "pooler_output"] and d.hidden_states is None
     assert d[0] is d["last_hidden_state"] is d.last_hidden_state and d.to_tuple()[1] is d.pooler_output
     nopool = BertModel(cfg, add_pooling_layer=False).eval()
     assert run(nopool, ids, mask).pooler_output is None
-    assert run(nopool, ids, mask, return_dict=False)[1] is None
+    tup = run(nopool, ids, mask, return_dict=False)  # None fields are skipped, as in transformers
+    assert len(tup) == 1 and tup[0].shape == (3, 6, cfg.hidden_size)
 
 
 def test_poisoned_empty_padding_free(poison_empty):
@@ -556,8 +558,17 @@ def test_pool():
     torch.testing.assert_close(pool(h, mask, mode="cls"), h[:, 0])
     torch.testing.assert_close(pool(h), h.mean(1))
     assert pool(h.bfloat16(), mask).dtype == torch.bfloat16
+    for i in range(3):  # max over real tokens only
+        torch.testing.assert_close(pool(h, mask, mode="max")[i], h[i, :int(mask[i].sum())].amax(0))
+    torch.testing.assert_close(pool(h, mode="max"), h.amax(1))
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])  # cls: the first real token
+    torch.testing.assert_close(pool(h, left, mode="cls"), h[[0, 1, 2], [2, 0, 4]])
+    for mode in ("mean", "cls", "max"):
+        e = pool(h, mask, mode=mode, normalize=True)
+        torch.testing.assert_close(e, torch.nn.functional.normalize(pool(h, mask, mode=mode), dim=-1))
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
     with pytest.raises(ValueError, match="mode"):
-        pool(h, mask, mode="max")
+        pool(h, mask, mode="min")
     with pytest.raises(ValueError, match="attention_mask shape"):
         pool(h, mask[:, :4])
 
@@ -676,6 +687,172 @@ def test_one_host_read_per_forward(monkeypatch, padding_free):
     reads.clear()
     layout = inputs.layout(padding_free)
     assert reads == [] and not layout.is_packed and torch.equal(layout.mask, mask.bool())
+
+
+# ----------------------------------------------------------------------------------------- transformers' edges
+
+
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding_free", "padded"])
+def test_all_padding_mask_and_empty_batches(padding_free):
+    """An all-zero attention_mask returns outputs as transformers does (ours: zeros at every position, the
+    pooler of a zero state); a batch of size 0 or of length 0 returns empty outputs of the right shapes."""
+    cfg = hf_config("roberta", 2, 4, 32, 64)
+    model = randomize_(RobertaModel(cfg, padding_free=padding_free).eval())
+    ids, mask = make_batch(3, 7, 1)
+    kw = dict(output_hidden_states=True, output_attentions=True)
+    out = run(model, ids, torch.zeros_like(mask), **kw)
+    assert out.last_hidden_state.shape == (3, 7, 32) and torch.all(out.last_hidden_state == 0)
+    pooler_of_zeros = torch.tanh(model.pooler.dense.bias).expand(3, 32)
+    torch.testing.assert_close(out.pooler_output, pooler_of_zeros)
+    assert all(torch.all(h == 0) for h in out.hidden_states) and len(out.hidden_states) == 3
+    assert all(a.shape == (3, 4, 7, 7) and torch.all(a == 0) for a in out.attentions)
+    for B, S in ((0, 7), (0, 0), (2, 0)):
+        ids0 = torch.full((B, S), 5)
+        for m in (None, torch.ones_like(ids0), torch.zeros_like(ids0)):
+            out = run(model, ids0, m, **kw)
+            assert out.last_hidden_state.shape == (B, S, 32) and out.pooler_output.shape == (B, 32)
+            assert [h.shape for h in out.hidden_states] == [(B, S, 32)] * 3
+            assert [a.shape for a in out.attentions] == [(B, 4, S, S)] * 2
+    head = randomize_(RobertaForTokenClassification(hf_config("roberta", num_labels=5)).eval())
+    assert run(head, ids[:0], mask[:0]).logits.shape == (0, 7, 5)
+    assert run(head, ids, torch.zeros_like(mask)).logits.shape == (3, 7, 5)
+
+
+def test_from_pretrained_keyword_arguments(tmp_path):
+    """transformers' spellings (torch_dtype, dtype names, dtype="auto", device_map) work; unknown names raise
+    naming the closest valid one; config fields still override."""
+    hf = make_hf(transformers.RobertaForSequenceClassification, hf_config("roberta", num_labels=3))
+    path = save(hf, tmp_path / "fp32")
+    cls = RobertaForSequenceClassification
+    dtype_of = lambda m: {p.dtype for p in m.parameters()}
+    assert dtype_of(cls.from_pretrained(path, torch_dtype=torch.float16)) == {torch.float16}
+    assert dtype_of(cls.from_pretrained(path, dtype="float16")) == {torch.float16}
+    assert dtype_of(cls.from_pretrained(path, torch_dtype="torch.bfloat16")) == {torch.bfloat16}
+    assert dtype_of(cls.from_pretrained(path, dtype="auto")) == {torch.float32}
+    m = cls.from_pretrained(path, device_map="cpu", attn_implementation="sdpa", local_files_only=True,
+                            low_cpu_mem_usage=True)
+    assert m.device == torch.device("cpu") and m.num_labels == 3
+    with pytest.warns(UserWarning, match="newly initialized"):  # config fields override (a new classifier)
+        enc = save(make_hf(transformers.RobertaModel, hf_config("roberta")), tmp_path / "enc")
+        assert cls.from_pretrained(enc, num_labels=5).classifier.out_proj.out_features == 5
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_lables' .*did you mean 'num_labels'"):
+        cls.from_pretrained(path, num_lables=5)
+    with pytest.raises(TypeError, match="'torch_dtyp'.*did you mean 'torch_dtype'"):
+        cls.from_pretrained(path, torch_dtyp=torch.float16)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'revision'"):
+        cls.from_pretrained(path, revision="main")
+    with pytest.raises(TypeError, match="disagree"):
+        cls.from_pretrained(path, dtype=torch.float16, torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be 'auto', float32, float16 or bfloat16.*'fp16'"):
+        cls.from_pretrained(path, dtype="fp16")
+    with pytest.raises(ValueError, match="one device"):
+        cls.from_pretrained(path, device_map="auto")
+    # dtype="auto" (the default, as in transformers 5): config.json's dtype, else the checkpoint's
+    bf = save(copy.deepcopy(hf).to(torch.bfloat16), tmp_path / "bf16")
+    assert json.load(open(os.path.join(bf, "config.json")))["dtype"] == "bfloat16"
+    assert dtype_of(cls.from_pretrained(bf)) == {torch.bfloat16}
+    cfg = json.load(open(os.path.join(bf, "config.json")))
+    cfg.pop("dtype")
+    json.dump(cfg, open(os.path.join(bf, "config.json"), "w"))
+    assert dtype_of(cls.from_pretrained(bf)) == {torch.bfloat16}
+    assert dtype_of(cls.from_pretrained(bf, dtype=torch.float32)) == {torch.float32}
+    ours = randomize_(RobertaModel(hf_config("roberta")).to(torch.float16))
+    ours.save_pretrained(tmp_path / "ours16")
+    assert dtype_of(RobertaModel.from_pretrained(tmp_path / "ours16")) == {torch.float16}
+
+
+def test_from_pretrained_checks_model_type(tmp_path):
+    """config.json's model_type must be a BERT-family type: another architecture raises saying so (not a list
+    of missing parameters), and BERT weights under a foreign model_type do not load silently."""
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
+    deberta = transformers.DebertaV2Model(transformers.DebertaV2Config(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    for name, model in (("gpt2", gpt2), ("deberta-v2", deberta)):
+        path = save(model, tmp_path / name)
+        for cls in (RobertaModel, BertForMaskedLM):
+            with pytest.raises(ValueError, match=rf"model type '{name}' is not supported \(supported: bert, "
+                                                 rf"camembert, roberta, xlm-roberta\)"):
+                cls.from_pretrained(path)
+    bert = save(make_hf(transformers.BertModel, hf_config("bert")), tmp_path / "bert")
+    cfg_file = os.path.join(bert, "config.json")
+    json.dump({**json.load(open(cfg_file)), "model_type": "gpt2"}, open(cfg_file, "w"))
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        BertModel.from_pretrained(bert)
+    with pytest.raises(ValueError, match="model type 'deberta' is not supported"):
+        EncoderConfig(model_type="deberta")
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported"):
+        RobertaModel({"model_type": "gpt2", "hidden_size": 32, "num_attention_heads": 2})
+
+
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding_free", "padded"])
+def test_compile_fullgraph_equals_eager(padding_free):
+    """torch.compile(model, fullgraph=True) traces the whole forward for fixed shapes (no host reads: the padded
+    path with the mask) in eval and in training; outputs and gradients equal eager's."""
+    cfg = hf_config("roberta", 2, 2, 32, 48)
+    model = randomize_(RobertaModel(cfg, padding_free=padding_free).eval())
+    ids, mask = make_batch(3, 7, cfg.pad_token_id)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager, got = model(ids, attention_mask=mask), compiled(ids, attention_mask=mask)
+    torch.testing.assert_close(got.last_hidden_state, eager.last_hidden_state, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.pooler_output, eager.pooler_output, rtol=1e-6, atol=1e-6)
+    model.train()
+    grads = []
+    for m in (model, compiled):
+        model.zero_grad()
+        out = m(ids, attention_mask=mask)
+        (out.last_hidden_state.square().sum() + out.pooler_output.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    """The same with the default backend (inductor, C++ on CPU): about 20 s, hence `slow`."""
+    cfg = hf_config("bert", 2, 2, 32, 48)
+    model = randomize_(BertModel(cfg).eval())
+    ids, mask = make_batch(3, 7, cfg.pad_token_id)
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True)(ids, attention_mask=mask)
+        eager = model(ids, attention_mask=mask)
+    torch.testing.assert_close(got.last_hidden_state, eager.last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_and_model_api():
+    """Our classes have transformers' gradient checkpointing (same gradients, layers recomputed in the backward),
+    num_parameters, device, dtype and resize_token_embeddings (the rest: tests/test_conformance.py)."""
+    cfg = hf_config("roberta", 2, 2, 32, 48, hidden_dropout_prob=0.1)
+    model = randomize_(RobertaForMaskedLM(cfg)).train()
+    ids, mask = make_batch(3, 7, cfg.pad_token_id)
+    calls = []
+    model.roberta.encoder.layer[1].register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def step():
+        torch.manual_seed(0)
+        model.zero_grad()
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = step()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing and calls == [1]
+    calls.clear()
+    checkpointed = step()
+    assert calls == [1, 1], "a checkpointed layer runs again in the backward"
+    for n, g in plain.items():  # dropout replays the same mask in the recomputation
+        torch.testing.assert_close(checkpointed[n], g, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing
+    n_emb = VOCAB * 32 + cfg.max_position_embeddings * 32 + 2 * 32
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert model.num_parameters(exclude_embeddings=True) == model.num_parameters() - n_emb
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    emb = model.resize_token_embeddings(VOCAB + 3)
+    assert emb is model.get_input_embeddings() and emb.weight.shape == (VOCAB + 3, 32)
+    assert model.lm_head.decoder.weight is emb.weight and model.lm_head.bias.shape == (VOCAB + 3,)
+    assert model.config.vocab_size == VOCAB + 3
+    assert run(model.eval(), ids.masked_fill(ids == ids[0, 0], VOCAB + 2), mask).logits.shape == (3, 7, VOCAB + 3)
 
 
 # ----------------------------------------------------------------------------------------- Triton backend

@@ -158,3 +158,123 @@ def test_optimized_model_saves_and_reloads_with_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, back(ids, attention_mask=mask).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- transformers' edges
+
+
+def test_optimized_model_pickles(tmp_path):
+    """torch.save / torch.load of the whole optimize()d model, pickle and copy.deepcopy: each copy is still
+    optimized (its forward is bound to the copy, not the original) and gives the same outputs."""
+    import io
+    import pickle
+
+    cfg = hf_config("roberta", num_labels=3)
+    model = roberta_fast.optimize(make_hf(transformers.RobertaForSequenceClassification, cfg))
+    ids, mask = make_batch(3, 6, 1)
+    mask[:, 0] = 1
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    torch.save(model, tmp_path / "model.pt")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (torch.load(tmp_path / "model.pt", weights_only=False), torch.load(buf, weights_only=False),
+                  pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert isinstance(other.roberta.encoder, Encoder) and other.roberta.forward.args[0] is other.roberta
+        with torch.no_grad():
+            torch.testing.assert_close(other(ids, attention_mask=mask).logits, ref, rtol=0, atol=0)
+
+
+def test_optimize_gradient_checkpointing_reaches_our_layers():
+    """transformers' gradient_checkpointing_enable() after optimize() checkpoints our layers (they run again in
+    the backward, same gradients); enabled before optimize(), it stays on."""
+    import warnings
+
+    cfg = hf_config("bert", 2, 2, 32, 48)
+    ids, mask = make_batch(3, 7, 0)
+    for before in (False, True):
+        model = make_hf(transformers.BertModel, cfg).train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing
+            if before:
+                model.gradient_checkpointing_enable()
+            roberta_fast.optimize(model)
+            plain = None if before else _grads(model, ids, mask)
+            if not before:
+                model.gradient_checkpointing_enable()
+        calls = []
+        hook = model.encoder.layer[0].register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        checkpointed = _grads(model, ids, mask)
+        hook.remove()
+        assert len(calls) == 2, "the layer must be recomputed in the backward"
+        for n, g in (plain or {}).items():
+            torch.testing.assert_close(checkpointed[n], g, rtol=1e-5, atol=1e-6)
+
+
+def _grads(model, ids, mask):
+    model.zero_grad()
+    out = model(ids, attention_mask=mask)
+    (out.last_hidden_state.square().sum() + out.pooler_output.sum()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_optimize_finds_models_inside_wrappers():
+    """A module holding supported transformers models (a SentenceTransformer, a CrossEncoder, your own
+    wrapper): each outermost one is optimized in place (a head's encoder once); none inside: TypeError."""
+
+    class Transformer(nn.Module):  # the shape of sentence-transformers' Transformer module
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @property
+        def auto_model(self):
+            return self.model
+
+    cfg = hf_config("bert", 2, 2, 32, 48)
+    enc = make_hf(transformers.BertModel, cfg)
+    head = make_hf(transformers.RobertaForMaskedLM, hf_config("roberta", 2, 2, 32, 48))
+    wrapper = nn.Sequential(Transformer(enc), nn.Sequential(nn.Identity(), head))
+    ids, mask = make_batch(3, 7, 0)
+    with torch.no_grad():
+        ref = enc(ids, attention_mask=mask).last_hidden_state
+    assert roberta_fast.optimize(wrapper) is wrapper
+    assert isinstance(wrapper[0].auto_model.encoder, Encoder) and isinstance(head.roberta.encoder, Encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(real(enc(ids, attention_mask=mask).last_hidden_state, mask), real(ref, mask),
+                                   rtol=1e-4, atol=1e-5)
+    roberta_fast.optimize(wrapper, padding_free=False)  # again: settings only
+    assert enc._roberta_fast["padding_free"] is False and head.roberta._roberta_fast["padding_free"] is False
+    with pytest.raises(TypeError, match="no supported model inside it"):
+        roberta_fast.optimize(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_optimize_compiles_fullgraph():
+    """torch.compile(fullgraph=True) of an optimize()d transformers model equals eager."""
+    cfg = hf_config("roberta", 2, 2, 32, 48, num_labels=3)
+    model = roberta_fast.optimize(make_hf(transformers.RobertaForSequenceClassification, cfg))
+    ids, mask = make_batch(3, 7, 1)
+    mask[:, 0] = 1
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, model(ids, attention_mask=mask).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_optimize_output_layout_and_resize():
+    """transformers 5's tuple layout (cross_attentions=() with attentions) and resize_token_embeddings: ids of
+    the new rows pass our range check."""
+    cfg = hf_config("roberta")
+    hf = make_hf(transformers.RobertaModel, cfg)
+    model = roberta_fast.optimize(copy.deepcopy(hf))
+    ids, mask = make_batch(3, 7, 1)
+    with torch.no_grad():
+        a = hf(ids, attention_mask=mask, output_attentions=True, return_dict=False)
+        b = model(ids, attention_mask=mask, output_attentions=True, return_dict=False)
+    assert len(a) == len(b) and [type(x) for x in a] == [type(x) for x in b]
+    model.resize_token_embeddings(cfg.vocab_size + 4)
+    new_ids = ids.masked_fill(mask.bool() & (ids == ids[0, 0]), cfg.vocab_size + 3)
+    with torch.no_grad():
+        assert model(new_ids, attention_mask=mask).last_hidden_state.shape == (3, 7, 32)
+    with pytest.raises(ValueError, match="input_ids holds 105"):
+        model(new_ids.masked_fill(new_ids == cfg.vocab_size + 3, cfg.vocab_size + 4))

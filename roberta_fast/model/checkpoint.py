@@ -1,6 +1,6 @@
 """Checkpoints: reading and writing transformers' save_pretrained layout, matching its names to the model,
-and PreTrainedEncoder, the base of the encoders and the heads (from_pretrained, save_pretrained, weight
-init and tying, the `backend` / `padding_free` switches).
+and from_pretrained's keyword arguments (transformers' spellings, dtype names, unknown names refused).
+PreTrainedEncoder (model/pretrained.py) calls these.
 
 Names are transformers' on both sides. Reading normalizes old spellings (LayerNorm .gamma/.beta) and drops
 transformers' buffers (embeddings.position_ids, embeddings.token_type_ids); an encoder reads a head's
@@ -11,14 +11,15 @@ naming the parameters.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import warnings
+from dataclasses import fields
 
 import torch
-import torch.nn as nn
 
-from .config import ROBERTA_TYPES, EncoderConfig
+from .config import EncoderConfig, check_model_type
 
 _BASE_PARTS = ("embeddings.", "encoder.", "pooler.")
 _OUTSIDE = "<outside>."  # marks checkpoint keys of a head when an encoder loads a head checkpoint
@@ -150,6 +151,7 @@ def save_state(model, path: str):
     os.makedirs(path, exist_ok=True)
     d = model.config.to_dict()
     d["architectures"] = [type(model).__name__]
+    d["dtype"] = str(model.dtype).removeprefix("torch.")  # what dtype="auto" loads (transformers 5 writes it too)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(d, f, indent=2, sort_keys=True)
     tensors, seen = {}, set()
@@ -163,87 +165,77 @@ def save_state(model, path: str):
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-class PreTrainedEncoder(nn.Module):
-    """Shared by the encoders and the heads: construction from a config, from_pretrained, save_pretrained,
-    weight init and tying, and the `backend` / `padding_free` switches (held by the encoder)."""
+# ---------------------------------------------------------------------------------- from_pretrained's arguments
 
-    base_model_prefix = ""  # heads: "roberta" or "bert", the attribute holding the encoder
-    _roberta = False
+LOADER_ARGS = ("dtype", "device", "backend", "padding_free")
+# transformers' spellings of ours
+LOADER_ALIASES = {"torch_dtype": "dtype", "device_map": "device"}
+# transformers' options that change nothing here: the files are local, the attention is ours, no remote code
+LOADER_IGNORED = ("attn_implementation", "local_files_only", "low_cpu_mem_usage", "trust_remote_code")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-    @property
-    def base_model(self):
-        return getattr(self, self.base_model_prefix) if self.base_model_prefix else self
 
-    @property
-    def backend(self):
-        return self.base_model._backend
+def read_config(path: str, who: str, roberta: bool) -> dict:
+    """config.json as a dict, its model_type checked (a missing one is the class's family)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{who}: no config.json in {path!r}")
+    with open(cfg_file, encoding="utf-8") as f:
+        d = json.load(f)
+    d.setdefault("model_type", "roberta" if roberta else "bert")
+    check_model_type(d["model_type"], f"{who}({path!r})")
+    return d
 
-    @backend.setter
-    def backend(self, value):
-        self.base_model._backend = value
 
-    @property
-    def padding_free(self):
-        return self.base_model._padding_free
+def split_kwargs(who: str, kwargs: dict, named: dict) -> dict:
+    """from_pretrained's extra keyword arguments: transformers' aliases fill `named` (dtype, device) in place,
+    ignorable ones are dropped, config fields are returned as overrides; anything else raises TypeError
+    naming the closest valid argument."""
+    config_fields = [f.name for f in fields(EncoderConfig)]
+    overrides = {}
+    for name, value in kwargs.items():
+        if name in LOADER_ALIASES:
+            target = LOADER_ALIASES[name]
+            if named[target] is not None and value is not None and named[target] != value:
+                raise TypeError(f"{who}: {target}={named[target]!r} and {name}={value!r} disagree; give one")
+            named[target] = value if named[target] is None else named[target]
+        elif name in config_fields:
+            overrides[name] = value
+        elif name not in LOADER_IGNORED:
+            valid = [*LOADER_ARGS, *LOADER_ALIASES, *LOADER_IGNORED, *config_fields]
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(LOADER_ARGS)} or a config field"
+            raise TypeError(f"{who}: unexpected keyword argument {name!r} ({hint})")
+    return overrides
 
-    @padding_free.setter
-    def padding_free(self, value):
-        self.base_model._padding_free = bool(value)
 
-    # ---- weights
-    def _init_weights(self, module):
-        std = self.config.initializer_range
-        with torch.no_grad():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+def as_device(device, who: str):
+    """None, a torch.device, a device string or index (device_map's single-device spellings)."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, (str, int)) and device not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device(device)
+    raise ValueError(f"{who}: device / device_map must name one device (e.g. 'cuda', 'cuda:1', 'cpu'), got "
+                     f"{device!r}; roberta_fast does not split a model across devices")
 
-    def post_init(self):
-        self.apply(self._init_weights)
-        self.tie_weights()
 
-    def tie_weights(self):
-        """MLM heads: decoder.weight is the word embedding matrix and decoder.bias the head's bias."""
+def as_dtype(dtype, who: str):
+    """A torch dtype from a torch.dtype or its name ('float16', 'torch.bfloat16'); None and 'auto' stay."""
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"{who}: dtype must be 'auto', float32, float16 or bfloat16 (a torch.dtype or its name), "
+                         f"got {dtype!r}")
+    return dtype
 
-    # ---- checkpoints
-    @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, backend=None, padding_free=True, **config_overrides):
-        """Load a local directory written by transformers' save_pretrained (config.json + model.safetensors
-        or pytorch_model.bin, sharded or not). No download: a missing directory or file raises naming it.
 
-        dtype: parameter dtype (None: float32); device: where the weights go (None: cpu); backend: the op
-        backend ("torch" | "triton" | "cuda" | None = automatic); config_overrides: config fields to
-        change (e.g. num_labels=3 for a new classifier). Checkpoint names and shapes must match the model:
-        a mismatch raises ValueError naming the parameters. A head loaded from an encoder-only checkpoint
-        gets freshly initialized head weights (with a warning), and weights of other heads in the
-        checkpoint are ignored (with a warning), as transformers does. Returns the model in eval mode.
-        """
-        who = f"{cls.__name__}.from_pretrained"
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{who}: {path!r} is not a directory (this loader reads a local directory "
-                                    f"written by transformers' save_pretrained; it never downloads)")
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{who}: no config.json in {path!r}")
-        config = EncoderConfig.from_json_file(cfg_file, **config_overrides)
-        if (config.model_type in ROBERTA_TYPES) != cls._roberta:
-            warnings.warn(f"{who}: {path!r} holds a {config.model_type!r} model; {cls.__name__} computes "
-                          f"{'RoBERTa' if cls._roberta else 'BERT'}-style position ids", stacklevel=2)
-        sd = _normalize_keys(_read_state_dict(path, who))
-        with torch.device("meta"):
-            model = cls(config, backend=backend, padding_free=padding_free)
-        load_state(model, sd, who=f"{who}({path!r})", dtype=dtype, device=device)
-        return model.eval()
-
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors in transformers' layout (tied weights stored once)."""
-        save_state(self, os.fspath(path))
+def auto_dtype(config: dict, sd: dict, who: str):
+    """transformers 5's dtype='auto': config.json's dtype (or torch_dtype) entry, else the checkpoint's first
+    floating-point tensor's dtype, else float32."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    if name is not None:
+        return as_dtype(name, f"{who} (config.json dtype)")
+    floating = [t.dtype for t in sd.values() if t.is_floating_point()]
+    return as_dtype(floating[0] if floating else torch.float32, f"{who} (checkpoint dtype)")

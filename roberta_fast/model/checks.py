@@ -5,8 +5,10 @@ sequence length against the position table) and fills in the default position id
 knows (ids < vocab_size, positions < max_position_embeddings, types < type_vocab_size: ValueError
 otherwise) is queued on a `HostChecks` as device scalars. `Inputs.layout` then reads those back in ONE
 sync together with the mask statistics (number of real tokens, longest sequence) and returns where the
-real tokens are (a roberta_fast.padding.Layout). Under CUDA graph capture it reads nothing: no range
-checks, and the padded layout with the mask, whose shapes do not depend on the data.
+real tokens are (a roberta_fast.padding.Layout). Under CUDA graph capture and under torch.compile
+(`torch.compiler.is_compiling()`) it reads nothing: the range checks are skipped (out-of-range ids then
+fail inside the embedding lookup, or not at all on a GPU) and the batch takes the padded layout with the
+mask, whose shapes do not depend on the data, so a compiled forward is one graph for fixed shapes.
 """
 
 from __future__ import annotations
@@ -32,16 +34,32 @@ def check_extra_kwargs(kwargs: dict):
         raise TypeError(f"roberta_fast encoder: unexpected argument {name}={type(value).__name__}")
 
 
+def reads_blocked(device: torch.device) -> bool:
+    """True where the forward must not read device values back: under torch.compile (a read is a graph
+    break) and under CUDA graph capture (a read is an error)."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def output_flags(config, output_attentions=None, output_hidden_states=None, return_dict=None):
+    """The forward's (output_attentions, output_hidden_states, return_dict): each None takes the config's value,
+    as in transformers (config: ours or a transformers config)."""
+    pick = lambda given, name, default: bool(getattr(config, name, default) if given is None else given)
+    return (pick(output_attentions, "output_attentions", False),
+            pick(output_hidden_states, "output_hidden_states", False), pick(return_dict, "return_dict", True))
+
+
 class HostChecks:
     """Device scalars read back in ONE host sync: range checks of integer inputs and any other values the
-    forward needs on the host."""
+    forward needs on the host. With active=False (no host reads allowed) the range checks are not queued."""
 
-    def __init__(self):
-        self.scalars, self.checks = [], []
+    def __init__(self, active: bool = True):
+        self.scalars, self.checks, self.active = [], [], active
 
     def ids(self, name, t, limit, what):
         """t must lie in [0, limit); `what` says why in the error."""
-        if t.numel():
+        if self.active and t.numel():
             self.checks.append((name, self.add(t.min(), t.max()), limit, what))
 
     def add(self, *scalars) -> int:
@@ -78,8 +96,8 @@ class Inputs:
         """The one host sync (range checks and mask statistics together), then where the real tokens are:
         dense when every token is real, else packed (padding_free) or padded with the mask."""
         B, S, real = self.batch, self.seqlen, self.real
-        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return Layout(B, S, mask=real)  # no sync under capture: the padded path, fixed shapes
+        if not self.host.active or reads_blocked(self.device):
+            return Layout(B, S, mask=real)  # no sync (compile, capture): the padded path, fixed shapes
         if real is None:
             self.host.run()  # the one host sync: range checks only
             return Layout(B, S)
@@ -147,7 +165,8 @@ def check_inputs(cfg: EncoderConfig, *, roberta: bool, input_ids=None, attention
                  position_ids=None, inputs_embeds=None) -> Inputs:
     """Check the forward's inputs (ValueError / TypeError naming the argument) and fill in position ids;
     the range checks wait in the returned Inputs' host checks for Inputs.layout()."""
-    host = HostChecks()
+    given = input_ids if input_ids is not None else inputs_embeds
+    host = HostChecks(active=not (isinstance(given, torch.Tensor) and reads_blocked(given.device)))
     B, S, device = _batch_shape(cfg, input_ids, inputs_embeds, host)
     for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if t is not None and tuple(t.shape) != (B, S):

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 BERT_TYPES = ("bert",)
+MODEL_TYPES = ROBERTA_TYPES + BERT_TYPES  # config.json's model_type of the checkpoints this encoder loads
 # hidden_act -> bias_gelu's approximate (None: plain ReLU)
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "relu": None}
 
@@ -37,8 +38,13 @@ class EncoderConfig:
     id2label: dict | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # forward's defaults when its argument is None, as in transformers
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    return_dict: bool = True
 
     def __post_init__(self):
+        check_model_type(self.model_type)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                              f"({self.num_attention_heads})")
@@ -104,6 +110,13 @@ class EncoderConfig:
         else:
             d.pop("num_labels")
         return AutoConfig.for_model(model_type, **d, **kwargs)
+
+
+def check_model_type(model_type, where: str = "config"):
+    """ValueError unless model_type is one this encoder computes (config.json's `model_type`)."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{where}: model type {model_type!r} is not supported (supported: "
+                         f"{', '.join(sorted(MODEL_TYPES))}); roberta_fast runs BERT-family encoders only")
 
 
 def as_config(config) -> EncoderConfig:

@@ -30,10 +30,15 @@ q k^T, ops.masked_softmax and probs @ v, and returns the probabilities (B, heads
 as transformers does; padded query rows are zeros). Eval has no dropout anywhere.
 
 Each forward synchronizes with the device once (model/checks.py): the input range checks and the mask
-statistics (real token count, longest sequence) are read back together; none under CUDA graph capture.
+statistics (real token count, longest sequence) are read back together; none under CUDA graph capture or
+torch.compile, where the batch takes the padded path with the mask (fixed shapes, one graph).
+Autocast and gradient checkpointing: see the package docstring (roberta_fast/model/__init__.py).
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -41,10 +46,10 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..padding import Layout
-from .checkpoint import PreTrainedEncoder
-from .checks import check_extra_kwargs, check_inputs
+from .checks import check_extra_kwargs, check_inputs, output_flags
 from .config import ACTIVATIONS, EncoderConfig, as_config
 from .outputs import EncoderOutput
+from .pretrained import PreTrainedEncoder
 
 
 class Embeddings(nn.Module):
@@ -66,7 +71,7 @@ class Embeddings(nn.Module):
         or None in place of ids. Returns (rows, hidden)."""
         word, pos, tt, ln = self.word_embeddings, self.position_embeddings, self.token_type_embeddings, self.LayerNorm
         if inputs_embeds is None:
-            x = F.embedding(ids, word.weight, word.padding_idx)  # (rows, hidden)
+            x = word(ids)  # (rows, hidden); called as a module: its forward hooks run (transformers' contract)
         else:
             x = inputs_embeds.to(word.weight.dtype)
         residual = F.embedding(positions, pos.weight, pos.padding_idx)  # (rows, hidden)
@@ -105,14 +110,15 @@ class SelfAttention(nn.Module):
             ctx, probs = self._unfused(q, k, v, layout, dropout_p, backend)
         else:
             ctx, probs = self._fused(q, k, v, layout, backend), None
-        return ctx.reshape(x.shape[0], -1), (probs if need_probs else None)  # (rows, hidden)
+        return ctx.reshape(x.shape[0], w.shape[1]), (probs if need_probs else None)  # (rows, hidden)
 
     def _fused(self, q, k, v, layout: Layout, backend):
-        """ops.attention_varlen on packed rows, else ops.attention with the key padding mask."""
-        if layout.is_packed:
-            return ops.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=backend)  # (T, ..)
-        q, k, v = (t.view(layout.batch, layout.seqlen, *t.shape[1:]) for t in (q, k, v))  # (B, S, heads, head_dim)
-        return ops.attention(q, k, v, key_padding_mask=layout.mask, backend=backend)  # (B, S, heads, head_dim)
+        """ops.attention_varlen on packed rows, else ops.attention with the key padding mask; autocast off."""
+        with _no_autocast(q):
+            if layout.is_packed:
+                return ops.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=backend)  # (T, ..)
+            q, k, v = (t.view(layout.batch, layout.seqlen, *t.shape[1:]) for t in (q, k, v))  # (B, S, heads, d)
+            return ops.attention(q, k, v, key_padding_mask=layout.mask, backend=backend)  # (B, S, heads, d)
 
     def _unfused(self, q, k, v, layout: Layout, dropout_p, backend):
         """The (B, heads, S, S) probabilities materialized through ops.masked_softmax."""
@@ -130,15 +136,15 @@ class SelfAttention(nn.Module):
     def qkv_weight_bias(self):
         """(3*hidden, hidden) weight and (3*hidden,) bias of the fused QKV GEMM.
 
-        When autograd records (grad mode on and a projection parameter requires grad) the fused tensors
-        are built with torch.cat inside autograd, so gradients reach query/key/value. Otherwise they are
+        When autograd records (grad mode on and a projection parameter requires grad) or under torch.compile,
+        the fused tensors are built with torch.cat (gradients reach query/key/value). Otherwise they are
         built once and cached, keyed on the six source tensors' data_ptr and _version (an in-place update,
-        load_state_dict, .to() or a new tensor rebuilds them). The cache keeps the sources alive, so a
-        freed address cannot be reused by a different tensor under the same key.
+        load_state_dict, .to() or a new tensor rebuilds them); the cache keeps the sources alive, so a freed
+        address cannot be reused by a different tensor under the same key.
         """
         srcs = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias,
                 self.value.bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in srcs)):
             return torch.cat(srcs[:3]), torch.cat(srcs[3:])
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in srcs)
         key += (torch.is_inference_mode_enabled(),)
@@ -164,15 +170,16 @@ class _DenseAddNorm(nn.Module):
         self.dropout_p = cfg.hidden_dropout_prob
 
     def forward(self, x, residual, *, backend=None):
-        """x (rows, in_features), residual (rows, hidden) -> (rows, hidden)."""
-        dense, ln = self.dense, self.LayerNorm
+        """x (rows, in_features), residual (rows, hidden) -> (rows, hidden) in the residual's dtype. Under
+        autocast the GEMM output has the autocast dtype and the residual stream stays float32 (as in
+        transformers): layer_norm takes both (out_dtype=float32)."""
+        dense, ln, out = self.dense, self.LayerNorm, residual.dtype
+        if self.training and self.dropout_p > 0:  # dropout sits between the bias and the residual
+            y = F.dropout(F.linear(x, dense.weight, dense.bias), self.dropout_p, training=True)  # (rows, hidden)
+            return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, out_dtype=out, backend=backend)
         y = F.linear(x, dense.weight)  # (rows, hidden)
-        if residual.dtype != y.dtype:  # autocast: GEMM output in the autocast dtype
-            residual = residual.to(y.dtype)
-        if self.training and self.dropout_p > 0:
-            y = F.dropout(y + dense.bias, self.dropout_p, training=True)
-            return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
-        return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=dense.bias, backend=backend)
+        return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=dense.bias, out_dtype=out,
+                              backend=backend)
 
 
 class SelfOutput(_DenseAddNorm):
@@ -217,13 +224,17 @@ class Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
+    # transformers' switches, set by gradient_checkpointing_enable(); read by Encoder.forward
+    gradient_checkpointing = False
+    _gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.attention = Attention(cfg)
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
 
-    def forward(self, x, layout: Layout, *, need_probs=False, backend=None):
+    def forward(self, x, layout: Layout, need_probs=False, backend=None):
         """x (rows, hidden) -> (rows, hidden), probabilities (B, heads, S, S) or None."""
         h, probs = self.attention(x, layout, need_probs=need_probs, backend=backend)  # (rows, hidden)
         inter = self.intermediate(h, backend=backend)  # (rows, intermediate)
@@ -241,7 +252,10 @@ class Encoder(nn.Module):
         hidden = [h] if output_hidden_states else None
         probs = [] if output_attentions else None
         for layer in self.layer:
-            h, p = layer(h, layout, need_probs=output_attentions, backend=backend)  # (rows, hidden)
+            if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():  # recompute in backward
+                h, p = layer._gradient_checkpointing_func(layer.__call__, h, layout, output_attentions, backend)
+            else:
+                h, p = layer(h, layout, output_attentions, backend)  # (rows, hidden)
             if hidden is not None:
                 hidden.append(h)
             if probs is not None:
@@ -255,8 +269,15 @@ class Pooler(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, hidden):
-        """hidden (B, S, hidden) -> tanh(dense(first token)) (B, hidden)."""
-        return torch.tanh(F.linear(hidden[:, 0], self.dense.weight, self.dense.bias))
+        """hidden (B, S, hidden) -> tanh(dense(first token)) (B, hidden); S = 0 reads a zero state."""
+        first = hidden[:, 0] if hidden.shape[1] else hidden.new_zeros(hidden.shape[0], hidden.shape[2])
+        return torch.tanh(F.linear(first, self.dense.weight, self.dense.bias))
+
+
+def _no_autocast(x):
+    """Autocast off for a fused op whose inputs already have the autocast dtype (else nothing to do)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta: bool, backend=None,
@@ -264,7 +285,8 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
                     position_ids=None, inputs_embeds=None, output_hidden_states=False, output_attentions=False):
     """The whole encoder on modules with transformers' names (ours, or a transformers model's after
     roberta_fast.optimize: our embeddings and encoder, its own pooler). Inputs as in _EncoderModel.forward.
-    Returns (last_hidden_state, pooler_output, hidden_states, attentions)."""
+    Returns (last_hidden_state, pooler_output, hidden_states, attentions); under autocast all but the pooler
+    output in float32, as transformers' LayerNorm and softmax give them."""
     inputs = check_inputs(cfg, roberta=roberta, input_ids=input_ids, attention_mask=attention_mask,
                           token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
     layout = inputs.layout(padding_free)  # the one host sync: pack the real tokens, or keep the padded layout
@@ -273,11 +295,12 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
     h = embeddings(*rows, backend=backend)  # (rows, hidden)
     h, hidden, probs = encoder(h, layout, output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions, backend=backend)
-    last = layout.to_padded(h)  # (B, S, hidden), zeros at padding: repadded once
+    out_dtype = torch.float32 if torch.is_autocast_enabled(h.device.type) else h.dtype
+    last = layout.to_padded(h).to(out_dtype)  # (B, S, hidden), zeros at padding: repadded once
     if hidden is not None:
-        hidden = tuple(layout.to_padded(t) for t in hidden[:-1]) + (last,)
+        hidden = tuple(layout.to_padded(t).to(out_dtype) for t in hidden[:-1]) + (last,)
     pooled = pooler(last) if pooler is not None else None  # (B, hidden)
-    return last, pooled, hidden, (tuple(probs) if probs is not None else None)
+    return last, pooled, hidden, (tuple(p.to(out_dtype) for p in probs) if probs is not None else None)
 
 
 class _EncoderModel(PreTrainedEncoder):
@@ -294,27 +317,24 @@ class _EncoderModel(PreTrainedEncoder):
         if _init:  # a head initializes everything once, itself
             self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
-
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, output_hidden_states=False, output_attentions=False, return_dict=True,
+                inputs_embeds=None, output_hidden_states=None, output_attentions=None, return_dict=None,
                 **kwargs):
-        """input_ids int (B, S) or inputs_embeds (B, S, hidden); attention_mask (B, S) (nonzero = real
-        token); token_type_ids, position_ids int (B, S). Returns EncoderOutput (last_hidden_state
-        (B, S, hidden) with zeros at padded positions, pooler_output (B, hidden) or None, hidden_states,
-        attentions (B, heads, S, S)), or with return_dict=False the tuple (last_hidden_state,
-        pooler_output[, hidden_states][, attentions]) as transformers returns it."""
+        """input_ids int (B, S) or inputs_embeds (B, S, hidden); attention_mask (B, S) (nonzero = real token);
+        token_type_ids, position_ids int (B, S); flags default to the config's. Returns EncoderOutput (zeros at
+        padded positions; cross_attentions () with attentions, as transformers 5), or with return_dict=False
+        its to_tuple() (None fields skipped), as transformers does."""
         check_extra_kwargs(kwargs)
+        attentions, hidden_states, return_dict = output_flags(self.config, output_attentions, output_hidden_states,
+                                                              return_dict)
         last, pooled, hs, attn = encoder_forward(
-            self.embeddings, self.encoder, self.pooler, self.config, roberta=self._roberta,
-            backend=self._backend, padding_free=self._padding_free, input_ids=input_ids,
-            attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, output_hidden_states=bool(output_hidden_states),
-            output_attentions=bool(output_attentions))
-        if return_dict is False:
-            return (last, pooled) + tuple(t for t in (hs, attn) if t is not None)
-        return EncoderOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs, attentions=attn)
+            self.embeddings, self.encoder, self.pooler, self.config, roberta=self._roberta, backend=self._backend,
+            padding_free=self._padding_free, input_ids=input_ids, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            output_hidden_states=hidden_states, output_attentions=attentions)
+        out = EncoderOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs, attentions=attn,
+                            cross_attentions=() if attentions else None)
+        return out if return_dict else out.to_tuple()
 
 
 class RobertaModel(_EncoderModel):
@@ -332,7 +352,3 @@ class BertModel(_EncoderModel):
 
     _roberta = False
 
-
-def count_params(model: nn.Module) -> int:
-    """Distinct parameters (tied weights once)."""
-    return sum(p.numel() for p in model.parameters())

@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .checkpoint import PreTrainedEncoder
 from .config import ACTIVATIONS, EncoderConfig, as_config
 from .encoder import BertModel, RobertaModel
 from .outputs import MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput
+from .pretrained import PreTrainedEncoder, _resize_rows_
 
 # --------------------------------------------------------------------------------------------- losses
 
@@ -162,19 +162,20 @@ class _Head(PreTrainedEncoder):
         self._build_head()
         self.post_init()
 
-    def _encode(self, return_dict=True, **kwargs):
-        """The encoder's EncoderOutput for the head's inputs, and the caller's return_dict."""
-        return self.base_model(**kwargs, return_dict=True), return_dict
+    def _encode(self, return_dict=None, **kwargs):
+        """The encoder's EncoderOutput for the head's inputs, and whether the caller wants an output object
+        (return_dict None: the config's)."""
+        return self.base_model(**kwargs, return_dict=True), self.config.return_dict if return_dict is None \
+            else bool(return_dict)
 
     @staticmethod
     def _finish(out_cls, return_dict, loss, fields, enc):
-        """`out_cls` (an output class) from the loss, the head's fields and the encoder's extras, or the tuple."""
-        hs, attn = enc.hidden_states, enc.attentions
-        if return_dict is False:
-            out = tuple(fields) + tuple(t for t in (hs, attn) if t is not None)
-            return ((loss,) + out) if loss is not None else out
+        """`out_cls` (an output class) from the loss, the head's fields and the encoder's extras, or its
+        to_tuple() (None fields skipped), as transformers returns it."""
         names = [f for f in out_cls._fields if f not in ("loss", "hidden_states", "attentions")]
-        return out_cls(loss=loss, hidden_states=hs, attentions=attn, **dict(zip(names, fields)))
+        out = out_cls(loss=loss, hidden_states=enc.hidden_states, attentions=enc.attentions,
+                      **dict(zip(names, fields)))
+        return out if return_dict else out.to_tuple()
 
 
 class _MaskedLM(_Head):
@@ -189,6 +190,14 @@ class _MaskedLM(_Head):
 
     def get_output_embeddings(self):
         return self._lm_head().decoder
+
+    def _resize_output(self, n, mean_resizing):
+        """The decoder's rows (when not tied to the word embeddings, which are resized already) and the bias."""
+        head = self._lm_head()
+        if head.decoder.weight is not self.get_input_embeddings().weight:
+            _resize_rows_(head.decoder.weight, n, mean_resizing, self.config.initializer_range)
+        _resize_rows_(head.bias, n, mean_resizing, self.config.initializer_range)
+        head.decoder.out_features = n
 
     def tie_weights(self):
         head = self._lm_head()

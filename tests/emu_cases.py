@@ -1,0 +1,298 @@
+"""Kernel checks through the CUDA emulation, shared by tests/test_cuda_emulation.py (in process) and by the
+subprocesses that run another build of the emulated module (the AddressSanitizer build, planted-bug builds):
+
+    python tests/emu_cases.py --module path/to/_C_emu.so --cases attention_fwd_bug[,...] [--schedules ...]
+
+prints one JSON object {case: {schedule: null (passed) or "why it failed"}}.
+
+Every check runs the public op with backend="cuda" on CPU tensors (ROBERTA_FAST_CUDA_EMULATE=1), forward
+and backward, and judges the output and every gradient with roberta_fast.testing's rule against the float64
+reference: max|ours - ref64| <= 2 * max|torch in the same dtype - ref64| + floor. Outputs come from a
+NaN-poisoned allocator (every element must be written); varlen inputs are views into a buffer whose gaps and
+tail rows are NaN (an out-of-bounds read shows up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+from roberta_fast import reference
+from roberta_fast.ops import attention, attention_varlen, bias_gelu, layer_norm, masked_softmax
+from roberta_fast.testing import assert_rule, eager_attention
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty / empty_like / new_empty give NaN-filled float tensors (ints: -7777) meanwhile."""
+    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7777)
+        return t
+
+    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: fill(real_new(self, *a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
+
+
+def _judge(fn_ours, fn_ref, fn_same, leaves, dy, names):
+    """Runs the three on fresh leaf copies (float64 for the reference), backprops dy and applies the rule to
+    the output and to the gradient of every leaf named in `names` (None: no gradient)."""
+    results = []
+    for fn, dt in ((fn_ours, None), (fn_ref, torch.float64), (fn_same, None)):
+        ls = [None if t is None else t.detach().to(dt or t.dtype).clone().requires_grad_(n is not None)
+              for t, n in zip(leaves, names)]
+        if fn is fn_ours:
+            with poisoned_empty():
+                out = fn(*ls)
+                out.backward(dy.to(out.dtype))
+        else:
+            out = fn(*ls)
+            if out.requires_grad:
+                out.backward(dy.to(out.dtype))
+        results.append((out.detach(), [None if t is None or not t.requires_grad else
+                                        (t.grad if t.grad is not None else torch.zeros_like(t)) for t in ls]))
+    (o, g), (r, gr), (s, gs) = results
+    assert o.dtype == leaves[0].dtype, f"output dtype {o.dtype}"
+    assert_rule(o, r, s, name="output")
+    for n, a, b, c in zip(names, g, gr, gs):
+        if n is not None:
+            assert a.dtype == c.dtype, f"grad of {n}: dtype {a.dtype}, expected {c.dtype}"
+            assert_rule(a, b, c, name=f"grad of {n}")
+    return o, g
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen, *shape, dtype, std=1.0):
+    return (torch.randn(*shape, generator=gen) * std).to(dtype)
+
+
+# ----------------------------------------------------------------------------- per-op checks
+
+
+def check_layer_norm(dtype, M, N, *, param_dtype=None, residual=True, x_bias=True, affine=True, pad=0, seed=0):
+    """x, residual as (M, N) views of rows N + pad wide; parameters in param_dtype (x's dtype by default)."""
+    g = _gen(seed)
+    pd = param_dtype or dtype
+    x = _randn(g, M, N + pad, dtype=dtype)[:, :N]
+    res = _randn(g, M, N + pad, dtype=dtype)[:, :N] if residual else None
+    w = (1 + _randn(g, N, dtype=pd, std=0.1)) if affine else None
+    b = _randn(g, N, dtype=pd, std=0.1) if affine else None
+    xb = _randn(g, N, dtype=pd, std=0.1) if x_bias else None
+    dy = _randn(g, M, N, dtype=dtype)
+    names = ["x", "weight", "bias", "residual", "x_bias"]
+    names = [n if t is not None else None for n, t in zip(names, (x, w, b, res, xb))]
+
+    def ours(x_, w_, b_, r_, xb_):
+        return layer_norm(x_, w_, b_, 1e-5, residual=r_, x_bias=xb_, backend="cuda")
+
+    def ref(x_, w_, b_, r_, xb_):
+        return reference.layer_norm(x_, w_, b_, 1e-5, r_, xb_)
+
+    _judge(ours, ref, ref, [x, w, b, res, xb], dy, names)
+
+
+def check_bias_gelu(dtype, M, N, *, approximate="none", bias="same", pad=0, seed=0):
+    g = _gen(seed)
+    x = _randn(g, M, N + pad, dtype=dtype, std=2.0)[:, :N]
+    b = None if bias is None else _randn(g, N, dtype=F32 if bias == "f32" else dtype)
+    dy = _randn(g, M, N, dtype=dtype)
+
+    def ours(x_, b_):
+        return bias_gelu(x_, b_, approximate, backend="cuda")
+
+    def ref(x_, b_):
+        return reference.bias_gelu(x_, b_, approximate)
+
+    _judge(ours, ref, ref, [x, b], dy, ["x", None if b is None else "bias"])
+
+
+def check_masked_softmax(dtype, K, *, mask_kind="bool_keys", B=2, H=3, Q=5, pad=2, seed=0):
+    """mask_kind: None, "bool_keys" ((B, 1, 1, K), batch 1 fully masked), "additive_rows" ((1, 1, Q, 1) float,
+    one row -inf), "bool_full" ((B, H, Q, K))."""
+    g = _gen(seed)
+    scores = _randn(g, B, H, Q, K + pad, dtype=dtype, std=3.0)[..., :K]
+    if mask_kind is None:
+        mask = None
+    elif mask_kind == "bool_keys":
+        mask = torch.rand(B, 1, 1, K, generator=g) > 0.3
+        mask[1] = False
+    elif mask_kind == "additive_rows":
+        mask = torch.randn(1, 1, Q, 1, generator=g)
+        mask[0, 0, 2] = float("-inf")
+    else:
+        mask = torch.rand(B, H, Q, K, generator=g) > 0.5
+    dy = _randn(g, B, H, Q, K, dtype=dtype)
+    scale = 0.37
+
+    def ours(s):
+        return masked_softmax(s, mask, scale, backend="cuda")
+
+    def ref(s):
+        return reference.masked_softmax(s, mask, scale)
+
+    probs, _ = _judge(ours, ref, ref, [scores], dy, ["scores"])
+    if mask_kind == "bool_keys":
+        assert (probs[1] == 0).all(), "a fully masked row must be zeros"
+
+
+def _same_varlen(q, k, v, cu, scale):
+    """Plain PyTorch in q's dtype per sequence (matmuls in the dtype), zeros for rows of no sequence."""
+    out = torch.zeros_like(q)
+    b = cu.tolist()
+    for s, e in zip(b[:-1], b[1:]):
+        if e > s:
+            out[s:e] = eager_attention(q[None, s:e], k[None, s:e], v[None, s:e], None, scale)[0]
+    return out
+
+
+def check_attention(dtype, D, *, B=3, S=37, H=2, mask_kind="prefix", scale=None, seed=0):
+    """Padded layout, q, k, v as views into one fused (B, S, 3, H, D) buffer. mask_kind "prefix": lengths
+    S, S // 2 + 1, 0, 1, ... (a sequence with no real key gives zeros); "random": holes anywhere; None."""
+    g = _gen(seed)
+    if mask_kind == "prefix":
+        lens = torch.tensor(([S, S // 2 + 1, 0, 1] * B)[:B])
+        mask = torch.arange(S)[None, :] < lens[:, None]
+    elif mask_kind == "random":
+        mask = torch.rand(B, S, generator=g) < 0.6
+        mask[0] = False
+    else:
+        mask = None
+    buf = _randn(g, B, S, 3, H, D, dtype=dtype)
+    dy = _randn(g, B, S, H, D, dtype=dtype)
+    sc = D**-0.5 if scale is None else scale
+
+    def ours(t):
+        return attention(*t.unbind(2), key_padding_mask=mask, scale=scale, backend="cuda")
+
+    def ref(t):
+        return reference.attention(*t.unbind(2), mask, sc)
+
+    def same(t):
+        return eager_attention(*t.unbind(2), mask, sc)
+
+    o, (grad,) = _judge(ours, ref, same, [buf], dy, ["qkv"])
+    if mask is not None:
+        dead = ~mask.any(1)
+        assert (o[dead] == 0).all() and (grad[dead] == 0).all(), "a sequence with no real key: zeros"
+
+
+def check_attention_varlen(dtype, D, *, lens=(37, 0, 1, 36, 16, 5, 0), H=2, tail=3, gap=16, max_seqlen=None,
+                           seed=0):
+    """Packed layout, q, k, v = buf[:, i, :, :D] of a (T, 3, H, D + gap) buffer whose gap columns and the
+    `tail` rows past cu_seqlens[-1] are NaN; zero-length sequences included."""
+    g = _gen(seed)
+    used = sum(lens)
+    T = used + tail
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    ms = max(lens) if max_seqlen is None else max_seqlen
+    buf = torch.full((T, 3, H, D + gap), float("nan"), dtype=dtype)
+    buf[:used, :, :, :D] = _randn(g, used, 3, H, D, dtype=dtype)
+    dy = _randn(g, T, H, D, dtype=dtype)
+    dy[used:] = 0
+
+    def split(t):
+        return tuple(t[:, i, :, :D] for i in range(3))
+
+    def ours(t):
+        return attention_varlen(*split(t), cu, ms, backend="cuda")
+
+    def ref(t):
+        return reference.attention_varlen(*split(t), cu, ms)
+
+    def same(t):
+        return _same_varlen(*split(t), cu, D**-0.5)
+
+    # the NaN gap and tail are part of the leaf: judge the used rows and columns (the tail must come out zero)
+    outs = []
+    for fn, dt in ((ours, None), (ref, torch.float64), (same, None)):
+        leaf = buf.detach().to(dt or dtype).clone().requires_grad_(True)
+        if fn is ours:
+            with poisoned_empty():
+                o = fn(leaf)
+                o.backward(dy.to(o.dtype))
+        else:
+            o = fn(leaf)
+            if o.requires_grad:
+                o.backward(dy.to(o.dtype))
+        gr = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        outs.append((o.detach(), gr[:used, :, :, :D]))
+    (o, gq), (r, gr), (s, gs) = outs
+    assert_rule(o[:used], r[:used], s[:used], name="output")
+    assert (o[used:] == 0).all(), "rows past cu_seqlens[-1] must be zeros"
+    assert_rule(gq, gr, gs, name="grad of the fused qkv")
+
+
+# ----------------------------------------------------------------------------- named cases (subprocesses)
+
+CASES = {
+    # planted-bug target: two key tiles (head_dim 64: 64 keys per tile), a short sequence, fp16
+    "attention_fwd_bug": lambda: check_attention(F16, 64, B=2, S=77, H=1),
+    # planted-bug target for the backward: several query blocks per key block
+    "attention_bwd_bug": lambda: check_attention(F16, 64, B=2, S=77, H=1),
+    # planted-bug target for the block reduction (rows of 4 / 8 warps)
+    "layer_norm_bug": lambda: check_layer_norm(F32, 3, 4100),
+    # the AddressSanitizer subset: every kernel, forward and backward, small
+    "asan_layer_norm": lambda: (check_layer_norm(F16, 7, 96), check_layer_norm(F32, 2, 13000, pad=3),
+                                check_layer_norm(BF16, 5, 1000, param_dtype=F32)),
+    "asan_bias_gelu": lambda: (check_bias_gelu(F16, 7, 80), check_bias_gelu(BF16, 9, 1001, bias="f32", pad=3)),
+    "asan_masked_softmax": lambda: (check_masked_softmax(F16, 7), check_masked_softmax(F32, 1500, pad=8),
+                                    check_masked_softmax(BF16, 20000, mask_kind="additive_rows", B=1, H=1, Q=3)),
+    "asan_attention": lambda: (check_attention(F16, 32), check_attention(BF16, 128, B=2, S=33)),
+    "asan_attention_varlen": lambda: check_attention_varlen(F16, 64, lens=(37, 0, 1, 16)),
+}
+
+
+def run_cases(names, schedules, emu):
+    out = {}
+    for name in names:
+        out[name] = {}
+        for sched in schedules:
+            emu.set_schedule(sched, 0)
+            try:
+                CASES[name]()
+                out[name][sched] = None
+            except Exception as e:  # noqa: BLE001  (a RuntimeError from the module or an AssertionError)
+                out[name][sched] = f"{type(e).__name__}: {e}"[:2000]
+    return out
+
+
+def load_module(path):
+    """Loads the extension at `path` as roberta_fast._C_emu (before anything imports the installed one)."""
+    spec = importlib.util.spec_from_file_location("roberta_fast._C_emu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["roberta_fast._C_emu"] = mod
+    return mod
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--module", required=True)
+    ap.add_argument("--cases", required=True)
+    ap.add_argument("--schedules", default="")
+    a = ap.parse_args()
+    os.environ["ROBERTA_FAST_CUDA_EMULATE"] = "1"
+    mod = load_module(a.module)
+    torch.manual_seed(0)
+    res = run_cases(a.cases.split(","), a.schedules.split(",") if a.schedules else list(mod.emu.SCHEDULES), mod.emu)
+    print("EMU_RESULT " + json.dumps(res))

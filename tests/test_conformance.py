@@ -135,14 +135,17 @@ def observe_config_flags(model, kind, tmp_path):
 
 @torch.no_grad()
 def observe_losses(model, kind, tmp_path):
-    """Heads with labels: the loss first in the output and the tuple, its value and dtype. QA on a batch without
-    padding (transformers' QA softmax also spans padded positions)."""
+    """Heads with labels: the loss first in the output and the tuple, its value and dtype, with the Trainer's
+    num_items_in_batch too. QA on a batch without padding (transformers' QA softmax spans padded positions)."""
     if kind == "Model":
         return {}
     ids, mask = batch(model, full=kind == "ForQuestionAnswering")
     labels = labels_for(kind, ids, mask, model.config)
     return {"dict": describe(model(ids, attention_mask=mask, **labels), mask),
-            "tuple": describe(model(ids, attention_mask=mask, return_dict=False, **labels), mask)}
+            "tuple": describe(model(ids, attention_mask=mask, return_dict=False, **labels), mask),
+            # transformers' Trainer passes num_items_in_batch to a forward with **kwargs
+            "num_items_in_batch": describe(model(ids, attention_mask=mask, num_items_in_batch=torch.tensor(7),
+                                                 **labels), mask)}
 
 
 def observe_save_load(model, kind, tmp_path):

@@ -21,7 +21,9 @@ from ..padding import Layout, mask_stats, real_tokens
 from .config import EncoderConfig
 
 _UNSUPPORTED_KWARGS = ("head_mask", "encoder_hidden_states", "encoder_attention_mask", "past_key_values", "cache")
-_IGNORED_KWARGS = ("use_cache", "cache_position")
+# ignored as transformers' BERT-family models ignore them (num_items_in_batch: the Trainer passes it to any
+# forward with **kwargs; their MLM / classification losses are means all the same)
+_IGNORED_KWARGS = ("use_cache", "cache_position", "num_items_in_batch")
 
 
 def check_extra_kwargs(kwargs: dict):

@@ -1,20 +1,37 @@
 """Plain-PyTorch reference of every op: the "torch" backend (CPU path) and the test oracle.
 
-Each function computes in float32 (float64 when given float64, as the tests' oracle does) and
-returns the input's dtype. They are differentiable through ordinary autograd. Shapes and semantics
+Each function computes in float32 (float64 when given float64, as the tests' oracle does), with autocast
+off, and returns the input's dtype. They are differentiable through ordinary autograd. Shapes and semantics
 are those of roberta_fast.ops; the op layer checks arguments before calling these.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def _exact(fn):
+    """Run fn with autocast off on its first tensor's device: the reference computes in the precision it
+    states (float32, float64 for float64 inputs) whatever autocast region it is called from."""
+
+    @functools.wraps(fn)
+    def run(t, *args, **kwargs):
+        if t.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(t.device.type):
+            with torch.autocast(t.device.type, enabled=False):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return run
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@_exact
 def layer_norm(x, weight, bias, eps=1e-5, residual=None, x_bias=None):
     """LayerNorm(x + x_bias + residual) over the last dim. x: (..., N); weight, bias, x_bias: (N,)."""
     acc = _acc(x.dtype)
@@ -29,6 +46,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, x_bias=None):
     return y.to(x.dtype)
 
 
+@_exact
 def bias_gelu(x, bias, approximate="none"):
     """GELU(x + bias). x: (..., N); bias: (N,) or None; approximate "none" (erf) or "tanh"."""
     acc = _acc(x.dtype)
@@ -38,6 +56,7 @@ def bias_gelu(x, bias, approximate="none"):
     return F.gelu(h, approximate=approximate).to(x.dtype)
 
 
+@_exact
 def masked_softmax(scores, mask=None, scale=1.0):
     """softmax(scale * scores, masked) over the last dim.
 
@@ -59,6 +78,7 @@ def masked_softmax(scores, mask=None, scale=1.0):
     return p.to(scores.dtype)
 
 
+@_exact
 def attention(q, k, v, key_padding_mask=None, scale=None):
     """Non-causal softmax(q k^T * scale) v per head.
 
@@ -80,6 +100,7 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
     return o.transpose(1, 2).to(q.dtype)
 
 
+@_exact
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
     """Padding-free attention: q, k, v (total_tokens, heads, head_dim), cu_seqlens int32 (batch + 1,)
     cumulative lengths from 0; each sequence attends to itself only. Rows past cu_seqlens[-1] are

@@ -577,3 +577,16 @@ def test_property_padded(B, S, H, D, dtype, masked, scale):
 
     _compare(ours, ref, same, buf, torch.randn(B, S, H, D).to(dtype))
     assert math.isfinite(scale)
+
+
+def test_torch_backend_computes_in_float32_under_autocast():
+    """The reference (the torch backend) states float32 math: an autocast region around it changes nothing."""
+    q, k, v = (torch.randn(2, 9, 2, 16) for _ in range(3))
+    mask = torch.tensor([[True] * 9, [True] * 4 + [False] * 5])
+    plain = attention(q, k, v, key_padding_mask=mask, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = attention(q, k, v, key_padding_mask=mask, backend="torch")
+        auto_varlen = attention_varlen(q[0], k[0], v[0], torch.tensor([0, 9], dtype=torch.int32), 9, backend="torch")
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=0, atol=0)
+    torch.testing.assert_close(auto_varlen, attention(q, k, v, backend="torch")[0], rtol=1e-6, atol=1e-6)

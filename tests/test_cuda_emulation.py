@@ -530,9 +530,13 @@ def _result(res):
 
 
 def _libasan(cxx):
-    res = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
-    path = res.stdout.strip()
-    return path if res.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+    """The AddressSanitizer runtime to preload into python: GCC's libasan, or clang's."""
+    for name in ("libasan.so", "libclang_rt.asan-x86_64.so", "libclang_rt.asan.so"):
+        res = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)
+        path = res.stdout.strip()
+        if res.returncode == 0 and os.path.isabs(path) and os.path.exists(path):
+            return path
+    return None
 
 
 def test_address_sanitizer_subset(emu):
@@ -542,7 +546,7 @@ def test_address_sanitizer_subset(emu):
     cxx = BUILD.find_cxx()
     lib = _libasan(cxx)
     if lib is None:
-        pytest.skip(f"{cxx} has no libasan.so")
+        pytest.skip(f"{cxx} has no AddressSanitizer runtime (libasan.so or libclang_rt.asan)")
     so = BUILD.build(ROOT / "build" / "csrc_emu_asan", opt="-O1", asan=True, quiet=True)
     env = {"LD_PRELOAD": lib, "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1"}
     cases = sorted(k for k in C.CASES if k.startswith("asan_"))

@@ -23,6 +23,11 @@ import sysconfig
 import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
+
 CSRC = Path(__file__).resolve().parents[1]
 # -O2: the emulated kernels run 2x faster than at -O1 (3x than -O0) for the same cold build time, about
 # 25 s on two cores (docs/cuda_emulation.md has the numbers). -fno-strict-aliasing: CUDA code
@@ -137,7 +142,10 @@ def build(build_dir: Path, *, csrc: Path = CSRC, cxx: str | None = None, opt: st
     write_build_ninja(build_dir, out, csrc=Path(csrc).resolve(), cxx=cxx, opt=opt, asan=asan, prebuilt=prebuilt)
     cmd = [_ninja(), "-C", str(build_dir)] + ([f"-j{jobs}"] if jobs else [])
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    with open(build_dir / ".lock", "w") as lock:  # one ninja per build directory (parallel test workers)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"the emulated build failed ({' '.join(cmd)}):\n{res.stdout}\n{res.stderr}")
     if not quiet:

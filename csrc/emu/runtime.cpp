@@ -222,12 +222,19 @@ struct Runtime {
   // settings, errors, counters
   std::atomic<int> schedule{-1};
   uint64_t seed = 0;
-  cudaError_t last_error = cudaSuccess;
-  cudaError_t message_code = cudaSuccess;
-  std::string message;
   Stats stats;
   std::unordered_map<const void*, KernelInfo> kernels;
 };
+
+// The last error, as CUDA keeps it: per host thread, returned (and cleared) by cudaGetLastError. Within
+// one launch the first error wins (a deadlock after an illegal address reports the address).
+struct LastError {
+  cudaError_t code = cudaSuccess;
+  cudaError_t message_code = cudaSuccess;
+  std::string message;
+  bool in_launch_recorded = false;
+};
+thread_local LastError t_error;
 
 Runtime& R() {
   static Runtime* r = new Runtime();  // never destroyed: fibers may outlive static destruction order
@@ -263,11 +270,11 @@ std::string lanes_str(unsigned m) {
 
 // ============================================================================= errors
 void record_error(cudaError_t code, const std::string& msg) {
-  Runtime& r = R();
-  if (r.last_error != cudaSuccess) return;  // the first error of a launch wins
-  r.last_error = code;
-  r.message_code = code;
-  r.message = msg;
+  if (t_error.in_launch_recorded) return;  // the first error of a launch wins
+  t_error.in_launch_recorded = true;
+  t_error.code = code;
+  t_error.message_code = code;
+  t_error.message = msg;
 }
 
 std::string where() {
@@ -898,6 +905,7 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
   Runtime& r = R();
   std::lock_guard<std::mutex> lock(r.mu);
   ensure_schedule();
+  t_error.in_launch_recorded = false;
   ++r.stats.launches;
   r.launch_name = name;
   r.kernel = nullptr;
@@ -975,11 +983,13 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
   r.dyn = nullptr;
   r.dyn_size = 0;
   r.kernel = nullptr;
+  t_error.in_launch_recorded = false;
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
   Runtime& r = R();
   std::lock_guard<std::mutex> lock(r.mu);
+  t_error.in_launch_recorded = false;
   KernelInfo* k = nullptr;
   try {
     k = &kernel_info(kernel, "kernel");
@@ -999,9 +1009,8 @@ cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
 }
 
 cudaError_t get_last_error(bool reset) {
-  Runtime& r = R();
-  const cudaError_t e = r.last_error;
-  if (reset) r.last_error = cudaSuccess;
+  const cudaError_t e = t_error.code;
+  if (reset) t_error.code = cudaSuccess;
   return e;
 }
 
@@ -1022,8 +1031,7 @@ const char* error_name(cudaError_t e) {
 }
 
 const char* error_string(cudaError_t e) {
-  Runtime& r = R();
-  if (e != cudaSuccess && e == r.message_code) return r.message.c_str();
+  if (e != cudaSuccess && e == t_error.message_code) return t_error.message.c_str();
   return e == cudaSuccess ? "no error" : "unknown error";
 }
 

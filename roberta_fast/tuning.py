@@ -165,6 +165,9 @@ def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="
             timer = host_timer(rep_ms or 20.0)
     unavailable = {b: registry.why_unavailable(b, device) for b in (backends or registry.BACKENDS)
                    if not registry.can_run(b, device)}
+    if device.type == "cpu" and "cuda" not in unavailable and (backends is None or "cuda" in backends):
+        # CPU tensors reach the CUDA backend only through its emulation, a test harness: nothing to time
+        unavailable["cuda"] = "the CUDA backend runs CPU tensors only through its emulation (tests, not timing)"
     cands = [b for b in (backends or registry.BACKENDS) if b not in unavailable]
     if "torch" not in cands:
         cands.insert(0, "torch")  # the reference the speedups are measured against

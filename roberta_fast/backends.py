@@ -127,10 +127,20 @@ def _missing(backend: str, device: torch.device) -> bool:
     return False
 
 
+_IMPLS: dict = {}  # (backend, op) -> module, filled on first use
+
+
 def implementation(backend: str, op: str):
     """The module that implements `op` on a kernel backend: roberta_fast.kernels.<op> ("triton") or
     roberta_fast.cuda_ops.<op> ("cuda"). Imported on first use (the package needs neither), with import
-    statements rather than importlib, so that torch.compile traces a call through it."""
+    statements rather than importlib, so that torch.compile traces a call through it; then a dict lookup."""
+    mod = _IMPLS.get((backend, op))
+    if mod is None:
+        mod = _IMPLS[(backend, op)] = _import_implementation(backend, op)
+    return mod
+
+
+def _import_implementation(backend: str, op: str):
     if backend == "triton":
         from .kernels import attention, bias_gelu, layer_norm, masked_softmax
     elif backend == "cuda":

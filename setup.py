@@ -53,26 +53,24 @@ LOG_NAME = "_C_build.log"  # the compile commands and ptxas reports, kept beside
 EMU_BUILD_DIR = Path(os.environ.get("ROBERTA_FAST_CUDA_EMULATE_BUILD_DIR") or ROOT / "build" / "csrc_emu").resolve()
 
 
-def _cuda_mode():
-    v = os.environ.get("ROBERTA_FAST_CUDA", "").strip().lower()
+def _switch(name: str) -> str:
+    """"auto" (unset), "off" (0) or "on" (1) for a build switch such as ROBERTA_FAST_CUDA."""
+    v = os.environ.get(name, "").strip().lower()
     if v in ("", "auto"):
         return "auto"
     if v in ("0", "false", "no", "off"):
         return "off"
     if v in ("1", "true", "yes", "on"):
         return "on"
-    raise SystemExit(f"ROBERTA_FAST_CUDA must be 0 or 1 (or unset), got {v!r}")
+    raise SystemExit(f"{name} must be 0 or 1 (or unset), got {v!r}")
+
+
+def _cuda_mode():
+    return _switch("ROBERTA_FAST_CUDA")
 
 
 def _emu_mode():
-    v = os.environ.get("ROBERTA_FAST_CUDA_EMULATE_BUILD", "").strip().lower()
-    if v in ("", "auto"):
-        return "auto"
-    if v in ("0", "false", "no", "off"):
-        return "off"
-    if v in ("1", "true", "yes", "on"):
-        return "on"
-    raise SystemExit(f"ROBERTA_FAST_CUDA_EMULATE_BUILD must be 0 or 1 (or unset), got {v!r}")
+    return _switch("ROBERTA_FAST_CUDA_EMULATE_BUILD")
 
 
 def emu_builder():

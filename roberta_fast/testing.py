@@ -24,6 +24,7 @@ Timers: `time_gpu_kernel` (triton.testing.do_bench: CUDA events, L2 flushed betw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -82,6 +83,28 @@ def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if torch.isnan(d).any():
         return float("nan")
     return d.max().item() if d.numel() else 0.0
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty / torch.empty_like / Tensor.new_empty return NaN-filled float tensors (ints: -7777) while
+    active, so any output element a kernel forgets to write shows up as NaN (the tests' poison_empty)."""
+    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7777)
+        return t
+
+    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))
+    torch.Tensor.new_empty = lambda self, *a, **k: fill(real_new(self, *a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
 
 
 # ----------------------------------------------------------------------------- op cases

@@ -28,6 +28,7 @@ os.environ.setdefault("ROBERTA_FAST_CUDA_EMULATE", "1")
 import pytest  # noqa: E402
 
 from roberta_fast import backends  # noqa: E402
+from roberta_fast.testing import poisoned_empty  # noqa: E402
 
 
 def _capability():
@@ -109,20 +110,8 @@ def _seed_and_capability(request):
 
 
 @pytest.fixture
-def poison_empty(monkeypatch):
-    """Make torch.empty / torch.empty_like / new_empty return NaN-filled float tensors (ints: -7777)
-    while the test runs, so any output element a kernel forgets to write shows up as NaN."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-    real_new_empty = torch.Tensor.new_empty
-
-    def _fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7777)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_empty_like(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _fill(real_new_empty(self, *a, **k)))
-    yield
+def poison_empty():
+    """torch.empty / torch.empty_like / new_empty return NaN-filled float tensors (ints: -7777) while the
+    test runs, so any output element a kernel forgets to write shows up as NaN (testing.poisoned_empty)."""
+    with poisoned_empty():
+        yield

@@ -15,7 +15,6 @@ tail rows are NaN (an out-of-bounds read shows up).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -25,30 +24,9 @@ import torch
 
 from roberta_fast import reference
 from roberta_fast.ops import attention, attention_varlen, bias_gelu, layer_norm, masked_softmax
-from roberta_fast.testing import assert_rule, eager_attention
+from roberta_fast.testing import assert_rule, eager_attention, poisoned_empty
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty / empty_like / new_empty give NaN-filled float tensors (ints: -7777) meanwhile."""
-    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-7777)
-        return t
-
-    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(real_like(*a, **k))
-    torch.Tensor.new_empty = lambda self, *a, **k: fill(real_new(self, *a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_like, real_new
 
 
 def _judge(fn_ours, fn_ref, fn_same, leaves, dy, names):

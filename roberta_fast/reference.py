@@ -3,11 +3,19 @@
 Each function computes in float32 (float64 when given float64, as the tests' oracle does), with autocast
 off, and returns the input's dtype. They are differentiable through ordinary autograd. Shapes and semantics
 are those of roberta_fast.ops; the op layer checks arguments before calling these.
+
+Attention has two implementations with one contract. `attention_math` / `attention_varlen_math` are the
+explicit math (q k^T, masked softmax, p v): the oracle, used for float64 (what the tests pass) and for
+tensors not on the CPU. On CPU tensors in float32 / float16 / bfloat16, `attention` / `attention_varlen` run
+torch's scaled_dot_product_attention (its fused CPU kernel, several times faster than the explicit math and
+never materializing the S x S scores) on float32 inputs, with the same semantics made explicit around it
+(docs/cpu_path.md).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +92,34 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
 
     q, k, v: (batch, seqlen, heads, head_dim); key_padding_mask: bool (batch, seqlen), True = real
     key; the K and V rows of padded keys are ignored whatever they hold (NaN, inf). Query rows of a sequence
-    with no real key give zeros. Returns (batch, seqlen, heads, head_dim).
+    with no real key give zeros (and zero gradients). Returns (batch, seqlen, heads, head_dim) in q's dtype.
+    CPU tensors in float32 / float16 / bfloat16: scaled_dot_product_attention in float32; otherwise (float64,
+    other devices) the explicit math, attention_math.
     """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _use_sdpa(q):
+        return _attention_sdpa(q, k, v, key_padding_mask, scale)
+    return attention_math(q, k, v, key_padding_mask, scale)
+
+
+@_exact
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
+    """Padding-free attention: q, k, v (total_tokens, heads, head_dim), cu_seqlens int32 (batch + 1,)
+    cumulative lengths from 0 (read on the host); each sequence attends to itself only. Rows past
+    cu_seqlens[-1] are zeros. CPU tensors in float32 / float16 / bfloat16: scaled_dot_product_attention in
+    float32, one call per run of consecutive sequences of equal length; otherwise attention_varlen_math."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _use_sdpa(q):
+        return _attention_varlen_sdpa(q, k, v, cu_seqlens, scale)
+    return attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+# ------------------------------------------------------------------------- attention: the explicit math
+
+
+@_exact
+def attention_math(q, k, v, key_padding_mask=None, scale=None):
+    """attention written out (q k^T, masked_softmax, p v) in float32, float64 for float64 inputs: the oracle."""
     acc = _acc(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qf, kf, vf = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
@@ -101,14 +135,72 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
 
 
 @_exact
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
-    """Padding-free attention: q, k, v (total_tokens, heads, head_dim), cu_seqlens int32 (batch + 1,)
-    cumulative lengths from 0; each sequence attends to itself only. Rows past cu_seqlens[-1] are
-    left as zeros."""
+def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
+    """attention_varlen as one attention_math call per sequence: the oracle."""
     out = torch.zeros_like(q)
     bounds = cu_seqlens.tolist()
     for i in range(len(bounds) - 1):
         s, e = bounds[i], bounds[i + 1]
         if e > s:
-            out[s:e] = attention(q[None, s:e], k[None, s:e], v[None, s:e], scale=scale)[0]
+            out[s:e] = attention_math(q[None, s:e], k[None, s:e], v[None, s:e], scale=scale)[0]
     return out
+
+
+# ---------------------------------------------------------------- attention on CPU: fused SDPA kernel
+
+
+def _use_sdpa(q) -> bool:
+    """The CPU path: float32 / float16 / bfloat16 CPU tensors (float64 is the oracle's, kept explicit)."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _sdpa(q, k, v, mask, scale):
+    """scaled_dot_product_attention on (n, seqlen, heads, head_dim) float32 views -> (n, seqlen, heads,
+    head_dim) (a view of its (n, heads, seqlen, head_dim) output, contiguous in this order on the CPU)."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       scale=scale)
+    return o.transpose(1, 2)
+
+
+def _attention_sdpa(q, k, v, key_padding_mask, scale):
+    """attention's semantics on scaled_dot_product_attention, which has none of them for padded keys: a
+    fully masked row would be NaN (or whatever its kernel gives) and a NaN in a padded K or V row reaches
+    real rows (0 * NaN). So K and V are zeroed at padded keys, and a sequence with no real key gets its
+    q zeroed and every key let in: its rows are then softmax(0) @ 0 = 0 exactly, gradients 0 too. Host
+    reads of the mask (free on CPU tensors) skip that work when there is no padding or no such sequence;
+    under torch.compile nothing is read and the work is done unconditionally (one graph)."""
+    qf, kf, vf = (t.float() for t in (q, k, v))  # (B, S, H, D); no copy for float32
+    mask = key_padding_mask
+    if mask is not None:
+        reads = not torch.compiler.is_compiling()
+        if reads and bool(mask.all()):
+            mask = None
+        else:
+            keep = mask[:, :, None, None]  # (B, Sk, 1, 1)
+            kf, vf = kf.masked_fill(~keep, 0.0), vf.masked_fill(~keep, 0.0)
+            dead = ~mask.any(1)  # (B,) sequences with no real key
+            if not reads or bool(dead.any()):
+                qf = qf.masked_fill(dead[:, None, None, None], 0.0)
+                mask = mask | dead[:, None]
+            mask = mask[:, None, None, :]  # (B, 1, 1, Sk)
+    return _sdpa(qf, kf, vf, mask, scale).to(q.dtype)
+
+
+def _attention_varlen_sdpa(q, k, v, cu_seqlens, scale):
+    """One SDPA call per run of consecutive sequences of equal length (a view of the packed rows, no copy;
+    a packed batch of one length is one call), outputs concatenated in order, zeros after cu_seqlens[-1].
+    Padding sequences into buckets (gather, mask, scatter) measured slower on CPU for lengths uniform in
+    [0.2 S, S]: the padding's extra work outweighs the ~20 us saved per call (docs/cpu_path.md)."""
+    bounds = cu_seqlens.tolist()
+    total = bounds[-1]
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    if not lens:
+        return torch.zeros_like(q)
+    runs = [(n, sum(1 for _ in g)) for n, g in itertools.groupby(lens)]  # (length, count)
+    parts = [t[:total].float().split([n * c for n, c in runs]) for t in (q, k, v)]
+    outs = [_sdpa(*(p.unflatten(0, (c, n)) for p in qkv), None, scale).flatten(0, 1)  # (c * n, H, D)
+            for (n, c), qkv in zip(runs, zip(*parts))]
+    if q.shape[0] > total:
+        outs.append(q.new_zeros((q.shape[0] - total, *q.shape[1:]), dtype=torch.float32))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.to(q.dtype)

@@ -6,6 +6,9 @@
 The op layer (`roberta_fast.ops`) holds the fused kernels; every op runs on one of three backends:
 "torch" (plain PyTorch reference), "triton" (kernels/) or "cuda" (csrc/, the compiled roberta_fast._C).
 Importing this package needs no GPU and no compiled module.
+
+CUDA graphs: `cuda_graphs=True` (or `CudaGraphs(...)`) on from_pretrained, the model classes and optimize();
+`roberta_fast.graphs.clear(model)` / `roberta_fast.graphs.stats(model)` (roberta_fast/model/graphs.py).
 """
 
 from . import backends, ops, reference  # noqa: F401
@@ -23,6 +26,8 @@ from .model import (  # noqa: F401
     RobertaForTokenClassification,
     RobertaModel,
     XLMRobertaModel,
+    graphs,  # roberta_fast.graphs: CudaGraphs, clear, stats
     pool,
 )
+from .model.graphs import CudaGraphs  # noqa: F401
 from .optimize import optimize  # noqa: F401  (bound after the submodule: the name is the function)

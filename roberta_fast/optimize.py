@@ -15,6 +15,10 @@ The new forward is a functools.partial of a module-level function on the encoder
 method), so the model pickles: torch.save / torch.load and copy.deepcopy keep it optimized. transformers'
 gradient_checkpointing_enable() reaches our layers (they carry its `gradient_checkpointing` flag), and
 resize_token_embeddings() keeps working (the vocabulary check follows the embedding table).
+
+cuda_graphs=True (or roberta_fast.CudaGraphs(...)) replays CUDA graphs of the padding-free forward in inference
+(roberta_fast/model/graphs.py); the graphs of each optimized encoder live on it (`_cuda_graph_cache`, never
+pickled: a copy or a loaded model captures again). roberta_fast.graphs.clear(model) / .stats(model) reach them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import torch
 
 from .model import BertModel, EncoderConfig, RobertaModel, _check_extra_kwargs, encoder_forward
+from .model import graphs as _graphs
 from .model.checks import output_flags
 
 # transformers module -> (encoder class, its heads); all heads keep the encoder under base_model_prefix
@@ -105,14 +110,15 @@ def _fast_forward(self, input_ids=None, attention_mask=None, token_type_ids=None
         self.embeddings, self.encoder, self.pooler, s["config"], roberta=s["roberta"], backend=s["backend"],
         padding_free=s["padding_free"], input_ids=input_ids, attention_mask=attention_mask,
         token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
-        output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions))
+        output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions),
+        graph_cache=getattr(self, "_cuda_graph_cache", None))
     cross = () if output_attentions and _empty_cross_attentions() else None
     out = _output_class()(last_hidden_state=last, pooler_output=pooled, hidden_states=hs, attentions=attn,
                           cross_attentions=cross)
     return out if return_dict else out.to_tuple()
 
 
-def optimize(model, *, backend=None, padding_free=True):
+def optimize(model, *, backend=None, padding_free=True, cuda_graphs=False):
     """Swap the encoder of a transformers RobertaModel / BertModel / XLMRobertaModel / CamembertModel or of
     one of their MaskedLM, SequenceClassification, TokenClassification, QuestionAnswering heads for
     roberta_fast's, in place, sharing the same Parameter objects. Returns `model`.
@@ -120,9 +126,13 @@ def optimize(model, *, backend=None, padding_free=True):
     `model` may also be any torch module holding such models, e.g. a sentence-transformers
     SentenceTransformer or CrossEncoder: each outermost one inside it is optimized.
     backend: op backend ("torch" | "triton" | "cuda" | None = automatic); padding_free: run packed real
-    tokens (True) or the padded layout (False). Calling optimize again only updates these two settings.
+    tokens (True) or the padded layout (False); cuda_graphs: False, True or roberta_fast.CudaGraphs(...):
+    replay CUDA graphs of the padding-free forward in inference (roberta_fast/model/graphs.py; on CPU tensors
+    nothing changes but a one-time warning). Calling optimize again only updates these three settings (graphs
+    captured so far are kept when cuda_graphs gives the same options, else dropped).
     Anything else raises TypeError listing the supported classes.
     """
+    _graphs.as_options(cuda_graphs)  # a bad value raises before anything changes
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"roberta_fast.optimize: expected a transformers model, got {type(model).__name__}; "
                         f"supported: {', '.join(supported_names())}")
@@ -132,6 +142,7 @@ def optimize(model, *, backend=None, padding_free=True):
             settings.update(backend=backend, padding_free=bool(padding_free))
         else:
             _swap(enc, roberta, backend, padding_free)
+        enc._cuda_graph_cache = _graphs.make_cache(cuda_graphs, old=getattr(enc, "_cuda_graph_cache", None))
     return model
 
 

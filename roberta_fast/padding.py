@@ -16,8 +16,9 @@ with its input range checks, in one sync); `pack_indices` then needs no sync at 
 `unpad_input` do the read themselves (one sync).
 
 `Layout` says where the real tokens of a batch are and moves (B, S, ...) tensors to the rows the layers
-run on and back: packed (T rows), padded with a mask (B*S rows, e.g. under CUDA graph capture, where no
-sync is allowed) or dense (B*S rows, every position real).
+run on and back: packed (T rows), padded with a mask (B*S rows, e.g. under a caller's CUDA graph capture, where
+no sync is allowed) or dense (B*S rows, every position real). The model's own CUDA graphs (model/graphs.py) run
+the packed layout on a token bucket's rows, with static cu_seqlens.
 
 Real tokens need not be a prefix of each row: any mask pattern packs in row-major order. Both
 directions are differentiable (index_select / index_copy).
@@ -102,8 +103,10 @@ def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: i
 class Layout:
     """Where the real tokens of a (B, S) batch are, and the rows the layers run on:
 
-    packed (`indices` set): T rows, the real tokens in order (cu_seqlens, max_seqlen for attention_varlen);
-    padded (`mask` set, no indices): B*S rows, mask (B, S) bool (True = real) for attention's key padding;
+    packed (`cu_seqlens` set): T rows, the real tokens in order (cu_seqlens, max_seqlen for attention_varlen;
+        `indices` places them in the (B, S) batch; a CUDA graph's static layout has none: its rows never
+        leave the graph through this layout);
+    padded (`mask` set, no cu_seqlens): B*S rows, mask (B, S) bool (True = real) for attention's key padding;
     dense (neither): B*S rows, every position real.
     """
 
@@ -122,7 +125,7 @@ class Layout:
 
     @property
     def is_packed(self) -> bool:
-        return self.indices is not None
+        return self.cu_seqlens is not None
 
     def to_rows(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """(B, S, ...) -> (rows, ...) of this layout (None stays None)."""

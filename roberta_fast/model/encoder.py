@@ -17,20 +17,20 @@ it. One Layer, on `rows` tokens (the T real tokens when packed, B*S on the padde
       Intermediate   FFN1 GEMM (no bias) -> bias_gelu                                    (rows, intermediate)
       Output         FFN2 GEMM (no bias) -> layer_norm(x_bias=FFN2 bias, residual=h)     (rows, hidden)
 
-Padding (roberta_fast.padding): a padded batch is packed once after the embedding lookup (only the ids
-of real tokens are looked up), every GEMM and kernel runs on real tokens only, and the outputs are
-scattered back once at the end. The padded positions of last_hidden_state and of every hidden_states
-entry are ZEROS (transformers leaves whatever its layers computed there); `padding_free=False` runs the
-padded layout with ops.attention(key_padding_mask=...) and zeroes the padded positions the same way, so
-both paths return identical tensors. The pooler reads position 0 as transformers does (a left-padded row
-gives tanh(pooler bias) there).
+Padding (roberta_fast.padding): a padded batch is packed once after the embedding lookup (only the ids of
+real tokens are looked up), every GEMM and kernel runs on real tokens only, and the outputs are scattered back
+once at the end. The padded positions of last_hidden_state and of every hidden_states entry are ZEROS
+(transformers leaves whatever its layers computed there); `padding_free=False` runs the padded layout with
+ops.attention(key_padding_mask=...) and zeroes the padded positions the same way: both paths return identical
+tensors. The pooler reads position 0 as transformers does (a left-padded row gives tanh(pooler bias) there).
 
 Unfused attention: output_attentions=True, or attention-probs dropout > 0 in train mode, computes
 q k^T, ops.masked_softmax and probs @ v, and returns the probabilities (B, heads, S, S) (after dropout,
 as transformers does; padded query rows are zeros). Eval has no dropout anywhere.
 
 Each forward synchronizes with the device once (model/checks.py): the input range checks and the mask
-statistics (real token count, longest sequence) are read back together; none under CUDA graph capture or
+statistics (real token count, longest sequence) are read back together, after which cuda_graphs=True replays
+a graph of the packed batch's bucket (model/graphs.py); no sync under the caller's CUDA graph capture or
 torch.compile, where the batch takes the padded path with the mask (fixed shapes, one graph).
 Autocast and gradient checkpointing: see the package docstring (roberta_fast/model/__init__.py).
 """
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..padding import Layout
+from . import graphs
 from .checks import check_extra_kwargs, check_inputs, output_flags
 from .config import ACTIVATIONS, EncoderConfig, as_config
 from .outputs import EncoderOutput
@@ -99,6 +100,7 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.dropout_p = cfg.attention_probs_dropout_prob
         self._qkv_cache = None
+        self._qkv_static = None  # set by model/graphs.py while a graph forward runs: the fused copies it owns
 
     def forward(self, x, layout: Layout, *, need_probs=False, backend=None):
         """x (rows, hidden) -> context (rows, hidden), probabilities (B, heads, S, S) or None."""
@@ -142,8 +144,9 @@ class SelfAttention(nn.Module):
         load_state_dict, .to() or a new tensor rebuilds them); the cache keeps the sources alive, so a freed
         address cannot be reused by a different tensor under the same key.
         """
-        srcs = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias,
-                self.value.bias)
+        if self._qkv_static is not None:
+            return self._qkv_static
+        srcs = self.qkv_sources()
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in srcs)):
             return torch.cat(srcs[:3]), torch.cat(srcs[3:])
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in srcs)
@@ -155,8 +158,13 @@ class SelfAttention(nn.Module):
             self._qkv_cache = cache
         return cache[1], cache[2]
 
+    def qkv_sources(self):
+        """query, key, value weights, then their biases."""
+        return self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias
+
     def _apply(self, fn, *args, **kwargs):
         self._qkv_cache = None  # .to() / .half() / .cuda(): drop the stale copy now, not at the next forward
+        graphs.structure_changed()  # parameters may be new objects: graph caches look again
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -282,14 +290,19 @@ def _no_autocast(x):
 
 def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta: bool, backend=None,
                     padding_free=True, input_ids=None, attention_mask=None, token_type_ids=None,
-                    position_ids=None, inputs_embeds=None, output_hidden_states=False, output_attentions=False):
+                    position_ids=None, inputs_embeds=None, output_hidden_states=False, output_attentions=False,
+                    graph_cache=None):
     """The whole encoder on modules with transformers' names (ours, or a transformers model's after
     roberta_fast.optimize: our embeddings and encoder, its own pooler). Inputs as in _EncoderModel.forward.
     Returns (last_hidden_state, pooler_output, hidden_states, attentions); under autocast all but the pooler
-    output in float32, as transformers' LayerNorm and softmax give them."""
+    output in float32, as transformers' LayerNorm and softmax give them. graph_cache: model/graphs.py's."""
     inputs = check_inputs(cfg, roberta=roberta, input_ids=input_ids, attention_mask=attention_mask,
                           token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
     layout = inputs.layout(padding_free)  # the one host sync: pack the real tokens, or keep the padded layout
+    last = None if graph_cache is None else graph_cache.run(embeddings, encoder, inputs, layout, backend,
+                                                            output_hidden_states or output_attentions)
+    if last is not None:  # the bucket's CUDA graph replayed: (B, S, hidden), a new tensor
+        return last, (pooler(last) if pooler is not None else None), None, None
     rows = (layout.to_rows(t) for t in (inputs.input_ids, inputs.position_ids, inputs.token_type_ids,
                                         inputs.inputs_embeds))
     h = embeddings(*rows, backend=backend)  # (rows, hidden)
@@ -306,11 +319,13 @@ def encoder_forward(embeddings, encoder, pooler, cfg: EncoderConfig, *, roberta:
 class _EncoderModel(PreTrainedEncoder):
     """The encoder: embeddings -> layers -> (pooler). forward() as transformers' RobertaModel/BertModel."""
 
-    def __init__(self, config, add_pooling_layer=True, *, backend=None, padding_free=True, _init=True):
+    def __init__(self, config, add_pooling_layer=True, *, backend=None, padding_free=True, cuda_graphs=False,
+                 _init=True):
         super().__init__()
         self.config = as_config(config)
         self._backend = backend
         self._padding_free = bool(padding_free)
+        self._cuda_graph_cache = graphs.make_cache(cuda_graphs)
         self.embeddings = Embeddings(self.config, self._roberta)
         self.encoder = Encoder(self.config)
         self.pooler = Pooler(self.config) if add_pooling_layer else None
@@ -331,7 +346,7 @@ class _EncoderModel(PreTrainedEncoder):
             self.embeddings, self.encoder, self.pooler, self.config, roberta=self._roberta, backend=self._backend,
             padding_free=self._padding_free, input_ids=input_ids, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
-            output_hidden_states=hidden_states, output_attentions=attentions)
+            output_hidden_states=hidden_states, output_attentions=attentions, graph_cache=self._cuda_graph_cache)
         out = EncoderOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs, attentions=attn,
                             cross_attentions=() if attentions else None)
         return out if return_dict else out.to_tuple()

@@ -152,12 +152,12 @@ class _Head(PreTrainedEncoder):
     _encoder_cls = None
     _add_pooling_layer = False
 
-    def __init__(self, config, *, backend=None, padding_free=True):
+    def __init__(self, config, *, backend=None, padding_free=True, cuda_graphs=False):
         super().__init__()
         self.config = as_config(config)
         setattr(self, self.base_model_prefix,
                 self._encoder_cls(self.config, add_pooling_layer=self._add_pooling_layer, backend=backend,
-                                  padding_free=padding_free, _init=False))
+                                  padding_free=padding_free, cuda_graphs=cuda_graphs, _init=False))
         self.num_labels = self.config.num_labels
         self._build_head()
         self.post_init()

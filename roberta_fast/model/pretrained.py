@@ -1,7 +1,7 @@
 """PreTrainedEncoder: the base of the encoders and the heads, with the part of transformers' PreTrainedModel
 that users reach for: from_pretrained / save_pretrained (model/checkpoint.py does the file work), weight init
 and tying, device / dtype / num_parameters, input and output embeddings and resize_token_embeddings,
-gradient checkpointing, and our `backend` / `padding_free` switches (held by the encoder).
+gradient checkpointing, and our `backend` / `padding_free` / `cuda_graphs` switches (held by the encoder).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import checkpoint
+from . import checkpoint, graphs
 from .config import ROBERTA_TYPES, EncoderConfig
 
 
@@ -44,6 +44,19 @@ class PreTrainedEncoder(nn.Module):
     @padding_free.setter
     def padding_free(self, value):
         self.base_model._padding_free = bool(value)
+
+    @property
+    def cuda_graphs(self):
+        """The CudaGraphs options in effect (model/graphs.py), or None (off). Set True, False or CudaGraphs(...);
+        new options drop the graphs captured so far (roberta_fast.graphs.clear(model) drops them and keeps the
+        options)."""
+        cache = self.base_model._cuda_graph_cache
+        return None if cache is None else cache.options
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value):
+        base = self.base_model
+        base._cuda_graph_cache = graphs.make_cache(value, old=base._cuda_graph_cache)
 
     @property
     def device(self) -> torch.device:
@@ -154,15 +167,18 @@ class PreTrainedEncoder(nn.Module):
 
     # ---- checkpoints
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, backend=None, padding_free=True, **kwargs):
+    def from_pretrained(cls, path, *, dtype=None, device=None, backend=None, padding_free=True, cuda_graphs=False,
+                        **kwargs):
         """Load a local directory written by transformers' save_pretrained (config.json + model.safetensors
         or pytorch_model.bin, sharded or not). No download: a missing directory or file raises naming it.
 
         dtype: a torch dtype or its name ("float16", "torch.bfloat16"), or None / "auto" (transformers 5's
         default): config.json's dtype entry, else the checkpoint's. device: where the weights go (None:
-        cpu). backend: the op backend ("torch" | "triton" | "cuda" | None = automatic). transformers'
-        spellings work: torch_dtype= (dtype), device_map= (one device); attn_implementation,
-        local_files_only, low_cpu_mem_usage and trust_remote_code change nothing here and are accepted.
+        cpu). backend: the op backend ("torch" | "triton" | "cuda" | None = automatic). cuda_graphs: True or
+        roberta_fast.CudaGraphs(...) replays CUDA graphs of the padding-free forward in inference
+        (model/graphs.py; on CPU tensors nothing changes but a one-time warning). transformers' spellings work:
+        torch_dtype= (dtype), device_map= (one device); attn_implementation, local_files_only, low_cpu_mem_usage
+        and trust_remote_code change nothing here and are accepted.
         Other keyword arguments must be config fields to change (e.g. num_labels=3 for a new classifier);
         anything else raises TypeError naming the closest valid one. config.json's model_type must be a
         BERT-family type (ValueError otherwise). Checkpoint names and shapes must match the model: a
@@ -187,7 +203,7 @@ class PreTrainedEncoder(nn.Module):
         if dtype in (None, "auto"):
             dtype = checkpoint.auto_dtype(d, sd, who)
         with torch.device("meta"):
-            model = cls(config, backend=backend, padding_free=padding_free)
+            model = cls(config, backend=backend, padding_free=padding_free, cuda_graphs=cuda_graphs)
         checkpoint.load_state(model, sd, who=f"{who}({path!r})", dtype=dtype, device=device)
         return model.eval()
 

@@ -1,7 +1,9 @@
 """Encoder benchmarks: roberta-base / roberta-large (random init from transformers' RobertaConfig, no
 download) in inference, every provider, four workloads.
 
-Providers (cuda_graph=True rows replay one captured CUDA graph of the same forward):
+Providers (cuda_graph=True rows replay one captured CUDA graph of the same forward, except rf_padding_free,
+which turns on roberta_fast's own cuda_graphs=True: a graph per bucket of the padding-free path, replayed after
+the forward's one host sync):
   hf_eager           transformers, attn_implementation="eager"
   hf_sdpa            transformers, attn_implementation="sdpa"
   hf_sdpa_compile    torch.compile(hf_sdpa, mode="max-autotune") (that mode captures CUDA graphs itself)
@@ -103,8 +105,12 @@ def _forward(model, wl):
     return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
 
 
-def _graphed(fn):
-    """Capture fn once into a CUDA graph; the returned callable replays it (static output)."""
+def _graphed(fn, model=None, provider=None):
+    """Capture fn once into a CUDA graph; the returned callable replays it (static output). rf_padding_free
+    uses the model's own graphs instead (optimize(model, cuda_graphs=True), captured on fn's first call)."""
+    if provider == "rf_padding_free":
+        optimize(model, cuda_graphs=True)
+        return fn
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -258,7 +264,7 @@ def _measure(r, model, wl, ref_out, graph, device, rep_ms, quick):
                 torch.cuda.reset_peak_memory_stats()
             fn = (lambda: _forward(model, wl))
             if graph:
-                fn = _graphed(fn)
+                fn = _graphed(fn, model, r["provider"])
             out = fn()  # also compiles (hf_sdpa_compile)
             mask = wl["attention_mask"].bool().cpu()
             r["max_err"] = (out.float().cpu() - ref_out)[mask].abs().max().item()

@@ -32,7 +32,6 @@ sequence (row * stride, < 2**31 elements) are int32.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AOTSpec, ptr
+from ._launch import INTERPRET, cdiv, ints_key, launcher
 
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
@@ -415,7 +415,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # on GPUs; float32 too under th
 
 
 def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET=1 when this package was imported (Triton fixes it then too)."""
+    return INTERPRET
 
 
 def _upcast(dtype) -> bool:
@@ -444,6 +445,8 @@ def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, max_seqlen:
 
 
 # ------------------------------------------------------------------------------------- host side
+
+_FWD = launcher(_attn_fwd)  # the forward's launches through cached compiled handles
 
 _DUMMY: dict = {}
 
@@ -504,23 +507,37 @@ def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
         max_seqlen int >= every length. Returns o (T, H, D) (rows past cu_seqlens[-1] zero), lse (H, T).
     lse is the natural-log log-sum-exp of the scaled scores per query row (-inf: no real key).
     """
-    a = _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen)
-    scale = a["head_dim"] ** -0.5 if scale is None else scale
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(a["lse_shape"], dtype=torch.float32, device=q.device)
-    cfg = attention_config("fwd", a["head_dim"], q.dtype, a["sizes"][2])
-    n_blocks = max(triton.cdiv(a["sizes"][2], cfg.block_m), 1)
-    if a["n_bh"] * n_blocks == 0:
+    dev = q.device
+    if cu_seqlens is not None:
+        T, H, D = q.shape
+        n_seq, S = cu_seqlens.shape[0] - 1, int(max_seqlen)
+        sizes = (n_seq, H, S, T)
+        # (batch, row, head) strides; o is contiguous; one extra sequence zeroes the rows past cu_seqlens[-1]
+        strides = (0, *q.stride()[:2], 0, *k.stride()[:2], 0, *v.stride()[:2], 0, H * D, D, 0, T)
+        lse_shape, cu, n_bh = (H, T), cu_seqlens, (n_seq + 1) * H
+    else:
+        B, S, H, D = q.shape
+        sizes = (B, H, S, B * S)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], S * H * D, H * D, D, H * S, S)
+        lse_shape, cu, n_bh = (B, H, S), _dummy(dev, torch.int32, 0), B * H
+    if key_padding_mask is not None:
+        mask, mask_strides = key_padding_mask, key_padding_mask.stride()
+    else:
+        mask, mask_strides = _dummy(dev, torch.bool, True), (0, 0)
+    scale = D ** -0.5 if scale is None else scale
+    o = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
+    cfg = attention_config("fwd", D, q.dtype, S)
+    n_blocks = max(cdiv(S, cfg.block_m), 1)
+    if n_bh * n_blocks == 0:
         return o, lse
-    st = a["strides"]
-    _attn_fwd[(a["n_bh"] * n_blocks,)](
-        q, k, v, o, lse, a["mask"], a["cu"],
-        *a["sizes"], n_blocks, a["is_varlen"],
-        float(scale) * LOG2E,
-        *st(q), *st(k), *st(v), *st(o), *a["lse_strides"], *a["mask_strides"],
-        HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ints = (*sizes, n_blocks, int(cu_seqlens is not None), *strides, *mask_strides)
+    # what fixes Triton's specialization (kernels/_launch.py); o and lse are fresh, aligned allocations
+    key = (q.dtype, k.dtype, v.dtype, D, cfg, q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,
+           mask.data_ptr() & 15, cu.data_ptr() & 15, ints_key(ints))
+    _FWD(key, (n_bh * n_blocks,), (q, k, v, o, lse, mask, cu, *ints[:6], float(scale) * LOG2E, *ints[6:]),
+         dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
+              num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return o, lse
 
 
@@ -542,7 +559,7 @@ def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scal
     tail = (*st(q), *st(k), *st(v), *st(dq), *st(do), *a["lse_strides"], *a["mask_strides"])
 
     cfg = attention_config("bwd_dq", a["head_dim"], q.dtype, seqlen)
-    n_blocks = max(triton.cdiv(seqlen, cfg.block_m), 1)
+    n_blocks = max(cdiv(seqlen, cfg.block_m), 1)
     _attn_bwd_dq[(a["n_bh"] * n_blocks,)](
         q, k, v, o, do, dq, lse, delta, a["mask"], a["cu"],
         *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,
@@ -550,7 +567,7 @@ def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scal
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = attention_config("bwd_dkdv", a["head_dim"], q.dtype, seqlen)
-    n_blocks = max(triton.cdiv(seqlen, cfg.block_n), 1)
+    n_blocks = max(cdiv(seqlen, cfg.block_n), 1)
     _attn_bwd_dkdv[(a["n_bh"] * n_blocks,)](
         q, k, v, do, dk, dv, lse, delta, a["mask"], a["cu"],
         *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,

@@ -13,13 +13,13 @@ backward's dbias is deterministic: each program keeps an fp32 partial sum of its
 writes it to a (grid_m, N) buffer, and a second small kernel adds those rows in a fixed order.
 """
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._aot import AOTSpec, ptr
+from ._launch import INTERPRET, cdiv, int_key, launcher
 
 # constants written inline in the jit functions below:
 #   0.7071067811865476 = 1/sqrt(2), 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi),
@@ -171,16 +171,16 @@ def _tile(M: int, N: int):
 
 def _bwd_grid(M: int, N: int, block_m: int, block_n: int, has_bias: bool):
     """(grid_m, grid_n, tiles_per_prog) of the backward."""
-    grid_n = triton.cdiv(N, block_n)
-    tiles_m = triton.cdiv(M, block_m)
+    grid_n = cdiv(N, block_n)
+    tiles_m = cdiv(M, block_m)
     if not has_bias:
         return tiles_m, grid_n, 1
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if INTERPRET:
         grid_m = min(tiles_m, _BWD_INTERPRET_GRID_M)
     else:
-        grid_m = max(1, min(tiles_m, triton.cdiv(_BWD_TARGET_PROGRAMS, grid_n)))
-    tiles_per_prog = triton.cdiv(tiles_m, grid_m)
-    return triton.cdiv(tiles_m, tiles_per_prog), grid_n, tiles_per_prog
+        grid_m = max(1, min(tiles_m, cdiv(_BWD_TARGET_PROGRAMS, grid_n)))
+    tiles_per_prog = cdiv(tiles_m, grid_m)
+    return cdiv(tiles_m, tiles_per_prog), grid_n, tiles_per_prog
 
 
 def _approx_flag(approximate: str) -> int:
@@ -195,6 +195,7 @@ def _approx_flag(approximate: str) -> int:
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FWD = launcher(_bias_gelu_fwd_kernel)  # the forward's launches through cached compiled handles
 
 
 def unsupported(x, bias, approximate):
@@ -210,11 +211,13 @@ def forward(x, bias, approximate):
     flag = _approx_flag(approximate)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     block_m, block_n, warps = _tile(M, N)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _bias_gelu_fwd_kernel[grid](
-        x, bias if bias is not None else x, y, M, N, x.stride(0), flag,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps,
-    )
+    grid = (cdiv(M, block_m) * cdiv(N, block_n),)
+    b = bias if bias is not None else x
+    # what fixes Triton's specialization (kernels/_launch.py); y is a fresh, aligned allocation
+    key = (x.dtype, b.dtype, bias is None, x.data_ptr() & 15, b.data_ptr() & 15, int_key(M), int_key(N),
+           int_key(x.stride(0)), flag)
+    _FWD(key, grid, (x, b, y, M, N, x.stride(0), flag),
+         dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps))
     return y
 
 
@@ -235,7 +238,7 @@ def backward(dy, x, bias, approximate):
         return dx, None
     dbias = torch.empty((N,), dtype=bias.dtype, device=x.device)
     block_r, block_c, warps_c = _COLSUM
-    _column_sum_kernel[(triton.cdiv(N, block_c),)](
+    _column_sum_kernel[(cdiv(N, block_c),)](
         partial, dbias, grid_m, N, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=warps_c,
     )
     return dx, dbias

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AOTSpec, ptr
+from ._launch import cdiv, int_key, launcher
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -194,6 +195,7 @@ _SUM_BLOCK_P, _SUM_BLOCK_C, _SUM_WARPS = 32, 128, 4
 _NUM_STAGES = 2  # every launch; the row kernels keep nothing in shared memory across loop iterations
 
 
+@functools.lru_cache(maxsize=256)
 def _row_config(N: int, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps) for rows of N elements.
 
@@ -227,16 +229,20 @@ def _bwd_programs(n_tiles: int, device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------- host functions
 
+_FWD = launcher(_layer_norm_fwd_kernel)  # the forward's launches through cached compiled handles
 
-def _param_dtype(x: torch.Tensor, *params) -> torch.dtype:
-    dts = {p.dtype for p in params if p is not None}
+
+def _param_dtype(x: torch.Tensor, weight, bias, x_bias) -> torch.dtype:
+    if x_bias is None and weight is not None and bias is not None and weight.dtype == bias.dtype:
+        return weight.dtype  # the common case, without building a set
+    dts = {p.dtype for p in (weight, bias, x_bias) if p is not None}
     if not dts:
         return x.dtype
     return dts.pop() if len(dts) == 1 else torch.float32
 
 
 def _as(p, dtype):
-    return None if p is None else p.to(dtype)
+    return p if p is None or p.dtype == dtype else p.to(dtype)
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -267,18 +273,18 @@ def forward(x, weight, bias, eps, residual, x_bias):
         return y, mean, rstd
     block, rows, num_warps = _row_config(N)
     # stand-in for a missing parameter (never read): any tensor of the parameters' dtype
-    dummy = next((p for p in (weight, bias, x_bias) if p is not None), x)
+    dummy = weight if weight is not None else (bias if bias is not None else (x_bias if x_bias is not None else x))
+    w = weight if weight is not None else dummy
+    b = bias if bias is not None else dummy
+    xb = x_bias if x_bias is not None else dummy
     res = residual if residual is not None else x
-    _layer_norm_fwd_kernel[(triton.cdiv(M, rows),)](
-        x, res,
-        weight if weight is not None else dummy,
-        bias if bias is not None else dummy,
-        x_bias if x_bias is not None else dummy,
-        y, mean, rstd,
-        x.stride(0), res.stride(0), M, N, float(eps),
-        int(weight is not None), int(bias is not None), int(x_bias is not None), int(residual is not None),
-        BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES,
-    )
+    flags = (int(weight is not None), int(bias is not None), int(x_bias is not None), int(residual is not None))
+    # what fixes Triton's specialization (kernels/_launch.py); y, mean and rstd are fresh, aligned allocations
+    key = (x.dtype, pdt, N, x.data_ptr() & 15, res.data_ptr() & 15, w.data_ptr() & 15, b.data_ptr() & 15,
+           xb.data_ptr() & 15, int_key(x.stride(0)), int_key(res.stride(0)), int_key(M), flags)
+    _FWD(key, (cdiv(M, rows),),
+         (x, res, w, b, xb, y, mean, rstd, x.stride(0), res.stride(0), M, N, float(eps), *flags),
+         dict(BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES))
     return y, mean, rstd
 
 
@@ -300,10 +306,10 @@ def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):
                  for p in (weight, bias, x_bias)]
         return (dx, *grads)
     block, rows, num_warps = _row_config(N, backward=True)
-    n_tiles = triton.cdiv(M, rows)
+    n_tiles = cdiv(M, rows)
     n_prog = _bwd_programs(n_tiles, dev)
-    tiles_per_prog = triton.cdiv(n_tiles, n_prog)
-    n_prog = triton.cdiv(n_tiles, tiles_per_prog)  # no program without rows
+    tiles_per_prog = cdiv(n_tiles, n_prog)
+    n_prog = cdiv(n_tiles, tiles_per_prog)  # no program without rows
 
     k = sum(need)
     part = torch.empty((max(k, 1), n_prog, N), dtype=torch.float32, device=dev)
@@ -329,7 +335,7 @@ def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):
     if k:
         outs = [torch.empty((N,), dtype=pdt, device=dev) for _ in range(k)]
         o = outs + [outs[0]] * (3 - k)
-        _sum_partials_kernel[(triton.cdiv(N, _SUM_BLOCK_C), k)](
+        _sum_partials_kernel[(cdiv(N, _SUM_BLOCK_C), k)](
             part, o[0], o[1], o[2], n_prog, N,
             BLOCK_P=_SUM_BLOCK_P, BLOCK_C=_SUM_BLOCK_C, num_warps=_SUM_WARPS, num_stages=_NUM_STAGES,
         )

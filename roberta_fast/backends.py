@@ -18,6 +18,14 @@ bucket and mode (roberta_fast.tuned), else "cuda" if built, then "triton", on CU
 "torch"; the first that can run the call wins and the automatic choice never raises. A backend named
 by the caller that is missing raises BackendUnavailableError saying how to get it; one that exists but
 cannot take the call (dtype, head_dim, ...) raises ValueError with its reason.
+
+The ops do not call `resolve` per call: `choose(op, backend, device, signature, ...)` caches its answer
+(the backend name and module) per call signature, the op's key of everything the choice depends on
+(device, dtypes, the fixed sizes the backends' `unsupported` look at, the shape bucket of the tuned table,
+the mode and the backend argument). So the environment (ROBERTA_FAST_BACKEND, ROBERTA_FAST_TUNING,
+ROBERTA_FAST_CUDA_EMULATE) and the tuned tables are read once per signature. A change of the tuned
+tables (a new tuning saved, `roberta_fast.tuned.reset()`) empties the cache by itself; after changing
+one of those environment variables at run time, call `roberta_fast.backends.reset()`. docs/host_path.md.
 """
 
 from __future__ import annotations
@@ -30,6 +38,10 @@ import torch
 from . import cuda_ops, tuned
 
 BACKENDS = ("torch", "triton", "cuda")
+# Device types whose tensors the registry treats as GPU tensors (the automatic choice tries "cuda", then
+# "triton"). "cuda" only; the host-overhead benchmark adds "cpu" in its own process, where a stub CUDA
+# driver stands in for the GPU (benchmarks/bench_host.py, docs/host_path.md).
+GPU_DEVICE_TYPES = {"cuda"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -90,7 +102,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         err = triton_import_error()
         if err is not None:
             return f"backend 'triton' needs the triton package ({err}); install it with `pip install triton`"
-        if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
+        if device.type in GPU_DEVICE_TYPES or (device.type == "cpu" and interpret_mode()):
             return None
         return (f"backend 'triton' runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1); "
                 f"got tensors on {device}")
@@ -187,7 +199,7 @@ def resolve(op: str, backend: str | None, device: torch.device, *, unsupported=N
     candidates = ()
     if tune_key is not None:
         candidates = tuned.lookup(op, tune_key, device, mode) or ()
-    if device.type == "cuda":
+    if device.type in GPU_DEVICE_TYPES:
         candidates += ("cuda", "triton")
     for b in candidates:
         if b == "torch":
@@ -195,6 +207,44 @@ def resolve(op: str, backend: str | None, device: torch.device, *, unsupported=N
         if can_run(b, device) and (unsupported is None or unsupported(b) is None):
             return b
     return "torch"
+
+
+# ----------------------------------------------------------------------------- the resolve cache
+
+# (op, backend argument, device, signature, mode) -> (backend name, its module or None for "torch")
+_RESOLVED: dict = {}
+_RESOLVED_MAX = 8192  # distinct signatures kept (a server with ever new shapes starts over past this)
+
+
+def choose(op: str, backend: str | None, device: torch.device, signature, mode: str, *, unsupported=None,
+           tune_key=None):
+    """`resolve` once per call signature: (backend name, implementation module or None for "torch").
+
+    signature  a hashable the op builds from everything the choice depends on besides `backend`, `device`
+               and `mode`: dtypes, the fixed sizes the backends' `unsupported` look at, and the shape bucket
+               of `tune_key` (roberta_fast.tuned.bucket); calls with equal signatures get the same answer
+    The rest as in `resolve`, which runs (and may raise) on the first call of a signature only. The cache
+    is emptied by `reset()` and whenever the tuned tables change."""
+    key = (op, backend, device, signature, mode)
+    hit = _RESOLVED.get(key)
+    if hit is None:
+        b = resolve(op, backend, device, unsupported=unsupported, tune_key=tune_key, mode=mode)
+        hit = (b, None if b == "torch" else implementation(b, op))
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = hit
+    return hit
+
+
+def reset():
+    """Forget every cached choice and the tuned tables: the next call of each signature reads the
+    environment (ROBERTA_FAST_BACKEND, ROBERTA_FAST_TUNING, ROBERTA_FAST_CUDA_EMULATE) and the tuning
+    cache again. Call it after changing one of those variables at run time."""
+    _RESOLVED.clear()
+    tuned.reset()
+
+
+tuned.on_change(_RESOLVED.clear)  # a new tuning (saved, reset, cleared, first read) is seen at once
 
 
 # ----------------------------------------------------------------------------- the contracts

@@ -16,6 +16,11 @@ widths, heads, head_dim, dtype and mask kind exactly. Modes: "fwd" (no gradient 
 
 This module imports nothing from roberta_fast.ops or the tuner, so the registry can read it without a
 cycle. ROBERTA_FAST_TUNING=0 turns lookups off.
+
+`lookup` itself reads the environment and its table on every call; the ops reach it only through the
+registry's resolve cache (`roberta_fast.backends.choose`), once per call signature. Every change of the
+in-memory tables (first read, `save_entries`, `reset`, `clear`) calls the `on_change` listeners, which
+empty that cache, so a new tuning applies from the next call on (docs/tuning.md).
 """
 
 from __future__ import annotations
@@ -91,6 +96,21 @@ def bucket(op: str, key: tuple):
 
 # in-memory tables: device index -> {(op, mode, *fixed, tokens_log2): (backend, ...) fastest first}
 _STATE = {"tables": {}, "identity": {}, "warned": set()}
+# called with no arguments whenever the in-memory tables change (first read, save, reset, clear): the
+# registry's resolve cache (roberta_fast.backends) forgets its choices there, so a new tuning is seen
+_LISTENERS: list = []
+
+
+def on_change(fn):
+    """Call fn() whenever the in-memory tables change (loaded, saved, reset or cleared)."""
+    if fn not in _LISTENERS:
+        _LISTENERS.append(fn)
+    return fn
+
+
+def _changed():
+    for fn in _LISTENERS:
+        fn()
 
 
 def lookup(op: str, key: tuple, device, mode: str = "fwd") -> tuple | None:
@@ -134,6 +154,7 @@ def _ensure_table(index) -> int:
         except Exception as e:  # noqa: BLE001  (a lookup never raises)
             warn_once(f"roberta_fast.tuning: no tuned choices ({type(e).__name__}: {e})")
             tables[index] = {}
+        _changed()
     return len(tables[index])
 
 
@@ -150,6 +171,7 @@ def reset():
     """Forget the in-memory tables (the next lookup re-reads the cache files)."""
     _STATE["tables"].clear()
     _STATE["identity"].clear()
+    _changed()
 
 
 def warn_once(msg: str):
@@ -331,6 +353,7 @@ def save_entries(entries: list, ident: dict) -> Path:
                                                               e["bucket"]["tokens_log2"]))}
     _write_atomic(path, doc)
     _STATE["tables"].clear()
+    _changed()
     return path
 
 

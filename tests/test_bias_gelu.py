@@ -236,7 +236,7 @@ def test_backward_grid_covers_every_row_tile(monkeypatch, M, N):
     buffer is under 1% of dx's elements."""
     from roberta_fast.kernels import bias_gelu as kernels
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # the GPU grid
     block_m, block_n, _ = kernels._tile(M, N)
     grid_m, grid_n, per = kernels._bwd_grid(M, N, block_m, block_n, True)
     tiles_m = -(-M // block_m)

@@ -30,12 +30,18 @@ def lib(t):
     return mod
 
 
+_CODES: dict = {}  # (module, dtype) -> code
+
+
 def dtype_code(mod, dtype: torch.dtype) -> int:
-    codes = mod.DTYPES
-    name = dtype_name(dtype)
-    if name not in codes:
-        raise TypeError(f"{mod.__name__} has no dtype code for {name}")
-    return codes[name]
+    code = _CODES.get((mod, dtype))
+    if code is None:
+        codes = mod.DTYPES
+        name = dtype_name(dtype)
+        if name not in codes:
+            raise TypeError(f"{mod.__name__} has no dtype code for {name}")
+        code = _CODES[(mod, dtype)] = codes[name]
+    return code
 
 
 def ptr(t) -> int:
@@ -48,15 +54,23 @@ def is_f32(t) -> bool:
 
 
 def stream(t) -> int:
-    """The cudaStream_t of the current stream on t's device as an int (0 for CPU tensors)."""
-    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+    """The cudaStream_t of the current stream on t's device as an int (0 for CPU tensors). The raw getter
+    Triton's launcher uses too: ~0.2 us, where torch.cuda.current_stream(device).cuda_stream costs ~3 us."""
+    dev = t.device
+    if dev.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if dev.index is None else dev.index)
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 def device_guard(t):
     """Make t's device current while launching (the compiled module follows the current device)."""
-    if t.device.type != "cuda" or t.device.index is None or t.device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
+    dev = t.device
+    if dev.type != "cuda" or dev.index is None or dev.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(dev)
 
 
 def param(t):

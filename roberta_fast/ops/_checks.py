@@ -51,3 +51,13 @@ def train_mode(*tensors) -> str:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return "train"
     return "fwd"
+
+
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+
+
+def direct_call_ok(x) -> bool:
+    """An inference call may skip the custom op and call the backend's forward directly (the lean path) when
+    nothing would see the op: no TorchDispatchMode is active (FakeTensorMode, op counters, ...) and x is a
+    plain tensor, not a subclass. Under torch.compile the ops always use the custom op."""
+    return type(x) is torch.Tensor and _dispatch_depth() == 0

@@ -11,7 +11,8 @@ import torch
 
 from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
-from ._checks import check_same_device, check_shape, check_tensor, train_mode
+from ..tuned import round_log2
+from ._checks import check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
 
 _OP = "attention"
 _OPV = "attention_varlen"
@@ -186,12 +187,83 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None, backend=None):
     returns           (batch, seqlen, heads, head_dim) q.dtype, contiguous on the kernel backends;
                       math in float32, the S x S scores are never materialized by the kernels
     """
+    if not torch.compiler.is_compiling():
+        try:  # the checks are cached per signature of the call
+            sig = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+                   None if key_padding_mask is None else (key_padding_mask.shape, key_padding_mask.dtype,
+                                                          key_padding_mask.device), scale)
+            ok = sig in _CHECKED
+        except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
+            ok = False
+        if not ok:
+            _check_padded(q, k, v, key_padding_mask, scale)
+            if len(_CHECKED) >= 4096:
+                _CHECKED.clear()
+            _CHECKED.add(sig)
+        return _run(q, k, v, key_padding_mask, scale, backend)
+    _check_padded(q, k, v, key_padding_mask, scale)
+    return _run_traced(q, k, v, key_padding_mask, scale, backend)
+
+
+_CHECKED: set = set()  # call signatures (of attention and attention_varlen) that passed the checks
+
+
+def attention_trusted(q, k, v, key_padding_mask=None, scale=None, backend=None):
+    """attention without the argument checks, for callers that guarantee them (the model, once per forward):
+    the same arguments and result as `attention`, which must accept them. Bad arguments here give undefined
+    errors instead of the named ones."""
+    if torch.compiler.is_compiling():
+        return _run_traced(q, k, v, key_padding_mask, scale, backend)
+    return _run(q, k, v, key_padding_mask, scale, backend)
+
+
+def _check_padded(q, k, v, key_padding_mask, scale):
     _check_qkv(_OP, q, k, v, 4, "(batch, seqlen, heads, head_dim)")
     B, S, H, D = q.shape
     if key_padding_mask is not None:
         check_tensor(_OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
         check_shape(_OP, "key_padding_mask", key_padding_mask, (B, S))
     check_same_device(_OP, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    _check_scale(_OP, scale, D)
+
+
+def _seq_class(n: int) -> int:
+    """log2 of ceil_pow2(n): the sequence-length class of the tuned buckets (roberta_fast.tuned.bucket)."""
+    return (n - 1).bit_length() if n > 1 else 0
+
+
+def _train(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _run(q, k, v, key_padding_mask, scale, backend):
+    """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
+    is called directly, with autograd the custom op is."""
+    B, S, H, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    train = _train(q, k, v)
+
+    def unsupported(b):
+        return _kernel(b).unsupported(q, k, v, key_padding_mask, None, None, scale)
+
+    # what the choice depends on: dtypes and head_dim (the backends' unsupported), the bucket of the tuned
+    # table (S class, heads, head_dim, dtype, mask, tokens)
+    sig = (q.dtype, k.dtype, v.dtype, H, D, _seq_class(S), round_log2(B * S), key_padding_mask is not None)
+    b, mod = backends.choose(_OP, backend, q.device, sig, "train" if train else "fwd", unsupported=unsupported,
+                             tune_key=(B, S, H, D, dtype_name(q.dtype), key_padding_mask is not None))
+    if q.numel() == 0:
+        return _empty_result(q, k, v)
+    if mod is None:
+        return reference.attention(q, k, v, key_padding_mask, scale)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
+        return mod.forward(q, k, v, key_padding_mask, None, None, scale)[0]
+    return _fwd(q, k, v, key_padding_mask, scale, b)[0]
+
+
+def _run_traced(q, k, v, key_padding_mask, scale, backend):
+    """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
+    B, S, H, D = q.shape
     scale = _check_scale(_OP, scale, D)
     b = backends.resolve(_OP, backend, q.device,
                          unsupported=_unsupported(q, k, v, key_padding_mask, None, None, scale),
@@ -239,8 +311,37 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=Non
     backend      None (automatic), "torch", "triton" or "cuda" (as in `attention`)
     returns      (total_tokens, heads, head_dim) q.dtype; rows past cu_seqlens[-1] are zeros
     """
+    if not torch.compiler.is_compiling():
+        try:  # the checks are cached per signature of the call (the CPU-only value checks of cu_seqlens are not)
+            sig = (_OPV, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+                   cu_seqlens.shape, cu_seqlens.dtype, cu_seqlens.device, type(max_seqlen), max_seqlen, scale)
+            ok = sig in _CHECKED
+        except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
+            ok = False
+        if not ok:
+            _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+            if len(_CHECKED) >= 4096:
+                _CHECKED.clear()
+            _CHECKED.add(sig)
+        _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+        return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend)
+    _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend)
+
+
+def attention_varlen_trusted(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
+    """attention_varlen without the argument checks (the value checks of cu_seqlens on CPU tensors included),
+    for callers that guarantee them (the model, once per forward): the same arguments and result as
+    `attention_varlen`, which must accept them. Bad arguments here give undefined errors instead of the
+    named ones."""
+    if torch.compiler.is_compiling():
+        return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend)
+    return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend)
+
+
+def _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
     _check_qkv(_OPV, q, k, v, 3, "(total_tokens, heads, head_dim)")
-    T, H, D = q.shape
     check_tensor(_OPV, "cu_seqlens", cu_seqlens, dtypes=(torch.int32,))
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"{_OPV}: cu_seqlens must be 1-D (batch + 1,) with at least one element, "
@@ -250,8 +351,36 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=Non
     if max_seqlen < 0:
         raise ValueError(f"{_OPV}: max_seqlen must be >= 0, got {max_seqlen}")
     check_same_device(_OPV, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
+    _check_scale(_OPV, scale, q.shape[-1])
+
+
+def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+    """The lean path of attention_varlen (see _run)."""
+    T, H, D = q.shape
+    scale = D ** -0.5 if scale is None else float(scale)
+    train = _train(q, k, v)
+
+    def unsupported(b):
+        return _kernel(b).unsupported(q, k, v, None, cu_seqlens, max_seqlen, scale)
+
+    sig = (q.dtype, k.dtype, v.dtype, H, D, _seq_class(max_seqlen), round_log2(T))
+    b, mod = backends.choose(_OPV, backend, q.device, sig, "train" if train else "fwd", unsupported=unsupported,
+                             tune_key=(T, max_seqlen, H, D, dtype_name(q.dtype)))
+    if q.numel() == 0:
+        return _empty_result(q, k, v)
+    if mod is None:
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
+    if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
+        return mod.forward(q, k, v, None, cu_seqlens, int(max_seqlen), scale)[0]
+    return _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b)[0]
+
+
+def _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+    """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
+    T, H, D = q.shape
     scale = _check_scale(_OPV, scale, D)
-    _check_cu_seqlens(cu_seqlens, max_seqlen, T)
     b = backends.resolve(_OPV, backend, q.device,
                          unsupported=_unsupported(q, k, v, None, cu_seqlens, max_seqlen, scale),
                          tune_key=(T, max_seqlen, H, D, dtype_name(q.dtype)), mode=train_mode(q, k, v))

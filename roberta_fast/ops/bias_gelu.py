@@ -6,7 +6,8 @@ import torch
 
 from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
-from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, train_mode
+from ..tuned import round_log2
+from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
 
 _OP = "bias_gelu"
 _APPROX = ("none", "tanh")
@@ -66,6 +67,36 @@ def bias_gelu(x, bias, approximate="none", *, backend=None):
     returns      (..., N) x's dtype (contiguous on the kernel backends); the math runs in float32.
                  x's gradient has x's dtype, bias's gradient has bias's dtype.
     """
+    if not torch.compiler.is_compiling():
+        try:  # the checks are cached per signature of the call
+            sig = (x.shape, x.dtype, x.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
+                   approximate)
+            ok = sig in _CHECKED
+        except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
+            ok = False
+        if not ok:
+            _check_args(x, bias, approximate)
+            if len(_CHECKED) >= 4096:
+                _CHECKED.clear()
+            _CHECKED.add(sig)
+        return _run(x, bias, approximate, backend)
+    _check_args(x, bias, approximate)
+    return _run_traced(x, bias, approximate, backend)
+
+
+_CHECKED: set = set()  # call signatures that passed _check_args
+
+
+def bias_gelu_trusted(x, bias, approximate="none", backend=None):
+    """bias_gelu without the argument checks, for callers that guarantee them (the model, once per forward):
+    the same arguments and result as `bias_gelu`, which must accept them. Bad arguments here give undefined
+    errors instead of the named ones."""
+    if torch.compiler.is_compiling():
+        return _run_traced(x, bias, approximate, backend)
+    return _run(x, bias, approximate, backend)
+
+
+def _check_args(x, bias, approximate):
     check_tensor(_OP, "x", x, ndim_min=1)
     if bias is not None:
         check_tensor(_OP, "bias", bias)
@@ -73,9 +104,40 @@ def bias_gelu(x, bias, approximate="none", *, backend=None):
         raise ValueError(f"{_OP}: approximate must be one of {_APPROX}, got {approximate!r}")
     check_same_device(_OP, x=x, bias=bias)
     check_param_dtype(_OP, "bias", bias, x)
-    N = x.shape[-1]
     if bias is not None:
-        check_shape(_OP, "bias", bias, (N,))
+        check_shape(_OP, "bias", bias, (x.shape[-1],))
+
+
+def _run(x, bias, approximate, backend):
+    """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
+    is called directly, with autograd the custom op is."""
+    N = x.shape[-1]
+    M = x.numel() // N if N else 0
+    train = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(x, bias, approximate)
+
+    # what the choice depends on: x's dtype (the backends' unsupported), the bucket of (M, N, dtype) (the
+    # tuned table); bias's dtype and approximate too, for backends that may look at them
+    sig = (x.dtype, N, round_log2(M), None if bias is None else bias.dtype, approximate)
+    b, mod = backends.choose(_OP, backend, x.device, sig, "train" if train else "fwd", unsupported=unsupported,
+                             tune_key=(M, N, dtype_name(x.dtype)))
+    if mod is None or M == 0:
+        return reference.bias_gelu(x, bias, approximate)
+    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else unit_last_stride(x.reshape(-1, N))  # (M, N) rows
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    if not train and direct_call_ok(x):  # inference: the backend directly, no custom-op dispatch
+        y = mod.forward(x2, bias, approximate)
+    else:
+        y = _fwd(x2, bias, approximate, b)
+    return y if x2 is x else y.view(x.shape)
+
+
+def _run_traced(x, bias, approximate, backend):
+    """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
+    N = x.shape[-1]
 
     def unsupported(b):
         return backends.implementation(b, _OP).unsupported(x, bias, approximate)

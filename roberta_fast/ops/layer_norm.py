@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
-from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, train_mode
+from ..tuned import round_log2
+from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
 
 _OP = "layer_norm"
 
@@ -36,9 +37,82 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dty
     returns   (..., N) out_dtype (x's dtype by default). Statistics and arithmetic in float32;
               differentiable in x, residual, weight, bias and x_bias (gradients in each tensor's own dtype).
     """
+    if not torch.compiler.is_compiling():
+        try:  # checks and the backend choice are cached per signature of the call
+            sig = (x.shape, x.dtype, x.device, _psig(weight), _psig(bias), _psig(x_bias), _psig(residual),
+                   eps, out_dtype)
+            ok = sig in _CHECKED
+        except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
+            ok = False
+        if not ok:
+            _check_args(x, weight, bias, eps, residual, x_bias, out_dtype)
+            if len(_CHECKED) >= 4096:
+                _CHECKED.clear()
+            _CHECKED.add(sig)
+        return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
     _check_args(x, weight, bias, eps, residual, x_bias, out_dtype)
+    return _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
+
+
+_CHECKED: set = set()  # call signatures that passed _check_args
+
+
+def _psig(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def layer_norm_trusted(x, weight, bias, eps, residual=None, x_bias=None, out_dtype=None, backend=None):
+    """layer_norm without the argument checks, for callers that guarantee them (the model, once per forward):
+    the same arguments and result as `layer_norm`, which must accept them (shapes, dtypes, one device, eps a
+    float >= 0). Bad arguments here give undefined errors instead of the named ones."""
+    if torch.compiler.is_compiling():
+        return _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
+    return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
+
+
+def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
+    """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
+    is called directly, with autograd the custom op is."""
     N = x.shape[-1]
     if out_dtype is not None and out_dtype != x.dtype:  # autocast's float32 residual stream: all in float32
+        x, weight, bias, x_bias = (t.float() if t is not None else None for t in (x, weight, bias, x_bias))
+    M = x.numel() // N if N else 0
+    train = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad) or (
+        bias is not None and bias.requires_grad) or (residual is not None and residual.requires_grad) or (
+        x_bias is not None and x_bias.requires_grad))
+    mode = "train" if train else "fwd"
+
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(x, weight, bias, eps, residual, x_bias)
+
+    # what the choice depends on: the backends' unsupported look at x's dtype and N; the tuned table at the
+    # bucket of (M, N, dtype); the parameters' dtypes are keyed too, for backends that may look at them
+    sig = (x.dtype, N, round_log2(M), None if weight is None else weight.dtype,
+           None if bias is None else bias.dtype, None if x_bias is None else x_bias.dtype, residual is None)
+    b, mod = backends.choose(_OP, backend, x.device, sig, mode, unsupported=unsupported,
+                             tune_key=(M, N, dtype_name(x.dtype)))
+    if mod is None or M == 0:
+        # the torch backend, or empty input: plain autograd on empty tensors, nothing is launched
+        return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
+    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else unit_last_stride(x.reshape(-1, N))  # (M, N) rows
+    r2 = None
+    if residual is not None:
+        r2 = residual if residual.dim() == 2 and residual.stride(-1) == 1 else unit_last_stride(
+            residual.reshape(-1, N))
+    w = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    bb = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+    xb = x_bias if x_bias is None or x_bias.is_contiguous() else x_bias.contiguous()
+    if not train and direct_call_ok(x):  # inference: the backend directly, no custom-op dispatch
+        y = mod.forward(x2, w, bb, float(eps), r2, xb)[0]
+    else:
+        y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)[0]
+    return y if x2 is x else y.view(x.shape)
+
+
+def _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
+    """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
+    N = x.shape[-1]
+    if out_dtype is not None and out_dtype != x.dtype:
         x, weight, bias, x_bias = (t.float() if t is not None else None for t in (x, weight, bias, x_bias))
     M = x.numel() // N if N else 0
 
@@ -48,9 +122,7 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dty
     b = backends.resolve(_OP, backend, x.device, unsupported=unsupported, tune_key=(M, N, dtype_name(x.dtype)),
                          mode=train_mode(x, weight, bias, residual, x_bias))
     if b == "torch" or x.numel() == 0:
-        # empty input: plain autograd on empty tensors, nothing is launched
         return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
-
     x2 = unit_last_stride(x.reshape(-1, N))  # (M, N), a view when the layout allows it
     r2 = unit_last_stride(residual.reshape(-1, N)) if residual is not None else None
     w, bb, xb = (p.contiguous() if p is not None else None for p in (weight, bias, x_bias))

@@ -12,7 +12,8 @@ import torch
 
 from .. import backends, reference
 from .._utils import FLOAT_DTYPES, dtype_name, unit_last_stride
-from ._checks import check_same_device, check_tensor, train_mode
+from ..tuned import round_log2
+from ._checks import check_same_device, check_tensor, direct_call_ok, train_mode
 
 _OP = "masked_softmax"
 _MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES
@@ -137,6 +138,39 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     backend is automatic). An additive mask whose dtype is neither scores' nor float32 is converted
     to float32 at its own (unbroadcast) size.
     """
+    if not torch.compiler.is_compiling():
+        try:  # the checks are cached per signature of the call (the CPU-only value check of a float mask is not)
+            sig = (scores.shape, scores.dtype, scores.device,
+                   None if mask is None else (mask.shape, mask.dtype, mask.device), type(scale))
+            ok = sig in _CHECKED
+        except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
+            ok = False
+        if not ok:
+            _check_args(scores, mask, scale)
+            if len(_CHECKED) >= 4096:
+                _CHECKED.clear()
+            _CHECKED.add(sig)
+        _check_additive(mask)
+        return _run(scores, mask, scale, backend)
+    _check_args(scores, mask, scale)
+    _check_additive(mask)
+    return _run_traced(scores, mask, scale, backend)
+
+
+_CHECKED: set = set()  # call signatures that passed _check_args
+
+
+def masked_softmax_trusted(scores, mask=None, scale=1.0, backend=None):
+    """masked_softmax without the argument checks (the value check of a float mask on CPU tensors included),
+    for callers that guarantee them (the model, once per forward): the same arguments and result as
+    `masked_softmax`, which must accept them. Bad arguments here give undefined errors instead of the named
+    ones."""
+    if torch.compiler.is_compiling():
+        return _run_traced(scores, mask, scale, backend)
+    return _run(scores, mask, scale, backend)
+
+
+def _check_args(scores, mask, scale):
     check_tensor(_OP, "scores", scores, ndim_min=1)
     if mask is not None:
         check_tensor(_OP, "mask", mask, dtypes=_MASK_DTYPES)
@@ -150,7 +184,49 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{_OP}: scale must be a Python float, got {type(scale).__name__}")
     check_same_device(_OP, scores=scores, mask=mask)
-    _check_additive(mask)
+
+
+def _mask_for_kernels(scores, mask):
+    """The mask as the kernel backends take it: bool, scores' dtype or float32, a unit (or zero) last stride,
+    expanded to scores' shape (a view)."""
+    if mask.dtype not in (torch.bool, scores.dtype, torch.float32):
+        mask = mask.float()
+    if mask.stride(-1) not in (0, 1) and mask.shape[-1] > 1:
+        mask = mask.contiguous()
+    return mask.expand(scores.shape)
+
+
+def _run(scores, mask, scale, backend):
+    """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
+    is called directly on 4-D scores, with autograd (or other layouts) through the custom op."""
+    K = scores.shape[-1]
+    rows = scores.numel() // K if K else 0
+    train = torch.is_grad_enabled() and scores.requires_grad
+    mask_kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(scores, mask, scale)
+
+    # what the choice depends on: scores' dtype and K (the backends' unsupported), the bucket of the tuned
+    # table (rows, K, dtype, mask kind); the mask's dtype too, for backends that may look at it
+    sig = (scores.dtype, K, round_log2(rows), mask_kind, None if mask is None else mask.dtype)
+    b, mod = backends.choose(_OP, backend, scores.device, sig, "train" if train else "fwd",
+                             unsupported=unsupported, tune_key=(rows, K, dtype_name(scores.dtype), mask_kind))
+    if mask is not None and mask.requires_grad:
+        mask = mask.detach()  # the mask gets no gradient, on every backend
+    if rows == 0:
+        return scores.clone(memory_format=torch.contiguous_format)
+    if mod is None:
+        return reference.masked_softmax(scores, mask, float(scale))
+    if mask is not None:
+        mask = _mask_for_kernels(scores, mask)
+    if not train and scores.dim() == 4 and scores.stride(3) == 1 and direct_call_ok(scores):
+        return mod.forward(scores, mask, float(scale))  # inference: the backend directly, no custom-op dispatch
+    return _kernel_path(scores, mask, float(scale), b)
+
+
+def _run_traced(scores, mask, scale, backend):
+    """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
     K = scores.shape[-1]
 
     def unsupported(b):
@@ -167,9 +243,5 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     if b == "torch":
         return reference.masked_softmax(scores, mask, float(scale))
     if mask is not None:
-        if mask.dtype not in (torch.bool, scores.dtype, torch.float32):
-            mask = mask.float()
-        if mask.stride(-1) not in (0, 1) and mask.shape[-1] > 1:
-            mask = mask.contiguous()
-        mask = mask.expand(scores.shape)
+        mask = _mask_for_kernels(scores, mask)
     return _kernel_path(scores, mask, float(scale), b)

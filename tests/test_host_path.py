@@ -1,0 +1,258 @@
+"""The lean host path (docs/host_path.md): the registry's resolve cache and its invalidation, the argument
+checks cached per call signature, the direct backend call in inference, the trusted entry points, and the
+Triton launches through cached compiled handles (their launch keys checked against Triton's own binder over
+the stub CUDA driver of the host benchmark, in a child process without TRITON_INTERPRET)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from roberta_fast import backends, ops, tuned
+from roberta_fast.ops import trusted
+
+CPU = torch.device("cpu")
+needs_triton = pytest.mark.skipif(not backends.can_run("triton", CPU),
+                                  reason="needs triton under TRITON_INTERPRET=1 (the CPU runs)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv("ROBERTA_FAST_BACKEND", raising=False)
+    backends.reset()
+    yield
+    backends.reset()
+
+
+def _ln_args(M=6, N=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, N, generator=g).to(dtype)
+    return x, torch.randn(N, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+
+
+# ----------------------------------------------------------------------------------- the resolve cache
+
+
+def test_choose_resolves_once_per_signature(monkeypatch):
+    calls = []
+    real = backends.resolve
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(backends, "resolve", counting)
+    for _ in range(3):
+        assert backends.choose("layer_norm", None, CPU, ("sig", 1), "fwd") == ("torch", None)
+    assert calls == ["layer_norm"]
+    backends.choose("layer_norm", None, CPU, ("sig", 2), "fwd")
+    backends.choose("layer_norm", None, CPU, ("sig", 1), "train")
+    assert len(calls) == 3
+
+
+def test_environment_is_read_once_until_reset(monkeypatch):
+    x, w, b = _ln_args()
+    ops.layer_norm(x, w, b)
+    monkeypatch.setenv("ROBERTA_FAST_BACKEND", "bogus")
+    ops.layer_norm(x, w, b)  # the cached choice: the environment is not read per call
+    backends.reset()
+    with pytest.raises(ValueError, match="ROBERTA_FAST_BACKEND must be one of"):
+        ops.layer_norm(x, w, b)
+
+
+def test_a_tuning_change_empties_the_cache():
+    backends.choose("bias_gelu", None, CPU, ("sig",), "fwd")
+    assert backends._RESOLVED
+    tuned.reset()
+    assert not backends._RESOLVED
+    backends.choose("bias_gelu", None, CPU, ("sig",), "fwd")
+    tuned._changed()  # what save_entries / a first table read call
+    assert not backends._RESOLVED
+
+
+def test_named_backend_errors_are_not_cached():
+    x, w, b = _ln_args()
+    for _ in range(2):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            ops.layer_norm(x, w, b, backend="nope")
+
+
+# ------------------------------------------------------------------------------------ cached checks
+
+
+def test_checks_run_once_per_signature_and_still_name_bad_arguments(monkeypatch):
+    ln = sys.modules["roberta_fast.ops.layer_norm"]  # the function shadows the module in roberta_fast.ops
+    seen = []
+    real = ln._check_args
+    monkeypatch.setattr(ln, "_check_args", lambda *a: (seen.append(1), real(*a)))
+    ln._CHECKED.clear()
+    x, w, b = _ln_args()
+    for _ in range(3):
+        ops.layer_norm(x, w, b)
+    assert len(seen) == 1
+    ops.layer_norm(x[:3], w, b)  # another shape: checked again
+    assert len(seen) == 2
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.layer_norm(x, w[:5], b)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.layer_norm([1.0], w, b)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        ops.layer_norm(x, w, [0.0] * 16)
+    with pytest.raises(ValueError, match="eps must be a finite float"):
+        ops.layer_norm(x, w, b, float("nan"))
+
+
+def test_cpu_value_checks_still_run_every_call():
+    s = torch.randn(1, 2, 3, 4)
+    ok = torch.zeros(1, 1, 1, 4)
+    ops.masked_softmax(s, ok)
+    with pytest.raises(ValueError, match="float tensor of 0s and 1s"):
+        ops.masked_softmax(s, torch.ones(1, 1, 1, 4))  # same signature as the good call
+    q = torch.randn(5, 2, 16)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    ops.attention_varlen(q, q, q, cu, 3)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.attention_varlen(q, q, q, torch.tensor([0, 3, 2], dtype=torch.int32), 3)
+
+
+# ------------------------------------------------------------------------- direct calls and trusted
+
+
+def _op_cases():
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, w, b = _ln_args()
+    q = r(2, 5, 2, 16)
+    tq = r(7, 2, 16)
+    return {
+        "layer_norm": ((x, w, b, 1e-5), dict(residual=r(6, 16), x_bias=r(16))),
+        "bias_gelu": ((r(3, 4, 8), r(8)), {}),
+        "masked_softmax": ((r(2, 2, 3, 5), torch.rand(2, 1, 1, 5) > 0.3, 0.5), {}),
+        "attention": ((q, q, q), dict(key_padding_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).bool())),
+        "attention_varlen": ((tq, tq, tq, torch.tensor([0, 3, 7], dtype=torch.int32), 4), {}),
+    }
+
+
+def _custom_ops_called(fn) -> set:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("roberta_fast::")}
+
+
+@needs_triton
+@pytest.mark.parametrize("op", list(_op_cases()))
+def test_inference_skips_the_custom_op_and_autograd_keeps_it(op):
+    args, kwargs = _op_cases()[op]
+    fn = getattr(ops, op)
+    with torch.no_grad():
+        want = fn(*args, **kwargs, backend="torch")
+    with torch.inference_mode():
+        assert _custom_ops_called(lambda: fn(*args, **kwargs, backend="triton")) == set()
+        got = fn(*args, **kwargs, backend="triton")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    leaf = args[0].clone().requires_grad_()
+    names = _custom_ops_called(lambda: fn(leaf, *args[1:], **kwargs, backend="triton").sum().backward())
+    assert any(n.endswith("_fwd") for n in names) and leaf.grad is not None, names
+
+
+@needs_triton
+@pytest.mark.parametrize("op", list(_op_cases()))
+def test_trusted_entry_points_match_the_public_ops_without_checking(op, monkeypatch):
+    args, kwargs = _op_cases()[op]
+    with torch.inference_mode():
+        want = getattr(ops, op)(*args, **kwargs, backend="triton")
+    mod = sys.modules[f"roberta_fast.ops.{'attention' if op.startswith('attention') else op}"]
+    for name in ("_check_args", "_check_padded", "_check_varlen", "_check_additive", "_check_cu_seqlens"):
+        if hasattr(mod, name):
+            monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("a trusted call ran a check"))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = getattr(trusted, op)(*args, **kwargs, backend="triton")
+        torch.testing.assert_close(got, want)
+
+
+def test_trusted_entry_points_take_the_public_signatures():
+    import inspect
+
+    for op in trusted.__all__:
+        pub = inspect.signature(getattr(ops, op)).parameters
+        tr = inspect.signature(getattr(trusted, op)).parameters
+        assert list(pub) == list(tr), op
+
+
+@needs_triton
+def test_a_dispatch_mode_sees_the_custom_op():
+    """Op counters (TorchDispatchMode) and FakeTensorMode see the opaque op even in inference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = _ln_args()
+    with torch.inference_mode(), Mode():
+        ops.layer_norm(x, w, b, backend="triton")
+    assert any("roberta_fast.layer_norm_fwd" in s for s in seen), seen
+
+
+# ------------------------------------------------------------- launches through cached compiled handles
+
+_STUB_SCRIPT = textwrap.dedent("""
+    import torch
+    from roberta_fast.benchmarks import bench_host
+    stub = bench_host.install_stub()
+    from roberta_fast import ops
+    from roberta_fast.kernels import _launch, attention, bias_gelu, layer_norm, masked_softmax
+    _launch.check_keys(True)  # every cached launch is checked against Triton's own binder
+    h = torch.float16
+    def r(*s, dtype=h):
+        return torch.randn(*s).to(dtype)
+    n0 = stub.launches()
+    with torch.inference_mode():
+        for M in (1, 16, 17, 33):
+            base = r(M * 64 + 8)
+            for off in (0, 1, 8):  # 16-byte aligned or not
+                x = base[off:off + M * 48].view(M, 48)
+                ops.layer_norm(x, r(48), r(48), residual=r(M, 48), x_bias=r(48, dtype=torch.float32))
+                ops.layer_norm(x, None, r(48))
+                ops.bias_gelu(x, r(48))
+                ops.bias_gelu(x, None, "tanh")
+                s = base[off:off + M * 32].view(1, 2, M, 16)
+                ops.masked_softmax(s, torch.rand(1, 1, 1, 16) > 0.5, 0.5)
+                ops.masked_softmax(s, None)
+            qkv = r(M, 3, 2, 16)
+            q, k, v = qkv.unbind(1)
+            ops.attention_varlen(q, k, v, torch.tensor([0, M], dtype=torch.int32), M)
+            ops.attention(q[None], k[None], v[None], key_padding_mask=torch.ones(1, M, dtype=torch.bool))
+    n1 = stub.launches()
+    _launch.check_keys(False)
+    with torch.inference_mode():
+        ops.layer_norm(x, r(48), r(48))
+    assert stub.launches() == n1 + 1
+    cached = sum(len(lc.cache) for lc in _launch._LAUNCHERS)
+    print("OK", n1 - n0, cached)
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the stub libcuda.so.1 is a Linux shared library")
+def test_cached_launches_pick_the_kernel_tritons_binder_picks(tmp_path):
+    """Over the host benchmark's stub CUDA driver (real Triton compiler and launcher, no GPU): each launch key
+    (pointer alignment, int specialization, dtypes, constexprs) maps to exactly the compiled kernel that
+    Triton's own binder picks for the same arguments."""
+    pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia.driver")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["ROBERTA_FAST_CUDA_EMULATE"] = "0"  # the automatic choice is then "triton", as on a GPU without _C
+    proc = subprocess.run([sys.executable, "-c", _STUB_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "OK" and int(last[1]) == 4 * (3 * 6 + 2) and int(last[2]) > 4, proc.stdout

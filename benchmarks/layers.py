@@ -19,7 +19,7 @@ from collections import Counter
 
 import torch
 
-from roberta_fast import flops
+from roberta_fast import backends, flops
 from roberta_fast.optimize import optimize
 
 from .common import short_error
@@ -111,11 +111,14 @@ def _tiny_inputs(device):
 
 @contextlib.contextmanager
 def _env(key, value):
+    """Set (or unset) one environment variable inside the block; the registry re-reads its settings on entry
+    and exit (backends.reset(): it caches its choices per call signature)."""
     old = os.environ.get(key)
     if value is None:
         os.environ.pop(key, None)
     else:
         os.environ[key] = value
+    backends.reset()
     try:
         yield
     finally:
@@ -123,6 +126,7 @@ def _env(key, value):
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+        backends.reset()
 
 
 def _per_layer(build, device, counter):

@@ -33,6 +33,9 @@ ROW_KEYS = {
                 "speedup": _OPT_NUM, "error": _OPT_STR},
     "check": {"op": str, "pass": str, "provider": str, "dtype": str, "shape": dict, "label": str,
               "max_err": _OPT_NUM, "err_bound": _OPT_NUM, "ok": (bool, type(None)), "error": _OPT_STR},
+    "host": {"kind": str, "name": str, "provider": str, "label": str, "us": _OPT_NUM, "us_median": _OPT_NUM,
+             "ratio": _OPT_NUM, "target": _OPT_NUM, "ok": (bool, type(None)), "python_calls": (int, type(None)),
+             "launches": (int, type(None)), "error": _OPT_STR},
 }
 TOP_KEYS = {"schema": str, "created": str, "mode": str, "quick": bool, "env": dict, "ceilings": dict,
             "rows": list, "notes": list, "elapsed_s": _NUM}
@@ -75,8 +78,8 @@ def validate(doc: dict) -> list[str]:
                 probs.append(f"rows[{i}] ({kind}) misses {k!r}")
             elif not isinstance(r[k], t) and not (t in (_NUM, _OPT_NUM) and r[k] in _NONFINITE):
                 probs.append(f"rows[{i}].{k} has type {type(r[k]).__name__}")
-        if kind in ("kernel", "encoder") and r.get("error") is None:
-            ms = r.get("ms") if kind == "kernel" else r.get("ms_p50")
+        if kind in ("kernel", "encoder", "host") and r.get("error") is None:
+            ms = {"kernel": r.get("ms"), "encoder": r.get("ms_p50"), "host": r.get("us")}[kind]
             if ms is None:
                 probs.append(f"rows[{i}] has neither a time nor an error")
     return probs
@@ -201,7 +204,27 @@ def to_markdown(doc: dict) -> str:
     la = doc.get("layers")
     if la:
         lines += _layers_md(la)
+    hrows = [r for r in rows if r.get("suite") == "host"]
+    if hrows:
+        lines += _host_md(hrows)
     return "\n".join(lines) + "\n"
+
+
+def _host_md(hrows) -> list[str]:
+    lines = ["", "## Host overhead (the GPU path's host time)", "",
+             "Microseconds of host time per call: best (median) of interleaved rounds. Ops: x one plain aten op "
+             "(F.layer_norm on a tiny tensor), target <= 3x. Forward: x transformers eager, target <= 0.5x; Python "
+             "calls and kernel launches per forward. Without a GPU: over a stub CUDA driver (docs/host_path.md).", ""]
+    body = []
+    for r in hrows:
+        t = "-" if r.get("us") is None else f"{_f(r['us'], '{:,.1f}')} ({_f(r.get('us_median'), '{:,.1f}')})"
+        ok = {True: "ok", False: "**over**", None: ""}[r.get("ok")]
+        body.append([r["kind"], r["name"], r["provider"], r["label"], t, _f(r.get("ratio"), "{:.2f}x"),
+                     _f(r.get("target"), "<= {:g}x", none=""), ok, _f(r.get("python_calls"), "{:,}"),
+                     _f(r.get("launches"), "{}"), r.get("error") or ""])
+    lines += _table(["kind", "name", "provider", "shape", "us", "ratio", "target", "", "Python calls", "launches",
+                     "error"], body)
+    return lines
 
 
 def _backends(b) -> str:

@@ -10,8 +10,12 @@ perf_counter, Triton checked for correctness under TRITON_INTERPRET=1 on tiny sh
 roberta-base encoder on the CPU, and the FLOP / byte / launch counts. Its first output line says that
 GPU figures need a GPU.
 
---only takes a comma-separated list of: kernels, encoder, layers, checks, an op name (layer_norm,
+--only takes a comma-separated list of: kernels, encoder, layers, checks, host, an op name (layer_norm,
 bias_gelu, masked_softmax, attention, attention_varlen) or a model name (roberta-base, roberta-large).
+
+host (bench_host): the host time of the GPU path per op and per roberta-base forward beside plain PyTorch ops and
+transformers eager / SDPA, with Python-call and launch counts; without a GPU it runs in a child process over a
+stub CUDA driver (docs/host_path.md).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 CPU_NOTE = ("GPU figures need a GPU: no CUDA device here, so this is the reduced CPU run (torch-backend "
             "timings on small CPU shapes, Triton correctness under the interpreter, FLOP/byte/launch counts).")
-SUITES = ("kernels", "encoder", "layers", "checks")
+SUITES = ("kernels", "encoder", "layers", "checks", "host")
 
 
 def _cuda_available() -> bool:
@@ -87,7 +91,7 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
 
     import torch
 
-    from . import bench_encoder, bench_ops, layers, report
+    from . import bench_encoder, bench_host, bench_ops, layers, report
     from .common import Budget, datasheet_tflops, default_out_dir, environment, measure_ceilings, short_error
 
     dev = torch.device(dev_type)
@@ -162,6 +166,13 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
         except Exception as e:  # noqa: BLE001
             notes.append(f"layer analysis failed: {short_error(e)}")
     seconds["layers"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    if "host" in sel["suites"]:
+        if budget.left() <= 0:
+            notes.append("host suite skipped: time budget spent")
+        else:
+            rows += bench_host.run_host(dev, quick=quick, notes=notes)
+    seconds["host"] = time.monotonic() - t0
 
     doc = {
         "schema": report.SCHEMA,

@@ -46,8 +46,8 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None, x_bias=None):
     h = x.to(acc)
     if x_bias is not None:
         h = h + x_bias.to(acc)
-    if residual is not None:
-        h = h + residual.to(acc)
+    if residual is not None:  # in place on our own temporary (one allocation fewer), never on x
+        h = h.add_(residual) if h is not x else h + residual.to(acc)
     w = weight.to(acc) if weight is not None else None
     b = bias.to(acc) if bias is not None else None
     y = F.layer_norm(h, (x.shape[-1],), w, b, eps)
@@ -61,6 +61,9 @@ def bias_gelu(x, bias, approximate="none"):
     h = x.to(acc)
     if bias is not None:
         h = h + bias.to(acc)
+    if h is not x and not (torch.is_grad_enabled() and h.requires_grad):
+        # inference: GELU in place on our own temporary (x + bias), one (..., N) allocation fewer
+        return torch.ops.aten.gelu_(h, approximate=approximate).to(x.dtype)
     return F.gelu(h, approximate=approximate).to(x.dtype)
 
 

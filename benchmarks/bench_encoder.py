@@ -12,24 +12,32 @@ the forward's one host sync):
 
 Workloads: batch 32 x seqlen 128; batch 64 x seqlen 512; batch 64 with lengths uniform in
 [0.2 S, S] at S = 512 (seeded, padded to 512 with an attention mask); batch 1 x seqlen 128.
+The reduced CPU run (roberta-base-2layers in float32, no CUDA graphs, no hf_sdpa_compile): fixed
+lengths 128 and 512, lengths uniform in [0.2 S, S] at S = 128 and S = 512, batch 1 x seqlen 32;
+--quick keeps three small shapes. On the CPU the providers are timed in interleaved rounds (one call
+of each per round, medians over the rounds), so a change in the machine's load during the run (CPU
+runs share their cores) hits every provider alike.
 
 Each row: tokens/s counting real tokens only, latency p50/p90, MFU (encoder_flops of the real
 lengths over p50, against the measured matmul ceiling and, where the GPU is in the table, the
-datasheet dense bf16 peak), peak memory, and the max error of last_hidden_state on real tokens
-against transformers' eager model in float32 with the same weights.
+datasheet dense bf16 peak), peak memory, the max error of last_hidden_state on real tokens
+against transformers' eager model in float32 with the same weights, and the speedups against
+hf_eager (speedup) and hf_sdpa (speedup_sdpa) without CUDA graphs in the same run.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import gc
+import time
 
 import torch
 
 from roberta_fast import flops
 from roberta_fast._utils import dtype_name
 from roberta_fast.optimize import optimize
-from roberta_fast.testing import time_cpu, time_gpu_loop
+from roberta_fast.testing import summarize_ms, time_gpu_loop
 
 from .common import Budget, Progress, short_error
 
@@ -47,8 +55,13 @@ MODELS = {
 WORKLOADS = {
     "gpu": [("b32_s128", 32, 128, False), ("b64_s512", 64, 512, False), ("b64_s512_var", 64, 512, True),
             ("b1_s128", 1, 128, False)],
-    "cpu": [("b2_s64", 2, 64, False), ("b4_s64_var", 4, 64, True), ("b1_s32", 1, 32, False)],
+    # the reduced CPU run: fixed and mixed lengths at S = 128 and 512 (the mixed batches hold enough
+    # sequences for the padding's share to be near its expected 40%), one short sequence for latency
+    "cpu": [("b4_s128", 4, 128, False), ("b1_s512", 1, 512, False), ("b8_s128_var", 8, 128, True),
+            ("b4_s512_var", 4, 512, True), ("b1_s32", 1, 32, False)],
+    "cpu-quick": [("b2_s64", 2, 64, False), ("b4_s64_var", 4, 64, True), ("b1_s32", 1, 32, False)],
 }
+CPU_ROUNDS = (5, 9)  # interleaved rounds on the CPU: at least, at most (within rep_ms per provider)
 PAD_ID = 1
 
 
@@ -152,7 +165,7 @@ def provider_variants(device, quick: bool):
 def run_encoder(*, device: torch.device, models, dtypes, quick: bool, ceilings: dict, datasheet: float | None,
                 budget: Budget, rep_ms: float, progress: bool = True, notes: list | None = None) -> list[dict]:
     notes = [] if notes is None else notes
-    wls_spec = WORKLOADS["gpu" if device.type == "cuda" else "cpu"]
+    wls_spec = WORKLOADS["gpu" if device.type == "cuda" else ("cpu-quick" if quick else "cpu")]
     variants = provider_variants(device, quick)
     total = len(models) * len(dtypes) * len(variants) * len(wls_spec)
     bar = Progress(total, "encoder", enable=progress)
@@ -173,6 +186,11 @@ def run_encoder(*, device: torch.device, models, dtypes, quick: bool, ceilings: 
         refs = _reference_outputs(ref, wls, device)
         for dt in dtypes:
             group: list[dict] = []
+            if device.type == "cpu":
+                group = _run_cpu_interleaved(mname, config, dt, ref, wls, refs, variants, budget, rep_ms, bar)
+                _finish(group, config, ceilings, datasheet)
+                rows.extend(group)
+                continue
             for prov, graph in variants:
                 wrows = [_row(mname, config, dt, wl, prov, graph) for wl in wls]
                 group.extend(wrows)
@@ -250,18 +268,19 @@ def _row(mname, config, dt, wl, prov, graph) -> dict:
         "real_tokens": int(sum(wl["lens"])), "padded_tokens": wl["batch"] * wl["seqlen"],
         "flops": flops.encoder_flops(config, wl["lens"]),
         "ms_p50": None, "ms_p90": None, "tokens_per_s": None, "tflops": None, "mfu": None,
-        "mfu_datasheet": None, "peak_mem_mib": None, "max_err": None, "speedup": None, "error": None,
+        "mfu_datasheet": None, "peak_mem_mib": None, "max_err": None, "speedup": None, "speedup_sdpa": None,
+        "error": None,
         "note": None,
     }
 
 
 def _measure(r, model, wl, ref_out, graph, device, rep_ms, quick):
+    """One GPU row: warm-up (and max_err), peak memory, CUDA-event timing (CPU rows: _run_cpu_interleaved)."""
     fn = None
     try:
         with torch.no_grad():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             fn = (lambda: _forward(model, wl))
             if graph:
                 fn = _graphed(fn, model, r["provider"])
@@ -269,13 +288,9 @@ def _measure(r, model, wl, ref_out, graph, device, rep_ms, quick):
             mask = wl["attention_mask"].bool().cpu()
             r["max_err"] = (out.float().cpu() - ref_out)[mask].abs().max().item()
             del out
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                r["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-                r["ms_p50"], r["ms_p90"] = time_gpu_loop(fn, rep_ms=rep_ms, min_reps=10 if quick else 30)
-            else:
-                # the call above was the warm-up
-                r["ms_p50"], r["ms_p90"] = time_cpu(fn, rep_ms=rep_ms, min_reps=3, warmup=0, qs=(0.5, 0.9))
+            torch.cuda.synchronize()
+            r["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            r["ms_p50"], r["ms_p90"] = time_gpu_loop(fn, rep_ms=rep_ms, min_reps=10 if quick else 30)
     except NotImplementedError as e:
         r["error"] = f"not implemented: {short_error(e)}"
     except Exception as e:  # noqa: BLE001
@@ -283,6 +298,56 @@ def _measure(r, model, wl, ref_out, graph, device, rep_ms, quick):
     finally:
         fn = None
         _free(device)
+
+
+def _run_cpu_interleaved(mname, config, dt, ref, wls, refs, variants, budget, rep_ms, bar) -> list[dict]:
+    """Every provider built at once (CPU memory allows it), then per workload: one warm-up call each (which
+    also gives max_err), and rounds of one timed call per provider, CPU_ROUNDS[0] at least, more while the
+    round count stays under CPU_ROUNDS[1] and the workload has used less than rep_ms per provider."""
+    device = torch.device("cpu")
+    rows = {(prov, wl["name"]): _row(mname, config, dt, wl, prov, graph) for prov, graph in variants for wl in wls}
+    models = {}
+    for prov, _ in variants:
+        try:
+            models[prov] = _build(prov, ref, dt, device)
+        except Exception as e:  # noqa: BLE001
+            for wl in wls:
+                rows[(prov, wl["name"])]["error"] = f"building the model: {short_error(e)}"
+    for wl, rf in zip(wls, refs):
+        fns = {}
+        for prov, model in models.items():
+            r = rows[(prov, wl["name"])]
+            bar.update(f"{mname} {dtype_name(dt)} {prov} {wl['name']}")
+            if budget.left() <= 0:
+                r["error"] = "skipped: time budget"
+                continue
+            try:
+                with torch.no_grad():
+                    out = _forward(model, wl)  # the warm-up
+                mask = wl["attention_mask"].bool()
+                r["max_err"] = (out.float() - rf)[mask].abs().max().item()
+                fns[prov] = functools.partial(_forward, model, wl)
+            except NotImplementedError as e:
+                r["error"] = f"not implemented: {short_error(e)}"
+            except Exception as e:  # noqa: BLE001
+                r["error"] = short_error(e)
+        for _ in range(len(variants) - len(models)):  # providers whose model could not be built
+            bar.update()
+        samples = {prov: [] for prov in fns}
+        t_end = time.perf_counter() + rep_ms * len(fns) / 1e3
+        rounds = 0
+        with torch.no_grad():
+            while fns and rounds < CPU_ROUNDS[1] and (rounds < CPU_ROUNDS[0] or time.perf_counter() < t_end):
+                for prov, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    samples[prov].append((time.perf_counter() - t0) * 1e3)
+                rounds += 1
+        for prov, ms in samples.items():
+            rows[(prov, wl["name"])]["ms_p50"], rows[(prov, wl["name"])]["ms_p90"] = summarize_ms(ms, (0.5, 0.9))
+    del models
+    _free(device)
+    return list(rows.values())
 
 
 def _free(device):
@@ -295,6 +360,8 @@ def _free(device):
 def _finish(rows, config, ceilings, datasheet):
     base = {(r["workload"]): r["ms_p50"] for r in rows
             if r["provider"] == "hf_eager" and not r["cuda_graph"] and r["ms_p50"]}
+    sdpa = {(r["workload"]): r["ms_p50"] for r in rows
+            if r["provider"] == "hf_sdpa" and not r["cuda_graph"] and r["ms_p50"]}
     peak = ceilings.get("matmul_tflops")
     for r in rows:
         ms = r["ms_p50"]
@@ -306,6 +373,8 @@ def _finish(rows, config, ceilings, datasheet):
             r["mfu"] = r["tflops"] / peak
         if datasheet:
             r["mfu_datasheet"] = r["tflops"] / datasheet
-        b = base.get(r["workload"])
+        b, b_sdpa = base.get(r["workload"]), sdpa.get(r["workload"])
         if b:
             r["speedup"] = b / ms
+        if b_sdpa:
+            r["speedup_sdpa"] = b_sdpa / ms

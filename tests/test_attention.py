@@ -632,3 +632,136 @@ def test_torch_backend_computes_in_float32_under_autocast():
     assert auto.dtype == torch.float32
     torch.testing.assert_close(auto, plain, rtol=0, atol=0)
     torch.testing.assert_close(auto_varlen, attention(q, k, v, backend="torch")[0], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------- the torch backend's CPU path (SDPA)
+# On CPU tensors in float32 / float16 / bfloat16, reference.attention / attention_varlen (the torch backend) run
+# scaled_dot_product_attention in float32; float64 (the oracle) stays the explicit math. The op tests above
+# run that path on every case; these pin what it adds: the grouping, float32 math, and the semantics SDPA
+# lacks (dead sequences, poisoned padded keys) whichever SDPA kernel runs: the default CPU kernel, and the
+# math kernel, which gives NaN for a fully masked row.
+
+SDPA_KERNELS = [pytest.param(None, id="sdpa-default"), pytest.param("MATH", id="sdpa-math")]
+
+
+def _sdpa_kernel(name):
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return nullcontext() if name is None else sdpa_kernel([getattr(SDPBackend, name)])
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """(q's shape (n, heads, seqlen, head_dim), whether a mask was given, q's dtype) of every SDPA call."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((tuple(q.shape), attn_mask is not None, q.dtype))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_cpu_path_oracle_stays_explicit_math(sdpa_calls):
+    """float64 runs the explicit math (bit for bit attention_math, no SDPA); float32 runs one SDPA call."""
+    q, k, v = (torch.randn(3, 11, 2, 16, dtype=torch.float64) for _ in range(3))
+    mask = torch.arange(11)[None, :] < torch.tensor([11, 4, 0])[:, None]
+    cu = torch.tensor([0, 5, 5, 11], dtype=torch.int32)
+    assert torch.equal(reference.attention(q, k, v, mask), reference.attention_math(q, k, v, mask))
+    assert torch.equal(reference.attention_varlen(q[0], k[0], v[0], cu, 6),
+                       reference.attention_varlen_math(q[0], k[0], v[0], cu, 6))
+    assert sdpa_calls == []
+    o = reference.attention(q.float(), k.float(), v.float(), mask)
+    assert sdpa_calls == [((3, 2, 11, 16), True, torch.float32)]
+    assert_rule(o, reference.attention_math(q, k, v, mask), reference.attention_math(*(t.float() for t in (q, k, v)),
+                                                                                     mask))
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_cpu_varlen_one_call_per_run_of_equal_lengths(sdpa_calls, dtype):
+    """Consecutive sequences of one length (empty ones in between included) share one SDPA call on a view of
+    the packed rows; a packed batch of one length is one call; every call in float32; rows past
+    cu_seqlens[-1] are zeros; the result is attention_varlen_math's."""
+    H, D = 2, 16
+    lens = [5, 5, 0, 5, 3, 3, 7, 0, 1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    T = int(cu[-1]) + 2
+    q, k, v = (torch.randn(T, H, D).to(dtype) for _ in range(3))
+    o = reference.attention_varlen(q, k, v, cu, 7)
+    assert sdpa_calls == [((3, H, 5, D), False, F32), ((2, H, 3, D), False, F32), ((1, H, 7, D), False, F32),
+                          ((1, H, 1, D), False, F32)]
+    assert o.dtype == dtype and (o[int(cu[-1]):] == 0).all()
+    assert_rule(o, reference.attention_varlen_math(*(t.double() for t in (q, k, v)), cu, 7),
+                _same_dtype_varlen(q, k, v, cu, D**-0.5))
+    sdpa_calls.clear()
+    reference.attention_varlen(q[:12], k[:12], v[:12], torch.tensor([0, 4, 8, 12], dtype=torch.int32), 4)
+    assert sdpa_calls == [((3, H, 4, D), False, F32)]
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_cpu_path_computes_in_float32(sdpa_calls, dtype):
+    """float16 / bfloat16 inputs: the float32 result on the upcast inputs, rounded once."""
+    q, k, v = (torch.randn(2, 13, 2, 16).to(dtype) for _ in range(3))
+    mask = torch.arange(13)[None, :] < torch.tensor([13, 6])[:, None]
+    o = reference.attention(q, k, v, mask)
+    assert o.dtype == dtype and all(c[2] == F32 for c in sdpa_calls)
+    assert torch.equal(o, reference.attention(q.float(), k.float(), v.float(), mask).to(dtype))
+    cu = torch.tensor([0, 13, 20], dtype=torch.int32)
+    ov = reference.attention_varlen(q[0].repeat(2, 1, 1), k[0].repeat(2, 1, 1), v[0].repeat(2, 1, 1), cu, 13)
+    assert torch.equal(ov, reference.attention_varlen(*(t[0].repeat(2, 1, 1).float() for t in (q, k, v)), cu,
+                                                      13).to(dtype))
+
+
+@pytest.mark.parametrize("kernel", SDPA_KERNELS)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_cpu_path_dead_sequences_and_poisoned_padding(kernel, dtype):
+    """A sequence with no real key, NaN everywhere in its q, k and v, gives exact zeros and zero gradients;
+    inf / NaN in K and V at the padded keys of the others reach no real row; outputs and gradients are the
+    oracle's (float64 explicit math) by the accuracy rule, whichever SDPA kernel runs."""
+    B, S, H, D = 3, 9, 2, 16
+    mask = torch.arange(S)[None, :] < torch.tensor([9, 4, 0])[:, None]
+    q, k, v = (torch.randn(B, S, H, D).to(dtype) for _ in range(3))
+    q[2], k[2], v[2] = float("nan"), float("nan"), float("nan")
+    k[1, 4:], v[1, 4:] = float("inf"), float("nan")
+    do = torch.randn(B, S, H, D).to(dtype)
+    res = []
+    for dt in (dtype, torch.float64):
+        leaves = [t.to(dt).clone().requires_grad_() for t in (q, k, v)]
+        with _sdpa_kernel(kernel):
+            o = reference.attention(*leaves, mask)
+            o.backward(do.to(dt))
+        res.append((o.detach(), *(t.grad for t in leaves)))
+    (o, dq, dk, dv), (o64, dq64, dk64, dv64) = res
+    assert (o[2] == 0).all() and all((g[2] == 0).all() for g in (dq, dk, dv))
+    assert (dk[1, 4:] == 0).all() and (dv[1, 4:] == 0).all()
+    assert torch.isfinite(o).all() and all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    # the yardstick (plain PyTorch in the same dtype) on finite inputs: the poison zeroed
+    clean = [t.masked_fill(~mask[:, :, None, None], 0.0).requires_grad_() for t in (q, k, v)]
+    same = _same_dtype(*clean, mask, D**-0.5)
+    same.backward(do)
+    assert_rule(o, o64, same.detach(), name="output")
+    for name, g, g64, gs in zip(("dq", "dk", "dv"), (dq, dk, dv), (dq64, dk64, dv64), clean):
+        assert_rule(g, g64, gs.grad, name=name)
+
+
+def test_cpu_path_traces_without_host_reads():
+    """Under torch.compile(fullgraph=True) the padded CPU path reads nothing back (the mask checks that skip
+    work in eager mode are not taken) and gives eager's outputs and gradients, a dead sequence included."""
+    B, S, H, D = 3, 7, 2, 16
+    mask = torch.arange(S)[None, :] < torch.tensor([7, 3, 0])[:, None]
+    q, k, v = (torch.randn(B, S, H, D, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v, mask):
+        return reference.attention(q, k, v, mask, 0.3)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    want = f(q, k, v, mask)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    g_got, g_want = (torch.autograd.grad(o.square().sum(), (q, k, v)) for o in (got, want))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (got[2] == 0).all()

@@ -17,10 +17,11 @@ CUDA driver:
 Not measured there: the CUDA caching allocator (the CPU allocator serves torch.empty), torch's current-stream
 and current-device queries (stubbed to 0), the driver's own launch cost (~2-5 us per launch on a real GPU,
 for aten's kernels and ours alike) and GEMM / cuBLAS host paths on CUDA tensors.
-Tensors are float16 CPU tensors; the model rows run roberta-base's structure (12 layers, the same modules and
-op sequence) at widths whose CPU arithmetic is negligible (hidden 16, 1 head of 16, FFN 64, batch 1 x 128
-tokens), so their wall time is host time. Baselines run in the same process on CPU tensors of tiny sizes:
-there the CPU kernel is negligible and an aten op's time is its dispatch, allocation and call.
+The op rows use float16 CPU tensors (no kernel runs); the model rows run roberta-base's structure (12 layers,
+the same modules and op sequence) at widths whose CPU arithmetic is negligible (hidden 16, 1 head of 16, FFN
+64, batch 1 x 128 tokens) in float32, so their wall time is host time. Baselines run in the same process on
+float32 CPU tensors of tiny sizes: there the CPU kernel is negligible and an aten op's time is its dispatch,
+allocation and call (the CPU's float16 kernels take slow paths). One intra-op thread (torch.set_num_threads(1)).
 
 On a GPU the same rows time the real thing (CUDA tensors, real launches, roberta-base at full width): CPU
 timestamps around N calls with the GPU kept ahead (small inputs), host time per call.
@@ -173,6 +174,9 @@ def install_stub() -> _Stub:
             return torch.device("cpu")
 
     triton.runtime.driver.set_active(StubDriver())
+    # one intra-op thread: on a GPU aten's host side is single-threaded, and on a shared CPU a second OpenMP
+    # thread waiting for a busy core turns microsecond ops into milliseconds
+    torch.set_num_threads(1)
 
     from roberta_fast import backends, cuda_ops
 
@@ -328,6 +332,8 @@ def baseline_cases(device, dtype) -> dict:
     each fused op on tiny tensors (what the fused op replaces, in plain PyTorch)."""
     import torch.nn.functional as F
 
+    if device.type == "cpu":
+        dtype = torch.float32  # the CPU's float16 kernels take slow paths that say nothing about host time
     x = torch.randn(2, 8, device=device).to(dtype)
     w, b = torch.ones(8, device=device, dtype=dtype), torch.zeros(8, device=device, dtype=dtype)
     s = torch.randn(1, 2, 2, 8, device=device).to(dtype)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._utils import stats_scratch
 from ._aot import AOTSpec, ptr
 from ._launch import INTERPRET, cdiv, ints_key, launcher
 
@@ -507,6 +508,16 @@ def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
         max_seqlen int >= every length. Returns o (T, H, D) (rows past cu_seqlens[-1] zero), lse (H, T).
     lse is the natural-log log-sum-exp of the scaled scores per query row (-inf: no real key).
     """
+    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, False)
+
+
+def forward_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """o of `forward` when nothing will read lse (no autograd): lse goes to a shared scratch buffer
+    (roberta_fast._utils.stats_scratch), each row's slot written by its own program only."""
+    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, True)[0]
+
+
+def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scratch_lse):
     dev = q.device
     if cu_seqlens is not None:
         T, H, D = q.shape
@@ -525,8 +536,11 @@ def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     else:
         mask, mask_strides = _dummy(dev, torch.bool, True), (0, 0)
     scale = D ** -0.5 if scale is None else scale
-    o = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if scratch_lse:  # the same strides into a scratch buffer of at least as many elements
+        lse = stats_scratch(dev, lse_shape[0] * lse_shape[1] * (lse_shape[2] if len(lse_shape) == 3 else 1))
+    else:
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
     cfg = attention_config("fwd", D, q.dtype, S)
     n_blocks = max(cdiv(S, cfg.block_m), 1)
     if n_bh * n_blocks == 0:

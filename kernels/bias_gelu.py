@@ -209,14 +209,15 @@ def forward(x, bias, approximate):
     """x (M, N) rows (unit column stride); bias (N,) contiguous or None -> y (M, N) x.dtype."""
     M, N = x.shape
     flag = _approx_flag(approximate)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)  # (M, N) contiguous
     block_m, block_n, warps = _tile(M, N)
     grid = (cdiv(M, block_m) * cdiv(N, block_n),)
     b = bias if bias is not None else x
     # what fixes Triton's specialization (kernels/_launch.py); y is a fresh, aligned allocation
-    key = (x.dtype, b.dtype, bias is None, x.data_ptr() & 15, b.data_ptr() & 15, int_key(M), int_key(N),
-           int_key(x.stride(0)), flag)
-    _FWD(key, grid, (x, b, y, M, N, x.stride(0), flag),
+    px, pb, sx = x.data_ptr(), b.data_ptr(), x.stride()[0]
+    key = (x.dtype, b.dtype, bias is None, "A" if not (px | pb) & 15 else (px & 15, pb & 15), int_key(M),
+           int_key(N), int_key(sx), flag)
+    _FWD(key, grid, (x, b, y, M, N, sx, flag),
          dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps))
     return y
 

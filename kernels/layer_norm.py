@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._utils import stats_scratch
 from ._aot import AOTSpec, ptr
 from ._launch import cdiv, int_key, launcher
 
@@ -263,14 +264,31 @@ def forward(x, weight, bias, eps, residual, x_bias):
     x (M, N) rows; weight, bias, x_bias (N,) or None (x's dtype or float32); residual (M, N) rows of
     x's dtype or None. Returns y (M, N) x.dtype contiguous, mean and rstd (M,) float32.
     """
+    M = x.shape[0]
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M:
+        _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd)
+    return y, mean, rstd
+
+
+def forward_inference(x, weight, bias, eps, residual, x_bias):
+    """y of `forward` when nothing will read the statistics (no autograd): mean and rstd go to one shared
+    scratch buffer (roberta_fast._utils.stats_scratch), both into the same (M,) slots, which only the row's own
+    program writes. Saves two allocations per call."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    M = x.shape[0]
+    if M:
+        s = stats_scratch(x.device, M)
+        _launch_fwd(x, weight, bias, eps, residual, x_bias, y, s, s)
+    return y
+
+
+def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
     M, N = x.shape
     pdt = _param_dtype(x, weight, bias, x_bias)
     weight, bias, x_bias = _as(weight, pdt), _as(bias, pdt), _as(x_bias, pdt)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
-    if M == 0:
-        return y, mean, rstd
     block, rows, num_warps = _row_config(N)
     # stand-in for a missing parameter (never read): any tensor of the parameters' dtype
     dummy = weight if weight is not None else (bias if bias is not None else (x_bias if x_bias is not None else x))
@@ -279,13 +297,14 @@ def forward(x, weight, bias, eps, residual, x_bias):
     xb = x_bias if x_bias is not None else dummy
     res = residual if residual is not None else x
     flags = (int(weight is not None), int(bias is not None), int(x_bias is not None), int(residual is not None))
-    # what fixes Triton's specialization (kernels/_launch.py); y, mean and rstd are fresh, aligned allocations
-    key = (x.dtype, pdt, N, x.data_ptr() & 15, res.data_ptr() & 15, w.data_ptr() & 15, b.data_ptr() & 15,
-           xb.data_ptr() & 15, int_key(x.stride(0)), int_key(res.stride(0)), int_key(M), flags)
-    _FWD(key, (cdiv(M, rows),),
-         (x, res, w, b, xb, y, mean, rstd, x.stride(0), res.stride(0), M, N, float(eps), *flags),
+    sx, sr = x.stride()[0], res.stride()[0]
+    # what fixes Triton's specialization (kernels/_launch.py): y, mean and rstd are fresh or scratch, aligned
+    # allocations; the other pointers are keyed all-aligned in one test (the common case) or one by one
+    ptrs = (x.data_ptr(), res.data_ptr(), w.data_ptr(), b.data_ptr(), xb.data_ptr())
+    align = "A" if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 15 else tuple(p & 15 for p in ptrs)
+    key = (x.dtype, pdt, N, align, int_key(sx), int_key(sr), int_key(M), flags)
+    _FWD(key, (cdiv(M, rows),), (x, res, w, b, xb, y, mean, rstd, sx, sr, M, N, float(eps), *flags),
          dict(BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES))
-    return y, mean, rstd
 
 
 def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):

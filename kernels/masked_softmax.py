@@ -162,7 +162,7 @@ def forward(scores, mask, scale):
     if n_rows >= 2**31:
         raise ValueError(f"masked_softmax: at most 2**31 - 1 rows, got {n_rows}")
     block_k, rows, warps = _config(K)
-    probs = torch.empty((B, H, Q, K), dtype=scores.dtype, device=scores.device)
+    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)  # (B, H, Q, K) contiguous
     kind = _mask_kind(mask)
     if mask is None:
         mask, mstr = scores, (0, 0, 0, 0)

@@ -23,3 +23,19 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     if t.shape[-1] == 1:
         return t.as_strided(t.shape, (*t.stride()[:-1], 1))
     return t.contiguous()
+
+
+_SCRATCH: dict = {}  # device -> the current float32 scratch buffer
+_SCRATCH_KEPT: list = []  # every scratch buffer ever handed out (never freed, see stats_scratch)
+
+
+def stats_scratch(device, n: int) -> torch.Tensor:
+    """A float32 buffer of at least n elements on `device` for per-row statistics nobody reads (an inference
+    forward's mean / rstd / lse): one per device, shared by every call, grown by doubling. Buffers are never
+    freed, so a CUDA graph that captured a launch writing into an older one stays valid."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.shape[0] < n:
+        size = max(n, 4096, 0 if buf is None else 2 * buf.shape[0])
+        buf = _SCRATCH[device] = torch.empty((size,), dtype=torch.float32, device=device)
+        _SCRATCH_KEPT.append(buf)
+    return buf

@@ -261,6 +261,9 @@ class LayerNormBackend(Protocol):
     def forward(self, x, weight, bias, eps, residual, x_bias):
         """x (M, N) -> (y (M, N) x.dtype, mean (M,) fp32, rstd (M,) fp32)."""
 
+    def forward_inference(self, x, weight, bias, eps, residual, x_bias):
+        """x (M, N) -> y (M, N) x.dtype, the statistics not kept (inference: the op layer's direct call)."""
+
     def backward(self, dy, x, weight, bias, mean, rstd, residual, x_bias):
         """-> (dx (M, N), dweight, dbias, dx_bias) (None where the parameter is None)."""
 
@@ -296,6 +299,9 @@ class AttentionBackend(Protocol):
 
     def forward(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
         """padded (B, S, H, D) or varlen (T, H, D) -> (o like q, lse (B, H, S) or (H, T) fp32)."""
+
+    def forward_inference(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+        """-> o like q, lse not kept (inference: the op layer's direct call)."""
 
     def backward(self, do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
         """-> (dq, dk, dv) like q."""

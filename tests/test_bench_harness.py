@@ -393,3 +393,51 @@ def test_cli_bench_unwritable_out(capsys, tmp_path):
     blocker.write_text("not a directory")
     assert cli.main(["bench", "--only", "layers", "--device", "cpu", "--out", str(blocker / "out")]) == 2
     assert f"--out {blocker / 'out'}: cannot write there" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- host overhead
+
+
+def _host_rows():
+    from roberta_fast.benchmarks.bench_host import _row
+
+    return [
+        _row("baseline", "F.layer_norm", "torch", "tiny CPU tensors", us=4.0, us_median=4.5, ratio=1.0),
+        _row("op", "layer_norm", "roberta_fast (triton), inference_mode", "x (128, 768)", us=10.0, us_median=11.0,
+             ratio=2.5, target=3.0, ok=True),
+        _row("forward", "roberta_fast (triton)", "roberta_fast (triton)", "roberta-base", us=900.0, us_median=950.0,
+             ratio=0.45, target=0.5, ok=True, python_calls=2500, launches=122),
+        _row("forward", "transformers eager", "transformers eager", "roberta-base", us=2000.0, us_median=2100.0,
+             ratio=1.0, python_calls=2000, launches=237),
+        _row("op", "attention", "roberta_fast (cuda), no_grad", "q", error="skipped: not here"),
+    ]
+
+
+def test_host_rows_validate_and_render():
+    doc = _doc()
+    doc["rows"] = doc["rows"] + _host_rows()
+    assert report.validate(doc) == []
+    md = report.to_markdown(doc)
+    assert "## Host overhead" in md
+    row = next(line for line in md.splitlines() if "| roberta_fast (triton) | roberta_fast (triton) |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:10] == ["900.0 (950.0)", "0.45x", "<= 0.5x", "ok", "2,500", "122"]
+    broken = copy.deepcopy(doc)
+    broken["rows"][-2]["us"] = None  # neither a time nor an error
+    assert any("has neither" in p for p in report.validate(broken))
+
+
+def test_only_host_selects_the_host_suite():
+    sel = bench.parse_only("host")
+    assert sel["suites"] == {"host"} and sel["ops"] == [] and sel["models"] is None
+    assert "host" in bench.parse_only(None)["suites"]
+
+
+def test_host_timer_and_counters():
+    from roberta_fast.benchmarks import bench_host
+
+    x = torch.randn(4, 4)
+    res = bench_host.time_interleaved({"add": lambda: x + x, "mul": lambda: x * x}, rounds=3, target_s=0.002)
+    assert set(res) == {"add", "mul"} and all(0 < best <= med for best, med in res.values())
+    assert bench_host.count_launches(lambda: (x + x).view(16).sum(), None) == 2  # add, sum (the view is free)
+    assert bench_host.count_python_calls(lambda: [abs(i) for i in range(3)]) >= 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import dtype_name
+from .._utils import dtype_name, stats_scratch
 from ._common import device_guard, dtype_code, lib, ptr, stream
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -67,12 +67,26 @@ def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     varlen: q, k, v (T, H, D); cu_seqlens int32 (batch + 1,); max_seqlen int >= every length;
     returns o (T, H, D) (rows past cu_seqlens[-1] zero) and lse (H, T) float32.
     A query row with no real key gives zeros and lse = -inf."""
+    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, False)
+
+
+def forward_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """o of `forward` when nothing will read lse: lse goes to a shared scratch buffer
+    (roberta_fast._utils.stats_scratch) with the same strides, each row's slot written once."""
+    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, True)[0]
+
+
+def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scratch_lse):
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     D = L["head_dim"]
     scale = D ** -0.5 if scale is None else float(scale)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(L["stat_shape"], dtype=torch.float32, device=q.device)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    st = L["stat_shape"]
+    if scratch_lse:  # the same strides into a scratch buffer of at least as many elements
+        lse = stats_scratch(q.device, st[0] * st[1] * (st[2] if len(st) == 3 else 1))
+    else:
+        lse = torch.empty(st, dtype=torch.float32, device=q.device)
     vl, mask = L["varlen"], L["mask"]
     mod = lib(q)
     with device_guard(q):

@@ -29,7 +29,7 @@ def forward(x, bias, approximate):
     code = _approx_code(approximate)
     bias = param(bias)
     M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)  # (M, N) contiguous
     mod = lib(x)
     with device_guard(x):
         mod.bias_gelu_fwd(x=ptr(x), x_stride=x.stride(0), bias=ptr(bias), bias_f32=is_f32(bias), y=ptr(y),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import FLOAT_DTYPES
+from .._utils import FLOAT_DTYPES, stats_scratch
 from ._common import col_parts, device_guard, dtype_code, is_f32, lib, param, ptr, stream, unsupported_dtype
 
 
@@ -21,11 +21,26 @@ def unsupported(x, weight, bias, eps, residual, x_bias):
 def forward(x, weight, bias, eps, residual, x_bias):
     """x (M, N) rows; weight, bias, x_bias (N,) of x's dtype or float32, or None; residual (M, N)
     rows of x's dtype or None. Returns y (M, N) x.dtype, mean and rstd (M,) float32."""
-    weight, bias, x_bias = param(weight), param(bias), param(x_bias)
-    M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    M = x.shape[0]
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd)
+    return y, mean, rstd
+
+
+def forward_inference(x, weight, bias, eps, residual, x_bias):
+    """y of `forward` when nothing will read the statistics: mean and rstd both go to the same slots of one
+    shared scratch buffer (roberta_fast._utils.stats_scratch), written only by the row's own thread block."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    s = stats_scratch(x.device, x.shape[0])
+    _launch_fwd(x, weight, bias, eps, residual, x_bias, y, s, s)
+    return y
+
+
+def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
+    weight, bias, x_bias = param(weight), param(bias), param(x_bias)
+    M, N = x.shape
     mod = lib(x)
     with device_guard(x):
         mod.layer_norm_fwd(
@@ -34,7 +49,6 @@ def forward(x, weight, bias, eps, residual, x_bias):
             x_bias=ptr(x_bias), x_bias_f32=is_f32(x_bias), weight=ptr(weight), weight_f32=is_f32(weight),
             bias=ptr(bias), bias_f32=is_f32(bias), y=ptr(y), mean=ptr(mean), rstd=ptr(rstd),
             M=M, N=N, eps=float(eps), dtype=dtype_code(mod, x.dtype), stream=stream(x))
-    return y, mean, rstd
 
 
 def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):

@@ -20,7 +20,7 @@ def forward(scores, mask, scale):
     where broadcast, last stride 0 or 1): bool (True = keep) or additive float of any float dtype.
     Returns probs (B, H, Q, K) contiguous, scores.dtype; fully masked rows are zeros."""
     B, H, Q, K = scores.shape
-    probs = torch.empty((B, H, Q, K), dtype=scores.dtype, device=scores.device)
+    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)  # (B, H, Q, K) contiguous
     m_strides = (0, 0, 0, 0)
     if mask is not None:
         if K > 1 and mask.stride(3) not in (0, 1):

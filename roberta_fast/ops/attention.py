@@ -257,7 +257,7 @@ def _run(q, k, v, key_padding_mask, scale, backend):
         return reference.attention(q, k, v, key_padding_mask, scale)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
-        return mod.forward(q, k, v, key_padding_mask, None, None, scale)[0]
+        return mod.forward_inference(q, k, v, key_padding_mask, None, None, scale)
     return _fwd(q, k, v, key_padding_mask, scale, b)[0]
 
 
@@ -373,7 +373,7 @@ def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend):
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
     if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
-        return mod.forward(q, k, v, None, cu_seqlens, int(max_seqlen), scale)[0]
+        return mod.forward_inference(q, k, v, None, cu_seqlens, int(max_seqlen), scale)
     return _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b)[0]
 
 

@@ -103,7 +103,7 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
     bb = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     xb = x_bias if x_bias is None or x_bias.is_contiguous() else x_bias.contiguous()
     if not train and direct_call_ok(x):  # inference: the backend directly, no custom-op dispatch
-        y = mod.forward(x2, w, bb, float(eps), r2, xb)[0]
+        y = mod.forward_inference(x2, w, bb, float(eps), r2, xb)
     else:
         y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)[0]
     return y if x2 is x else y.view(x.shape)

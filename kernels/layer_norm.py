@@ -234,12 +234,15 @@ _FWD = launcher(_layer_norm_fwd_kernel)  # the forward's launches through cached
 
 
 def _param_dtype(x: torch.Tensor, weight, bias, x_bias) -> torch.dtype:
-    if x_bias is None and weight is not None and bias is not None and weight.dtype == bias.dtype:
-        return weight.dtype  # the common case, without building a set
-    dts = {p.dtype for p in (weight, bias, x_bias) if p is not None}
-    if not dts:
-        return x.dtype
-    return dts.pop() if len(dts) == 1 else torch.float32
+    """The parameters' common dtype: theirs when they agree, float32 when they mix, x's without any."""
+    d = None
+    for p in (weight, bias, x_bias):
+        if p is not None:
+            if d is None:
+                d = p.dtype
+            elif p.dtype != d:
+                return torch.float32
+    return x.dtype if d is None else d
 
 
 def _as(p, dtype):

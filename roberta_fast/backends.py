@@ -36,6 +36,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from . import cuda_ops, tuned
+from ._utils import dtype_name
 
 BACKENDS = ("torch", "triton", "cuda")
 # Device types whose tensors the registry treats as GPU tensors (the automatic choice tries "cuda", then
@@ -223,11 +224,14 @@ def choose(op: str, backend: str | None, device: torch.device, signature, mode: 
     signature  a hashable the op builds from everything the choice depends on besides `backend`, `device`
                and `mode`: dtypes, the fixed sizes the backends' `unsupported` look at, and the shape bucket
                of `tune_key` (roberta_fast.tuned.bucket); calls with equal signatures get the same answer
+    tune_key   as in `resolve`, except that torch.dtype entries may be given as dtypes (named on a miss only)
     The rest as in `resolve`, which runs (and may raise) on the first call of a signature only. The cache
     is emptied by `reset()` and whenever the tuned tables change."""
     key = (op, backend, device, signature, mode)
     hit = _RESOLVED.get(key)
     if hit is None:
+        if tune_key is not None:  # torch.dtype entries by name, as the tuned tables keep them
+            tune_key = tuple(dtype_name(k) if isinstance(k, torch.dtype) else k for k in tune_key)
         b = resolve(op, backend, device, unsupported=unsupported, tune_key=tune_key, mode=mode)
         hit = (b, None if b == "torch" else implementation(b, op))
         if len(_RESOLVED) >= _RESOLVED_MAX:

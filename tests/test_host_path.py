@@ -125,8 +125,8 @@ def _op_cases():
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     x, w, b = _ln_args()
-    q = r(2, 5, 2, 16)
-    tq = r(7, 2, 16)
+    q = r(2, 5, 2, 32)
+    tq = r(7, 2, 32)
     return {
         "layer_norm": ((x, w, b, 1e-5), dict(residual=r(6, 16), x_bias=r(16))),
         "bias_gelu": ((r(3, 4, 8), r(8)), {}),
@@ -160,19 +160,25 @@ def test_inference_skips_the_custom_op_and_autograd_keeps_it(op):
     assert any(n.endswith("_fwd") for n in names) and leaf.grad is not None, names
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("op", list(_op_cases()))
-def test_trusted_entry_points_match_the_public_ops_without_checking(op, monkeypatch):
+def test_trusted_entry_points_match_the_public_ops_without_checking(op, backend, monkeypatch):
+    """Same results (in inference through the backends' forward_inference where they have one, which keeps
+    no statistics), and no check runs."""
+    if not backends.can_run(backend, CPU):
+        pytest.skip(f"backend {backend!r} cannot run on CPU tensors here")
     args, kwargs = _op_cases()[op]
+    if backend == "cuda" and op.startswith("attention"):  # the CUDA C++ attention takes float16 / bfloat16
+        args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
     with torch.inference_mode():
-        want = getattr(ops, op)(*args, **kwargs, backend="triton")
+        want = getattr(ops, op)(*args, **kwargs, backend=backend)
     mod = sys.modules[f"roberta_fast.ops.{'attention' if op.startswith('attention') else op}"]
     for name in ("_check_args", "_check_padded", "_check_varlen", "_check_additive", "_check_cu_seqlens"):
         if hasattr(mod, name):
             monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("a trusted call ran a check"))
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            got = getattr(trusted, op)(*args, **kwargs, backend="triton")
+            got = getattr(trusted, op)(*args, **kwargs, backend=backend)
         torch.testing.assert_close(got, want)
 
 

@@ -214,7 +214,7 @@ def attention_trusted(q, k, v, key_padding_mask=None, scale=None, backend=None):
     errors instead of the named ones."""
     if torch.compiler.is_compiling():
         return _run_traced(q, k, v, key_padding_mask, scale, backend)
-    return _run(q, k, v, key_padding_mask, scale, backend)
+    return _run(q, k, v, key_padding_mask, scale, backend, True)
 
 
 def _check_padded(q, k, v, key_padding_mask, scale):
@@ -236,9 +236,10 @@ def _train(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _run(q, k, v, key_padding_mask, scale, backend):
+def _run(q, k, v, key_padding_mask, scale, backend, trusted=False):
     """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
-    is called directly, with autograd the custom op is."""
+    is called directly (from the trusted entry points its forward_inference, which keeps no lse), with
+    autograd the custom op is."""
     B, S, H, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     train = _train(q, k, v)
@@ -250,14 +251,16 @@ def _run(q, k, v, key_padding_mask, scale, backend):
     # table (S class, heads, head_dim, dtype, mask, tokens)
     sig = (q.dtype, k.dtype, v.dtype, H, D, _seq_class(S), round_log2(B * S), key_padding_mask is not None)
     b, mod = backends.choose(_OP, backend, q.device, sig, "train" if train else "fwd", unsupported=unsupported,
-                             tune_key=(B, S, H, D, dtype_name(q.dtype), key_padding_mask is not None))
+                             tune_key=(B, S, H, D, q.dtype, key_padding_mask is not None))
     if q.numel() == 0:
         return _empty_result(q, k, v)
     if mod is None:
         return reference.attention(q, k, v, key_padding_mask, scale)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
-        return mod.forward_inference(q, k, v, key_padding_mask, None, None, scale)
+        if trusted:
+            return mod.forward_inference(q, k, v, key_padding_mask, None, None, scale)
+        return mod.forward(q, k, v, key_padding_mask, None, None, scale)[0]
     return _fwd(q, k, v, key_padding_mask, scale, b)[0]
 
 
@@ -337,7 +340,7 @@ def attention_varlen_trusted(q, k, v, cu_seqlens, max_seqlen, scale=None, backen
     named ones."""
     if torch.compiler.is_compiling():
         return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend)
-    return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend)
+    return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend, True)
 
 
 def _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -354,7 +357,7 @@ def _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
     _check_scale(_OPV, scale, q.shape[-1])
 
 
-def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend, trusted=False):
     """The lean path of attention_varlen (see _run)."""
     T, H, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
@@ -365,7 +368,7 @@ def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend):
 
     sig = (q.dtype, k.dtype, v.dtype, H, D, _seq_class(max_seqlen), round_log2(T))
     b, mod = backends.choose(_OPV, backend, q.device, sig, "train" if train else "fwd", unsupported=unsupported,
-                             tune_key=(T, max_seqlen, H, D, dtype_name(q.dtype)))
+                             tune_key=(T, max_seqlen, H, D, q.dtype))
     if q.numel() == 0:
         return _empty_result(q, k, v)
     if mod is None:
@@ -373,7 +376,9 @@ def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend):
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
     if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
-        return mod.forward_inference(q, k, v, None, cu_seqlens, int(max_seqlen), scale)
+        if trusted:
+            return mod.forward_inference(q, k, v, None, cu_seqlens, int(max_seqlen), scale)
+        return mod.forward(q, k, v, None, cu_seqlens, int(max_seqlen), scale)[0]
     return _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b)[0]
 
 

@@ -122,7 +122,7 @@ def _run(x, bias, approximate, backend):
     # tuned table); bias's dtype and approximate too, for backends that may look at them
     sig = (x.dtype, N, round_log2(M), None if bias is None else bias.dtype, approximate)
     b, mod = backends.choose(_OP, backend, x.device, sig, "train" if train else "fwd", unsupported=unsupported,
-                             tune_key=(M, N, dtype_name(x.dtype)))
+                             tune_key=(M, N, x.dtype))
     if mod is None or M == 0:
         return reference.bias_gelu(x, bias, approximate)
     x2 = x if x.dim() == 2 and x.stride(-1) == 1 else unit_last_stride(x.reshape(-1, N))  # (M, N) rows

@@ -67,12 +67,13 @@ def layer_norm_trusted(x, weight, bias, eps, residual=None, x_bias=None, out_dty
     float >= 0). Bad arguments here give undefined errors instead of the named ones."""
     if torch.compiler.is_compiling():
         return _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
-    return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
+    return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, True)
 
 
-def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
+def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, trusted=False):
     """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
-    is called directly, with autograd the custom op is."""
+    is called directly (from the trusted entry point its forward_inference, which keeps no statistics),
+    with autograd the custom op is."""
     N = x.shape[-1]
     if out_dtype is not None and out_dtype != x.dtype:  # autocast's float32 residual stream: all in float32
         x, weight, bias, x_bias = (t.float() if t is not None else None for t in (x, weight, bias, x_bias))
@@ -90,7 +91,7 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
     sig = (x.dtype, N, round_log2(M), None if weight is None else weight.dtype,
            None if bias is None else bias.dtype, None if x_bias is None else x_bias.dtype, residual is None)
     b, mod = backends.choose(_OP, backend, x.device, sig, mode, unsupported=unsupported,
-                             tune_key=(M, N, dtype_name(x.dtype)))
+                             tune_key=(M, N, x.dtype))
     if mod is None or M == 0:
         # the torch backend, or empty input: plain autograd on empty tensors, nothing is launched
         return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
@@ -103,7 +104,8 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
     bb = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     xb = x_bias if x_bias is None or x_bias.is_contiguous() else x_bias.contiguous()
     if not train and direct_call_ok(x):  # inference: the backend directly, no custom-op dispatch
-        y = mod.forward_inference(x2, w, bb, float(eps), r2, xb)
+        y = mod.forward_inference(x2, w, bb, float(eps), r2, xb) if trusted else mod.forward(
+            x2, w, bb, float(eps), r2, xb)[0]
     else:
         y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)[0]
     return y if x2 is x else y.view(x.shape)

@@ -211,7 +211,7 @@ def _run(scores, mask, scale, backend):
     # table (rows, K, dtype, mask kind); the mask's dtype too, for backends that may look at it
     sig = (scores.dtype, K, round_log2(rows), mask_kind, None if mask is None else mask.dtype)
     b, mod = backends.choose(_OP, backend, scores.device, sig, "train" if train else "fwd",
-                             unsupported=unsupported, tune_key=(rows, K, dtype_name(scores.dtype), mask_kind))
+                             unsupported=unsupported, tune_key=(rows, K, scores.dtype, mask_kind))
     if mask is not None and mask.requires_grad:
         mask = mask.detach()  # the mask gets no gradient, on every backend
     if rows == 0:

@@ -72,7 +72,7 @@ class Launcher:
 
     def __init__(self, fn):
         self.fn = fn
-        self.cache: dict = {}
+        self.cache: dict = {}  # device -> {launch key: (launcher, function handle, metadata, constexprs, kernel)}
         self._names = None
 
     def __call__(self, key, grid, args: tuple, meta: dict):
@@ -81,19 +81,26 @@ class Launcher:
         if INTERPRET:
             self.fn[grid](*args, **meta)
             return
-        drv = triton.runtime.driver.active
+        drv = _DRIVER.active
         device = drv.get_current_device()
-        h = self.cache.get((device, key))
+        h = self.cache.get(device)
+        if h is not None:
+            h = h.get(key)
         if h is None or _STATE["check"]:
             self._first(device, key, grid, args, meta, h)
             return
-        run, function, packed, tail, ck = h
+        run, function, packed, tail, ck, direct = h
         stream = drv.get_current_stream(device)
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         enter, leave = _KNOBS.launch_enter_hook, _KNOBS.launch_exit_hook
         if (not enter.calls and not leave.calls) if _CHAINS else (enter is None and leave is None):
-            run(grid[0], g1, g2, stream, function, packed, None, None, None, *args, *tail)
+            if direct is not None:  # the launcher's C entry itself (what CudaLauncher.__call__ ends with)
+                launch, coop, pdl, annotations, signature = direct
+                launch(grid[0], g1, g2, stream, function, coop, pdl, packed, None, None, None, None, None,
+                       annotations, signature, (*args, *tail))
+            else:
+                run(grid[0], g1, g2, stream, function, packed, None, None, None, *args, *tail)
         else:  # a profiler's hooks (e.g. proton): the launch metadata as JITFunction.run builds it
             md = ck.launch_metadata(grid, stream, *args, *tail)
             run(grid[0], g1, g2, stream, function, packed, md, enter, leave, *args, *tail)
@@ -110,9 +117,25 @@ class Launcher:
         if self._names is None:
             self._names = [p.name for p in self.fn.params]
         tail = tuple(meta[n] for n in self._names[len(args):])  # the constexprs, in parameter order
-        self.cache[(device, key)] = (ck.run, ck.function, ck.packed_metadata, tail, ck)
+        self.cache.setdefault(device, {})[key] = (ck.run, ck.function, ck.packed_metadata, tail, ck,
+                                                  _direct_entry(ck.run))
 
 
+def _direct_entry(run):
+    """(launch, cooperative, pdl, annotations, signature) to call the NVIDIA launcher's C entry directly, as
+    Triton 3.8+'s CudaLauncher.__call__ does once it has found nothing to allocate (no global or profile
+    scratch, no sanitizer); None for any other launcher (Triton 3.6's per-kernel modules, other backends), which
+    is then called through its __call__."""
+    names = ("launch", "launch_cooperative_grid", "launch_pdl", "arg_annotations", "kernel_signature",
+             "global_scratch_size", "profile_scratch_size")
+    if not all(hasattr(run, n) for n in names) or getattr(run, "gsan_enabled", False):
+        return None
+    if run.global_scratch_size or run.profile_scratch_size:
+        return None
+    return (run.launch, run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations, run.kernel_signature)
+
+
+_DRIVER = triton.runtime.driver  # .active: the driver in use (may be replaced with set_active)
 _KNOBS = triton.knobs.runtime  # launch_enter_hook / launch_exit_hook (Triton 3.4 and later)
 # Triton 3.5+ keeps each hook as a HookChain (empty when no profiler is attached), older ones as None
 _CHAINS = hasattr(_KNOBS.launch_enter_hook, "calls")

@@ -288,6 +288,12 @@ def forward_inference(x, weight, bias, eps, residual, x_bias):
     return y
 
 
+@functools.lru_cache(maxsize=64)
+def _fwd_meta(block: int, rows: int, num_warps: int) -> dict:
+    """The forward's constexprs and launch options (one dict per config, not one per call)."""
+    return dict(BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES)
+
+
 def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
     M, N = x.shape
     pdt = _param_dtype(x, weight, bias, x_bias)
@@ -307,7 +313,7 @@ def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
     align = "A" if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 15 else tuple(p & 15 for p in ptrs)
     key = (x.dtype, pdt, N, align, int_key(sx), int_key(sr), int_key(M), flags)
     _FWD(key, (cdiv(M, rows),), (x, res, w, b, xb, y, mean, rstd, sx, sr, M, N, float(eps), *flags),
-         dict(BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES))
+         _fwd_meta(block, rows, num_warps))
 
 
 def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):

@@ -111,8 +111,9 @@ def _check_args(x, bias, approximate):
 def _run(x, bias, approximate, backend):
     """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
     is called directly, with autograd the custom op is."""
-    N = x.shape[-1]
-    M = x.numel() // N if N else 0
+    shape = x.shape
+    N = shape[-1]
+    M = shape[0] if len(shape) == 2 else (x.numel() // N if N else 0)
     train = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
     def unsupported(b):
@@ -125,14 +126,14 @@ def _run(x, bias, approximate, backend):
                              tune_key=(M, N, x.dtype))
     if mod is None or M == 0:
         return reference.bias_gelu(x, bias, approximate)
-    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else unit_last_stride(x.reshape(-1, N))  # (M, N) rows
+    x2 = x if len(shape) == 2 and x.is_contiguous() else unit_last_stride(x.reshape(-1, N))  # (M, N) rows
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     if not train and direct_call_ok(x):  # inference: the backend directly, no custom-op dispatch
         y = mod.forward(x2, bias, approximate)
     else:
         y = _fwd(x2, bias, approximate, b)
-    return y if x2 is x else y.view(x.shape)
+    return y if x2 is x else y.view(shape)
 
 
 def _run_traced(x, bias, approximate, backend):

@@ -74,10 +74,11 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, trusted=Fal
     """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
     is called directly (from the trusted entry point its forward_inference, which keeps no statistics),
     with autograd the custom op is."""
-    N = x.shape[-1]
+    shape = x.shape
+    N = shape[-1]
     if out_dtype is not None and out_dtype != x.dtype:  # autocast's float32 residual stream: all in float32
         x, weight, bias, x_bias = (t.float() if t is not None else None for t in (x, weight, bias, x_bias))
-    M = x.numel() // N if N else 0
+    M = shape[0] if len(shape) == 2 else (x.numel() // N if N else 0)
     train = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad) or (
         bias is not None and bias.requires_grad) or (residual is not None and residual.requires_grad) or (
         x_bias is not None and x_bias.requires_grad))
@@ -95,11 +96,11 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, trusted=Fal
     if mod is None or M == 0:
         # the torch backend, or empty input: plain autograd on empty tensors, nothing is launched
         return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
-    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else unit_last_stride(x.reshape(-1, N))  # (M, N) rows
-    r2 = None
-    if residual is not None:
-        r2 = residual if residual.dim() == 2 and residual.stride(-1) == 1 else unit_last_stride(
-            residual.reshape(-1, N))
+    # (M, N) rows: x itself when it already is (the model's case), else a view where the layout allows it
+    x2 = x if len(shape) == 2 and x.is_contiguous() else unit_last_stride(x.reshape(-1, N))
+    r2 = residual
+    if residual is not None and not (len(shape) == 2 and residual.is_contiguous()):
+        r2 = unit_last_stride(residual.reshape(-1, N))
     w = weight if weight is None or weight.is_contiguous() else weight.contiguous()
     bb = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     xb = x_bias if x_bias is None or x_bias.is_contiguous() else x_bias.contiguous()
@@ -108,7 +109,7 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, trusted=Fal
             x2, w, bb, float(eps), r2, xb)[0]
     else:
         y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)[0]
-    return y if x2 is x else y.view(x.shape)
+    return y if x2 is x else y.view(shape)
 
 
 def _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend):

@@ -123,7 +123,7 @@ class Launcher:
 
 def _direct_entry(run):
     """(launch, cooperative, pdl, annotations, signature) to call the NVIDIA launcher's C entry directly, as
-    Triton 3.8+'s CudaLauncher.__call__ does once it has found nothing to allocate (no global or profile
+    Triton 3.9's CudaLauncher.__call__ does once it has found nothing to allocate (no global or profile
     scratch, no sanitizer); None for any other launcher (Triton 3.6's per-kernel modules, other backends), which
     is then called through its __call__."""
     names = ("launch", "launch_cooperative_grid", "launch_pdl", "arg_annotations", "kernel_signature",

@@ -14,7 +14,8 @@ against Triton's own binder by tests/test_host_path.py (the stub-driver run) and
 `check_keys(True)` is on.
 
 Under TRITON_INTERPRET=1 there is no compiled kernel: every launch goes through `fn[grid]` (the tests
-therefore run the same host functions, minus the cache). Launch hooks (`triton.knobs.runtime.
+therefore run the same host functions, minus the cache); so does every launch on Triton 3.2 / 3.3 (no
+`triton.knobs` there to read the launch hooks from). Launch hooks (`triton.knobs.runtime.
 launch_enter_hook`, e.g. proton) are passed on; launch metadata is only built when a hook is set.
 """
 
@@ -78,7 +79,7 @@ class Launcher:
     def __call__(self, key, grid, args: tuple, meta: dict):
         """Launch fn[grid](*args, **meta). key: a hashable that fixes Triton's specialization of args and
         meta (the device is added here); grid: a tuple of one to three ints."""
-        if INTERPRET:
+        if INTERPRET or _KNOBS is None:
             self.fn[grid](*args, **meta)
             return
         drv = _DRIVER.active
@@ -136,9 +137,11 @@ def _direct_entry(run):
 
 
 _DRIVER = triton.runtime.driver  # .active: the driver in use (may be replaced with set_active)
-_KNOBS = triton.knobs.runtime  # launch_enter_hook / launch_exit_hook (Triton 3.4 and later)
+# launch_enter_hook / launch_exit_hook live in triton's knobs from 3.4 on; before that (3.2, 3.3) the cache is
+# off and every launch goes through fn[grid]
+_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
 # Triton 3.5+ keeps each hook as a HookChain (empty when no profiler is attached), older ones as None
-_CHAINS = hasattr(_KNOBS.launch_enter_hook, "calls")
+_CHAINS = _KNOBS is not None and hasattr(_KNOBS.launch_enter_hook, "calls")
 
 
 def clear():

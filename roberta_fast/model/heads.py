@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
+from ..ops import trusted as ops  # the model checks its inputs once per forward (docs/host_path.md)
 from .config import ACTIVATIONS, EncoderConfig, as_config
 from .encoder import BertModel, RobertaModel
 from .outputs import MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput

@@ -213,9 +213,15 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
 def _summary(doc, echo):
     rows = doc["rows"]
     errs = [r for r in rows if r.get("error") and not str(r["error"]).startswith("skipped")]
-    fails = [r for r in rows if r.get("ok") is False]
-    echo(f"{len(rows)} rows, {len(errs)} with errors, {len(fails)} failing the accuracy rule, "
-         f"{doc['elapsed_s']:.0f} s")
+    fails = _accuracy_failures(rows)
+    over = [r for r in rows if r.get("suite") == "host" and r.get("ok") is False]
+    echo(f"{len(rows)} rows, {len(errs)} with errors, {len(fails)} failing the accuracy rule"
+         + (f", {len(over)} host-time rows over their target" if over else "") + f", {doc['elapsed_s']:.0f} s")
+
+
+def _accuracy_failures(rows) -> list:
+    """Rows whose result broke the accuracy rule (a host-time row's `ok` is its speed target instead)."""
+    return [r for r in rows if r.get("ok") is False and r.get("suite") != "host"]
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -246,7 +252,7 @@ def run_from_args(a) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fails = [r for r in doc["rows"] if r.get("ok") is False]
+    fails = _accuracy_failures(doc["rows"])
     return 1 if fails else 0
 
 

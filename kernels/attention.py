@@ -32,14 +32,15 @@ sequence (row * stride, < 2**31 elements) are int32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import stats_scratch
+from .._utils import dtype_name, stats_scratch
 from ._aot import AOTSpec, ptr
+from ._configs import ConfigTable, with_default
 from ._launch import INTERPRET, cdiv, ints_key, launcher
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -376,8 +377,7 @@ def _attn_bwd_dkdv(
 # ------------------------------------------------------------------------------------------ tuning
 
 
-@dataclass(frozen=True)
-class AttnConfig:
+class AttnConfig(NamedTuple):
     block_m: int  # query rows per block
     block_n: int  # key rows per block
     num_warps: int
@@ -389,7 +389,7 @@ INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
 
 SEQLEN_BUCKETS = (("short", 128), ("long", None))  # bucket of max_seqlen: <= 128, longer
 
-# (kernel, head_dim, bucket) -> config, for fp16 and bf16 alike (same tiles, same registers).
+# The defaults: (kernel, head_dim, bucket) -> config, for fp16 and bf16 alike (same tiles, same registers).
 # Hopper-oriented (wgmma wants the held tile >= 64 rows and a multiple of 4 warps) and valid on
 # sm_80. fwd holds BLOCK_M query rows and streams BLOCK_N keys; bwd_dq holds BLOCK_M query rows
 # and streams BLOCK_N keys; bwd_dkdv holds BLOCK_N key rows and streams BLOCK_M query rows.
@@ -412,6 +412,44 @@ CONFIGS = {
     ("bwd_dkdv", 64, "any"): AttnConfig(32, 128, 8, 3),
     ("bwd_dkdv", 128, "any"): AttnConfig(32, 128, 8, 2),
 }
+
+# What `roberta-fast tune` may try per (kernel, head_dim), besides the bucket's default (docs/tuning.md).
+# fwd: both buckets' defaults (a short sequence may want the long tile and back) and, for the BERT family's
+# head dims 32 and 64, 128 x 64 tiles on 8 warps (3 stages): half the keys per step of the long default, so
+# half its registers (125 on sm_90, 184 on sm_80 at D=64). bwd_dq: 64 x 64 on 4 warps (twice the programs).
+# bwd_dkdv: 64-key blocks on 4 warps (twice the programs at S = 128, where the default has one per head).
+# head_dim 16 and 128 (outside the BERT family) keep today's configs only. Every candidate is in aot_specs().
+CANDIDATES = {
+    **{("fwd", d): (CONFIGS[("fwd", d, "short")], CONFIGS[("fwd", d, "long")]) for d in HEAD_DIMS},
+    ("fwd", 32): (AttnConfig(64, 64, 4, 2), AttnConfig(128, 128, 8, 3), AttnConfig(128, 64, 8, 3)),
+    ("fwd", 64): (AttnConfig(64, 64, 4, 2), AttnConfig(128, 128, 8, 3), AttnConfig(128, 64, 8, 3)),
+    **{(k, d): (CONFIGS[(k, d, "any")],) for k in ("bwd_dq", "bwd_dkdv") for d in HEAD_DIMS},
+    ("bwd_dq", 32): (AttnConfig(128, 64, 8, 3), AttnConfig(64, 64, 4, 3)),
+    ("bwd_dq", 64): (AttnConfig(128, 64, 8, 3), AttnConfig(64, 64, 4, 3)),
+    ("bwd_dkdv", 32): (AttnConfig(64, 128, 8, 3), AttnConfig(64, 64, 4, 3)),
+    ("bwd_dkdv", 64): (AttnConfig(32, 128, 8, 3), AttnConfig(32, 64, 4, 3)),
+}
+FWD_CLASSES, BWD_CLASSES = ("fwd",), ("bwd_dq", "bwd_dkdv")
+
+
+def config_space(op: str, fixed: tuple, train: bool = False) -> dict:
+    """The candidates per kernel class for a tuned bucket of attention / attention_varlen (`fixed` =
+    (ceil_pow2(seqlen), heads, head_dim, dtype, ...) as roberta_fast.tuned.bucket gives it), the bucket's
+    default first; the backward classes only with `train`. {} for a head_dim the kernels do not take."""
+    seq_pow2, head_dim = fixed[0], fixed[2]
+    if head_dim not in HEAD_DIMS:
+        return {}
+    space = {"fwd": with_default(CONFIGS[("fwd", head_dim, seqlen_bucket(seq_pow2))], CANDIDATES[("fwd", head_dim)])}
+    if train:
+        for k in BWD_CLASSES:
+            space[k] = with_default(CONFIGS[(k, head_dim, "any")], CANDIDATES[(k, head_dim)])
+    return space
+
+
+# the tuned configs (kernels/_configs.py): installed per device by roberta_fast.tuned, forced by the tuner
+_TUNED = ConfigTable(("attention", "attention_varlen"), config_space)
+install_tuned, forced_configs = _TUNED.install, _TUNED.forced
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # on GPUs; float32 too under the interpreter
 
 
@@ -443,6 +481,22 @@ def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, max_seqlen:
         raise ValueError(f"attention: the Triton kernels take float16 or bfloat16 on GPUs, got {dtype}")
     key = (kernel, head_dim, "any") if kernel != "fwd" else (kernel, head_dim, seqlen_bucket(max_seqlen))
     return CONFIGS[key]
+
+
+def _config(kernel: str, q, key_padding_mask, cu_seqlens, max_seqlen: int) -> AttnConfig:
+    """The config a launch uses: the tuned one of the call's bucket (or the tuner's forced one) when there is
+    one, else `attention_config`'s default."""
+    if _TUNED.active:
+        if cu_seqlens is not None:
+            T, H, D = q.shape
+            cfg = _TUNED.pick(kernel, q.device, "attention_varlen", (T, max_seqlen, H, D, dtype_name(q.dtype)))
+        else:
+            B, _, H, D = q.shape
+            cfg = _TUNED.pick(kernel, q.device, "attention",
+                              (B, max_seqlen, H, D, dtype_name(q.dtype), key_padding_mask is not None))
+        if cfg is not None:
+            return cfg
+    return attention_config(kernel, q.shape[-1], q.dtype, max_seqlen)
 
 
 # ------------------------------------------------------------------------------------- host side
@@ -541,7 +595,7 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scratch_l
         lse = stats_scratch(dev, lse_shape[0] * lse_shape[1] * (lse_shape[2] if len(lse_shape) == 3 else 1))
     else:
         lse = torch.empty(lse_shape, dtype=torch.float32, device=dev)
-    cfg = attention_config("fwd", D, q.dtype, S)
+    cfg = _config("fwd", q, key_padding_mask, cu_seqlens, S)
     n_blocks = max(cdiv(S, cfg.block_m), 1)
     if n_bh * n_blocks == 0:
         return o, lse
@@ -572,7 +626,7 @@ def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scal
     common = (*a["sizes"],)
     tail = (*st(q), *st(k), *st(v), *st(dq), *st(do), *a["lse_strides"], *a["mask_strides"])
 
-    cfg = attention_config("bwd_dq", a["head_dim"], q.dtype, seqlen)
+    cfg = _config("bwd_dq", q, key_padding_mask, cu_seqlens, seqlen)
     n_blocks = max(cdiv(seqlen, cfg.block_m), 1)
     _attn_bwd_dq[(a["n_bh"] * n_blocks,)](
         q, k, v, o, do, dq, lse, delta, a["mask"], a["cu"],
@@ -580,7 +634,7 @@ def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scal
         HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    cfg = attention_config("bwd_dkdv", a["head_dim"], q.dtype, seqlen)
+    cfg = _config("bwd_dkdv", q, key_padding_mask, cu_seqlens, seqlen)
     n_blocks = max(cdiv(seqlen, cfg.block_n), 1)
     _attn_bwd_dkdv[(a["n_bh"] * n_blocks,)](
         q, k, v, do, dk, dv, lse, delta, a["mask"], a["cu"],
@@ -630,10 +684,13 @@ def _aligned_args(kernel: str) -> tuple:
 
 
 def aot_specs() -> list[AOTSpec]:
-    """Every (kernel, dtype, head_dim, config) the host functions launch on a GPU. Padded, padded
-    with a key padding mask and varlen are runtime arguments of the same specialization."""
+    """Every (kernel, dtype, head_dim, config) the host functions launch on a GPU: the defaults and every
+    tuning candidate. Padded, padded with a key padding mask and varlen are runtime arguments of the same
+    specialization."""
     specs, seen = [], set()
-    for (kernel, head_dim, _bucket), cfg in CONFIGS.items():
+    every = [(kernel, head_dim, cfg) for (kernel, head_dim, _bucket), cfg in CONFIGS.items()]
+    every += [(kernel, head_dim, cfg) for (kernel, head_dim), cfgs in CANDIDATES.items() for cfg in cfgs]
+    for kernel, head_dim, cfg in every:
         for dt in KERNEL_DTYPES:
             if (kernel, head_dim, cfg, dt) in seen:
                 continue

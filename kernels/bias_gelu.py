@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._utils import dtype_name
 from ._aot import AOTSpec, ptr
+from ._configs import ConfigTable
 from ._launch import INTERPRET, cdiv, int_key, launcher
 
 # constants written inline in the jit functions below:
@@ -164,9 +166,39 @@ _BWD_INTERPRET_GRID_M = 2
 _COLSUM = (32, 128, 4)
 
 
+# What `roberta-fast tune` may try (docs/tuning.md), (BLOCK_M, BLOCK_N, num_warps), the default first: twice
+# the rows per program at 16 elements per thread (two 16-byte vectors in flight per thread), and twice the
+# columns on twice the warps (same 8 per thread, programs of 2048 elements). The backward holds more per
+# element (dy, x, the dbias partial sums), so only the first. Every candidate is in aot_specs().
+FWD_TILES = (_TILE, (16, 128, 4), (8, 256, 8))
+BWD_TILES = (_TILE, (16, 128, 4))
+
+
 def _tile(M: int, N: int):
-    """(BLOCK_M, BLOCK_N, num_warps) for an (M, N) problem."""
+    """(BLOCK_M, BLOCK_N, num_warps) for an (M, N) problem: the default."""
     return _TILE
+
+
+def config_space(op: str, fixed: tuple, train: bool = False) -> dict:
+    """The candidates per kernel class ("fwd", and "bwd" with `train`) for a tuned bias_gelu bucket (`fixed` =
+    (N, dtype)), the default first."""
+    return {"fwd": FWD_TILES, "bwd": BWD_TILES} if train else {"fwd": FWD_TILES}
+
+
+# the tuned configs (kernels/_configs.py): installed per device by roberta_fast.tuned, forced by the tuner
+_TUNED = ConfigTable(("bias_gelu",), config_space)
+install_tuned, forced_configs = _TUNED.install, _TUNED.forced
+
+
+def _config(cls: str, x):
+    """(BLOCK_M, BLOCK_N, num_warps) of a launch on x (M, N): the tuned (or forced) one of its bucket, else
+    the default tile."""
+    M, N = x.shape
+    if _TUNED.active:
+        cfg = _TUNED.pick(cls, x.device, "bias_gelu", (M, N, dtype_name(x.dtype)))
+        if cfg is not None:
+            return cfg
+    return _tile(M, N)
 
 
 def _bwd_grid(M: int, N: int, block_m: int, block_n: int, has_bias: bool):
@@ -210,13 +242,13 @@ def forward(x, bias, approximate):
     M, N = x.shape
     flag = _approx_flag(approximate)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)  # (M, N) contiguous
-    block_m, block_n, warps = _tile(M, N)
+    block_m, block_n, warps = _config("fwd", x)
     grid = (cdiv(M, block_m) * cdiv(N, block_n),)
     b = bias if bias is not None else x
     # what fixes Triton's specialization (kernels/_launch.py); y is a fresh, aligned allocation
     px, pb, sx = x.data_ptr(), b.data_ptr(), x.stride()[0]
     key = (x.dtype, b.dtype, bias is None, "A" if not (px | pb) & 15 else (px & 15, pb & 15), int_key(M),
-           int_key(N), int_key(sx), flag)
+           int_key(N), int_key(sx), flag, block_m, block_n, warps)
     _FWD(key, grid, (x, b, y, M, N, sx, flag),
          dict(BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps))
     return y
@@ -228,7 +260,7 @@ def backward(dy, x, bias, approximate):
     flag = _approx_flag(approximate)
     has_bias = bias is not None
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    block_m, block_n, warps = _tile(M, N)
+    block_m, block_n, warps = _config("bwd", x)
     grid_m, grid_n, tiles_per_prog = _bwd_grid(M, N, block_m, block_n, has_bias)
     partial = torch.empty((grid_m, N), dtype=torch.float32, device=x.device) if has_bias else dx
     _bias_gelu_bwd_kernel[(grid_m * grid_n,)](
@@ -259,28 +291,31 @@ def _dtype_combos():
 
 
 def aot_specs():
-    """Every specialization the host functions launch: 8 (x, bias) dtype pairs x {fwd, bwd} on the one
-    tile (the tanh/erf choice is a runtime argument), plus the column sum per dbias dtype."""
-    block_m, block_n, warps = _TILE
+    """Every specialization the host functions launch: 8 (x, bias) dtype pairs x {fwd, bwd} on every tile
+    (the default and the tuning candidates; the tanh/erf choice is a runtime argument), plus the column sum
+    per dbias dtype."""
     specs = []
     for xd, bd in _dtype_combos():
         xp = ptr(xd)
         bp = ptr(bd) if bd is not None else xp
         tag = f"{str(xd)[6:]},bias={str(bd)[6:] if bd is not None else 'none'}"
-        consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": bd is not None}
-        specs.append(AOTSpec(
-            name=f"bias_gelu_fwd[{tag}]", fn=_bias_gelu_fwd_kernel,
-            signature={"X": xp, "B": bp, "Y": xp, "M": "i32", "N": "i32", "stride_xm": "i64",
-                       "approximate_tanh": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                       "HAS_BIAS": "constexpr"},
-            constexprs=consts, num_warps=warps))
-        specs.append(AOTSpec(
-            name=f"bias_gelu_bwd[{tag}]", fn=_bias_gelu_bwd_kernel,
-            signature={"DY": xp, "X": xp, "B": bp, "DX": xp, "DBP": "*fp32" if bd is not None else xp,
-                       "M": "i32", "N": "i32", "stride_dym": "i64", "stride_xm": "i64",
-                       "tiles_per_prog": "i32", "approximate_tanh": "i32", "BLOCK_M": "constexpr",
-                       "BLOCK_N": "constexpr", "HAS_BIAS": "constexpr"},
-            constexprs=consts, num_warps=warps))
+        for block_m, block_n, warps in FWD_TILES:
+            consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": bd is not None}
+            specs.append(AOTSpec(
+                name=f"bias_gelu_fwd[{tag},M{block_m}N{block_n}]", fn=_bias_gelu_fwd_kernel,
+                signature={"X": xp, "B": bp, "Y": xp, "M": "i32", "N": "i32", "stride_xm": "i64",
+                           "approximate_tanh": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                           "HAS_BIAS": "constexpr"},
+                constexprs=consts, num_warps=warps))
+        for block_m, block_n, warps in BWD_TILES:
+            consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "HAS_BIAS": bd is not None}
+            specs.append(AOTSpec(
+                name=f"bias_gelu_bwd[{tag},M{block_m}N{block_n}]", fn=_bias_gelu_bwd_kernel,
+                signature={"DY": xp, "X": xp, "B": bp, "DX": xp, "DBP": "*fp32" if bd is not None else xp,
+                           "M": "i32", "N": "i32", "stride_dym": "i64", "stride_xm": "i64",
+                           "tiles_per_prog": "i32", "approximate_tanh": "i32", "BLOCK_M": "constexpr",
+                           "BLOCK_N": "constexpr", "HAS_BIAS": "constexpr"},
+                constexprs=consts, num_warps=warps))
     block_r, block_c, warps_c = _COLSUM
     for od in (torch.float16, torch.bfloat16, torch.float32):
         specs.append(AOTSpec(

@@ -12,7 +12,8 @@ Bytes each pass must move (M rows of N elements, s = sizeof(x.dtype)):
 
 Layout and tuning: one program owns a (ROWS, BLOCK) tile, BLOCK = the power of two class that holds
 a whole row, so a row is read once and reduced in registers. Small rows get several rows per program
-so every program moves a few KiB. All choices live in `_row_config` and `_bwd_programs`.
+so every program moves a few KiB. The default choices live in `_row_config` and `_bwd_programs`; the
+candidates a tuning may pick instead per shape bucket in FWD_CANDIDATES / BWD_CANDIDATES (`_config` picks).
 
 Optional inputs (weight, bias, x_bias, residual) are runtime 0/1 flags, not constexprs: a missing
 input is a masked-off load (no memory traffic), which keeps the number of compiled variants small.
@@ -30,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import stats_scratch
+from .._utils import dtype_name, stats_scratch
 from ._aot import AOTSpec, ptr
+from ._configs import ConfigTable
 from ._launch import cdiv, int_key, launcher
 
 # ----------------------------------------------------------------------------- kernels
@@ -214,6 +216,57 @@ def _row_config(N: int, backward: bool = False) -> tuple[int, int, int]:
     return block, tile // block, min(32, max(4, tile // (32 * per_thread)))
 
 
+# What `roberta-fast tune` may try per BLOCK class (docs/tuning.md), (BLOCK, ROWS, num_warps), today's default
+# (_row_config) first. Forward: half the tile (8 elements per thread over half the warps; 16 per thread where
+# one row already is the whole tile). Backward: half the warps (8 elements per thread instead of 4).
+# Every candidate is in aot_specs() (no spills on sm_80 / sm_90).
+FWD_CANDIDATES = {
+    128: ((128, 16, 8), (128, 8, 4)),
+    512: ((512, 4, 8), (512, 2, 4)),
+    1024: ((1024, 2, 8), (1024, 1, 4)),
+    2048: ((2048, 1, 8), (2048, 1, 4)),
+    4096: ((4096, 1, 16), (4096, 1, 8)),
+    8192: ((8192, 1, 32), (8192, 1, 16)),
+}
+BWD_CANDIDATES = {
+    128: ((128, 8, 8), (128, 8, 4)),
+    512: ((512, 2, 8), (512, 2, 4)),
+    1024: ((1024, 1, 8), (1024, 1, 4)),
+    2048: ((2048, 1, 16), (2048, 1, 8)),
+    4096: ((4096, 1, 32), (4096, 1, 16)),
+    8192: ((8192, 1, 32), (8192, 1, 16)),
+}
+
+
+def config_space(op: str, fixed: tuple, train: bool = False) -> dict:
+    """The candidates per kernel class ("fwd", and "bwd" with `train`) for a tuned layer_norm bucket
+    (`fixed` = (N, dtype)), today's default first; {} past MAX_N."""
+    N = fixed[0]
+    if N > MAX_N:
+        return {}
+    block = next(b for b in _BLOCKS if b >= N)
+    space = {"fwd": FWD_CANDIDATES[block]}
+    if train:
+        space["bwd"] = BWD_CANDIDATES[block]
+    return space
+
+
+# the tuned configs (kernels/_configs.py): installed per device by roberta_fast.tuned, forced by the tuner
+_TUNED = ConfigTable(("layer_norm",), config_space)
+install_tuned, forced_configs = _TUNED.install, _TUNED.forced
+
+
+def _config(cls: str, x) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) of a launch on x (M, N): the tuned (or forced) one of its bucket, else
+    `_row_config`'s default."""
+    M, N = x.shape
+    if _TUNED.active:
+        cfg = _TUNED.pick(cls, x.device, "layer_norm", (M, N, dtype_name(x.dtype)))
+        if cfg is not None:
+            return cfg
+    return _row_config(N, cls == "bwd")
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -298,7 +351,7 @@ def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
     M, N = x.shape
     pdt = _param_dtype(x, weight, bias, x_bias)
     weight, bias, x_bias = _as(weight, pdt), _as(bias, pdt), _as(x_bias, pdt)
-    block, rows, num_warps = _row_config(N)
+    block, rows, num_warps = _config("fwd", x)
     # stand-in for a missing parameter (never read): any tensor of the parameters' dtype
     dummy = weight if weight is not None else (bias if bias is not None else (x_bias if x_bias is not None else x))
     w = weight if weight is not None else dummy
@@ -311,7 +364,7 @@ def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
     # allocations; the other pointers are keyed all-aligned in one test (the common case) or one by one
     ptrs = (x.data_ptr(), res.data_ptr(), w.data_ptr(), b.data_ptr(), xb.data_ptr())
     align = "A" if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 15 else tuple(p & 15 for p in ptrs)
-    key = (x.dtype, pdt, N, align, int_key(sx), int_key(sr), int_key(M), flags)
+    key = (x.dtype, pdt, N, align, int_key(sx), int_key(sr), int_key(M), flags, block, rows, num_warps)
     _FWD(key, (cdiv(M, rows),), (x, res, w, b, xb, y, mean, rstd, sx, sr, M, N, float(eps), *flags),
          _fwd_meta(block, rows, num_warps))
 
@@ -333,7 +386,7 @@ def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):
         grads = [torch.zeros((N,), dtype=p.dtype, device=dev) if p is not None else None
                  for p in (weight, bias, x_bias)]
         return (dx, *grads)
-    block, rows, num_warps = _row_config(N, backward=True)
+    block, rows, num_warps = _config("bwd", x)
     n_tiles = cdiv(M, rows)
     n_prog = _bwd_programs(n_tiles, dev)
     tiles_per_prog = cdiv(n_tiles, n_prog)
@@ -389,10 +442,12 @@ def _dtype_combos():
 
 
 def aot_specs() -> list[AOTSpec]:
-    """Every kernel specialization the host functions above can launch (generic integer signature)."""
+    """Every kernel specialization the host functions above can launch (generic integer signature): the
+    default configs and every tuning candidate."""
     specs = []
-    fwd_cfgs = sorted({_row_config(b) for b in _BLOCKS})
-    bwd_cfgs = sorted({_row_config(b, backward=True) for b in _BLOCKS})
+    fwd_cfgs = sorted({_row_config(b) for b in _BLOCKS} | {c for cs in FWD_CANDIDATES.values() for c in cs})
+    bwd_cfgs = sorted({_row_config(b, backward=True) for b in _BLOCKS}
+                      | {c for cs in BWD_CANDIDATES.values() for c in cs})
     for xd, pd in _dtype_combos():
         X, P = ptr(xd), ptr(pd)
         tag = f"{str(xd)[6:]},params={str(pd)[6:]}"
@@ -401,7 +456,7 @@ def aot_specs() -> list[AOTSpec]:
                    "stride_x": "i64", "stride_res": "i64", "M": "i32", "N": "i32", "eps": "fp32",
                    "HAS_W": "i32", "HAS_B": "i32", "HAS_XB": "i32", "HAS_RES": "i32",
                    "BLOCK": "constexpr", "ROWS": "constexpr"}
-            specs.append(AOTSpec(f"layer_norm_fwd[{tag},BLOCK={block},ROWS={rows}]", _layer_norm_fwd_kernel,
+            specs.append(AOTSpec(f"layer_norm_fwd[{tag},BLOCK={block},ROWS={rows},W={nw}]", _layer_norm_fwd_kernel,
                                  sig, {"BLOCK": block, "ROWS": rows}, num_warps=nw,
                                  num_stages=_NUM_STAGES))
         for block, rows, nw in bwd_cfgs:
@@ -411,7 +466,7 @@ def aot_specs() -> list[AOTSpec]:
                    "tiles_per_prog": "i32", "HAS_W": "i32", "HAS_XB": "i32", "HAS_RES": "i32",
                    "NEED_DW": "i32", "NEED_DB": "i32", "NEED_DXB": "i32",
                    "BLOCK": "constexpr", "ROWS": "constexpr"}
-            specs.append(AOTSpec(f"layer_norm_bwd[{tag},BLOCK={block},ROWS={rows}]", _layer_norm_bwd_kernel,
+            specs.append(AOTSpec(f"layer_norm_bwd[{tag},BLOCK={block},ROWS={rows},W={nw}]", _layer_norm_bwd_kernel,
                                  sig, {"BLOCK": block, "ROWS": rows}, num_warps=nw,
                                  num_stages=_NUM_STAGES))
     for pd in (torch.float16, torch.bfloat16, torch.float32):

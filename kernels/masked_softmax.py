@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._utils import dtype_name
 from ._aot import AOTSpec, ptr
+from ._configs import ConfigTable
 from ._launch import cdiv, ints_key, launcher
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -131,6 +133,44 @@ def _config(K: int):
     raise ValueError(f"masked_softmax: the triton kernel takes rows of at most {MAX_K} elements, got {K}")
 
 
+# What `roberta-fast tune` may try per row-length class (docs/tuning.md), (BLOCK_K, ROWS, num_warps), the
+# default first: up to K = 512 half the rows on half the warps (same values per thread, twice the programs);
+# K = 2048 on half the warps (16 per thread); K = 8192 on twice the warps (8 per thread). Forward only: the
+# backward kernel does not see the mask, so it cannot tell which mask kind's bucket a call belongs to, and
+# keeps `_config`'s default. Every candidate is in aot_specs().
+CANDIDATES = {
+    128: ((128, 8, 8), (128, 4, 4)),
+    512: ((512, 4, 8), (512, 2, 4)),
+    2048: ((2048, 1, 8), (2048, 1, 4)),
+    8192: ((8192, 1, 16), (8192, 1, 32)),
+}
+_KIND_NAMES = ("none", "bool", "additive")  # MASK_NONE, MASK_BOOL, MASK_ADD as the tuned buckets name them
+
+
+def config_space(op: str, fixed: tuple, train: bool = False) -> dict:
+    """The candidates of the forward ("fwd"; the backward is not tuned, in either mode) for a tuned
+    masked_softmax bucket (`fixed` = (ceil_pow2(K), dtype, mask kind)), the default first; {} past MAX_K."""
+    if fixed[0] > MAX_K:
+        return {}
+    return {"fwd": CANDIDATES[_config(fixed[0])[0]]}
+
+
+# the tuned configs (kernels/_configs.py): installed per device by roberta_fast.tuned, forced by the tuner
+_TUNED = ConfigTable(("masked_softmax",), config_space)
+install_tuned, forced_configs = _TUNED.install, _TUNED.forced
+
+
+def _launch_config(cls: str, scores, n_rows: int, K: int, kind: int):
+    """(BLOCK_K, ROWS, num_warps) of a launch: the tuned (or forced) one of the call's bucket, else `_config`'s
+    default."""
+    if _TUNED.active:
+        cfg = _TUNED.pick(cls, scores.device, "masked_softmax", (n_rows, K, dtype_name(scores.dtype),
+                                                                  _KIND_NAMES[kind]))
+        if cfg is not None:
+            return cfg
+    return _config(K)
+
+
 def _mask_kind(mask) -> int:
     if mask is None:
         return MASK_NONE
@@ -161,16 +201,17 @@ def forward(scores, mask, scale):
     n_rows = B * H * Q
     if n_rows >= 2**31:
         raise ValueError(f"masked_softmax: at most 2**31 - 1 rows, got {n_rows}")
-    block_k, rows, warps = _config(K)
-    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)  # (B, H, Q, K) contiguous
     kind = _mask_kind(mask)
+    block_k, rows, warps = _launch_config("fwd", scores, n_rows, K, kind)
+    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)  # (B, H, Q, K) contiguous
     if mask is None:
         mask, mstr = scores, (0, 0, 0, 0)
     else:
         mstr = mask.stride()
     ints = (n_rows, H, Q, K, *scores.stride()[:3], *mstr)
     # what fixes Triton's specialization (kernels/_launch.py); probs is a fresh, aligned allocation
-    key = (scores.dtype, mask.dtype, kind, scores.data_ptr() & 15, mask.data_ptr() & 15, ints_key(ints))
+    key = (scores.dtype, mask.dtype, kind, scores.data_ptr() & 15, mask.data_ptr() & 15, ints_key(ints), block_k,
+           rows, warps)
     _FWD(key, (cdiv(n_rows, rows),), (scores, mask, probs, *ints, float(scale)),
          dict(BLOCK_K=block_k, ROWS=rows, MASK_KIND=kind, num_warps=warps))
     return probs
@@ -182,7 +223,7 @@ def backward(dprobs, probs, scale):
     n_rows = B * H * Q
     if n_rows >= 2**31:
         raise ValueError(f"masked_softmax: at most 2**31 - 1 rows, got {n_rows}")
-    block_k, rows, warps = _config(K)
+    block_k, rows, warps = _config(K)  # the default: the backward does not see the mask kind of the tuned bucket
     dscores = torch.empty((B, H, Q, K), dtype=probs.dtype, device=probs.device)
     _masked_softmax_bwd_kernel[(cdiv(n_rows, rows),)](
         dprobs, probs, dscores, n_rows, H, Q, K,
@@ -203,15 +244,24 @@ def _mask_dtypes(sd):
 
 
 def aot_specs():
-    """Every specialization the host functions launch: for each row-length config, the forward per
-    (scores dtype, mask dtype) pair and the backward per scores dtype."""
+    """Every specialization the host functions launch: for each row-length config (the defaults and the
+    forward's tuning candidates), the forward per (scores dtype, mask dtype) pair, and for the defaults the
+    backward per scores dtype."""
     specs = []
     ints = {n: "i32" for n in ("n_rows", "D1", "D2", "K")}
-    for block_k, rows, warps in _CONFIGS:
+    fwd_cfgs = list(dict.fromkeys((*_CONFIGS, *(c for cs in CANDIDATES.values() for c in cs))))
+    for block_k, rows, warps in fwd_cfgs:
         consts = {"BLOCK_K": block_k, "ROWS": rows}
         for sd in (torch.float16, torch.bfloat16, torch.float32):
             sp = ptr(sd)
             sname = str(sd)[6:]
+            if (block_k, rows, warps) in _CONFIGS:  # the backward launches the defaults only
+                sig = {"DP": sp, "P": sp, "DS": sp, **ints}
+                sig.update({n: "i64" for n in ("ds0", "ds1", "ds2", "ps0", "ps1", "ps2")})
+                sig.update({"scale": "fp32", "BLOCK_K": "constexpr", "ROWS": "constexpr"})
+                specs.append(AOTSpec(
+                    name=f"masked_softmax_bwd[{sname},K<={block_k}]", fn=_masked_softmax_bwd_kernel,
+                    signature=sig, constexprs=consts, num_warps=warps))
             for md in _mask_dtypes(sd):
                 kind = MASK_NONE if md is None else (MASK_BOOL if md == torch.bool else MASK_ADD)
                 sig = {"S": sp, "MASK": ptr(md) if md is not None else sp, "P": sp, **ints}
@@ -220,13 +270,7 @@ def aot_specs():
                             "MASK_KIND": "constexpr"})
                 mname = "none" if md is None else str(md)[6:]
                 specs.append(AOTSpec(
-                    name=f"masked_softmax_fwd[{sname},mask={mname},K<={block_k}]",
+                    name=f"masked_softmax_fwd[{sname},mask={mname},K<={block_k},ROWS={rows},W={warps}]",
                     fn=_masked_softmax_fwd_kernel, signature=sig,
                     constexprs={**consts, "MASK_KIND": kind}, num_warps=warps))
-            sig = {"DP": sp, "P": sp, "DS": sp, **ints}
-            sig.update({n: "i64" for n in ("ds0", "ds1", "ds2", "ps0", "ps1", "ps2")})
-            sig.update({"scale": "fp32", "BLOCK_K": "constexpr", "ROWS": "constexpr"})
-            specs.append(AOTSpec(
-                name=f"masked_softmax_bwd[{sname},K<={block_k}]", fn=_masked_softmax_bwd_kernel,
-                signature=sig, constexprs=consts, num_warps=warps))
     return specs

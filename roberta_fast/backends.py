@@ -14,8 +14,9 @@ head dims) or None. Those limits live in the backend module and nowhere else.
 
 `resolve(op, backend, device, ...)` picks the backend of one call. backend=None: ROBERTA_FAST_BACKEND
 if set (then it counts as named), else the order measured by `roberta-fast tune` for this op, shape
-bucket and mode (roberta_fast.tuned), else "cuda" if built, then "triton", on CUDA tensors, else
-"torch"; the first that can run the call wins and the automatic choice never raises. A backend named
+bucket and mode (roberta_fast.tuned), else the default order for the op and the GPU's compute capability
+(DEFAULT_ORDERS: "triton" before "cuda" for attention on sm_90, "cuda" then "triton" elsewhere) on CUDA
+tensors, else "torch"; the first that can run the call wins and the automatic choice never raises. A backend named
 by the caller that is missing raises BackendUnavailableError saying how to get it; one that exists but
 cannot take the call (dtype, head_dim, ...) raises ValueError with its reason.
 
@@ -23,7 +24,8 @@ The ops do not call `resolve` per call: `choose(op, backend, device, signature, 
 (the backend name and module) per call signature, the op's key of everything the choice depends on
 (device, dtypes, the fixed sizes the backends' `unsupported` look at, the shape bucket of the tuned table,
 the mode and the backend argument). So the environment (ROBERTA_FAST_BACKEND, ROBERTA_FAST_TUNING,
-ROBERTA_FAST_CUDA_EMULATE) and the tuned tables are read once per signature. A change of the tuned
+ROBERTA_FAST_CUDA_EMULATE), the tuned tables and the default order (the device's capability, itself read
+once per device) are read once per signature. A change of the tuned
 tables (a new tuning saved, `roberta_fast.tuned.reset()`) empties the cache by itself; after changing
 one of those environment variables at run time, call `roberta_fast.backends.reset()`. docs/host_path.md.
 """
@@ -39,10 +41,23 @@ from . import cuda_ops, tuned
 from ._utils import dtype_name
 
 BACKENDS = ("torch", "triton", "cuda")
-# Device types whose tensors the registry treats as GPU tensors (the automatic choice tries "cuda", then
-# "triton"). "cuda" only; the host-overhead benchmark adds "cpu" in its own process, where a stub CUDA
-# driver stands in for the GPU (benchmarks/bench_host.py, docs/host_path.md).
+# Device types whose tensors the registry treats as GPU tensors (the automatic choice tries the default order
+# below). "cuda" only; the host-overhead benchmark adds "cpu" in its own process, where a stub CUDA driver
+# stands in for the GPU (benchmarks/bench_host.py, docs/host_path.md).
 GPU_DEVICE_TYPES = {"cuda"}
+
+# The automatic order on GPU tensors where no tuning covers the call (docs/tuning.md, "The default order"):
+# (ops, lowest compute capability, first capability past the range, order); the first row that matches the
+# op and the device's capability wins, else GENERAL_ORDER. On Hopper (sm_90) the Triton attention compiles
+# to wgmma (HGMMA, checked ahead of time by tests/test_compile_targets.py) while the CUDA C++ attention is
+# mma.sync (HMMA) on every GPU, so Triton goes first there. Every other op is memory-bound (no tensor-core
+# instruction to choose) and every other GPU keeps the general order: sm_80 / sm_86 / sm_89 have no wgmma
+# and both backends run mma.sync; sm_100 is neither compiled nor measured here; sm_120 has no wgmma. A tuned
+# order for the call's bucket wins over this table.
+DEFAULT_ORDERS = (
+    (("attention", "attention_varlen"), (9, 0), (10, 0), ("triton", "cuda")),
+)
+GENERAL_ORDER = ("cuda", "triton")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -156,6 +171,8 @@ def implementation(backend: str, op: str):
 def _import_implementation(backend: str, op: str):
     if backend == "triton":
         from .kernels import attention, bias_gelu, layer_norm, masked_softmax
+
+        _connect_kernels()
     elif backend == "cuda":
         from .cuda_ops import attention, bias_gelu, layer_norm, masked_softmax
     else:
@@ -165,6 +182,55 @@ def _import_implementation(backend: str, op: str):
     if op not in mods:
         raise ValueError(f"unknown op {op!r}: expected one of {tuple(mods)}")
     return mods[op]
+
+
+@tuned.assume_constant  # no arguments, no result: torch.compile runs it for real when it traces a first use
+def _connect_kernels():
+    """The Triton kernel files get the tuned configs (roberta_fast.tuned) now and whenever they change: they
+    may not import the tuned cache themselves (imports flow downwards), so the registry connects them when it
+    first hands one out."""
+    from .kernels import attention, bias_gelu, layer_norm, masked_softmax
+
+    for mod in (attention, bias_gelu, layer_norm, masked_softmax):
+        tuned.on_configs(mod.install_tuned)
+
+
+# ----------------------------------------------------------------------------- the default order
+
+_CAPABILITY: dict = {}  # CUDA device index -> (major, minor), or None when it cannot be read
+
+
+def capability(device: torch.device) -> tuple | None:
+    """The compute capability of a CUDA device, read once per device (None for other device types or when it
+    cannot be read): a dict lookup after the first call, no CUDA call per op call."""
+    if device.type != "cuda":
+        return None
+    index = device.index
+    if index in _CAPABILITY:
+        return _CAPABILITY[index]
+    return _read_capability(index)
+
+
+@tuned.assume_constant  # torch.compile runs it for real once and keeps the answer
+def _read_capability(index) -> tuple | None:
+    try:
+        cap = tuple(torch.cuda.get_device_capability(torch.cuda.current_device() if index is None else index))
+    except Exception:  # noqa: BLE001  (no driver, no such device: the general order)
+        cap = None
+    _CAPABILITY[index] = cap
+    return cap
+
+
+def default_order(op: str, device: torch.device) -> tuple:
+    """The automatic order of the kernel backends for `op` on a GPU device where nothing tuned covers the
+    call: the first row of DEFAULT_ORDERS that matches the op and the device's capability, else
+    GENERAL_ORDER (also for device types other than "cuda", e.g. the host benchmark's stub)."""
+    cap = capability(device)
+    if cap is not None:
+        for ops, lo, hi, order in DEFAULT_ORDERS:
+            if op in ops and lo <= cap < hi:
+                return order
+    return GENERAL_ORDER
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -195,13 +261,15 @@ def resolve(op: str, backend: str | None, device: torch.device, *, unsupported=N
             why = unsupported(backend)
         if why is not None:
             raise ValueError(f"{op}: {why}")
+        if backend == "triton" and tune_key is not None:
+            tuned.load(device)  # the kernels use the tuned block configs of this GPU, named or not
         return backend
 
     candidates = ()
     if tune_key is not None:
         candidates = tuned.lookup(op, tune_key, device, mode) or ()
     if device.type in GPU_DEVICE_TYPES:
-        candidates += ("cuda", "triton")
+        candidates += default_order(op, device)
     for b in candidates:
         if b == "torch":
             return b
@@ -245,6 +313,7 @@ def reset():
     environment (ROBERTA_FAST_BACKEND, ROBERTA_FAST_TUNING, ROBERTA_FAST_CUDA_EMULATE) and the tuning
     cache again. Call it after changing one of those variables at run time."""
     _RESOLVED.clear()
+    _CAPABILITY.clear()
     tuned.reset()
 
 

@@ -139,7 +139,7 @@ def cmd_tune(args, argv) -> int:
                   f"roberta_fast._C {'built' if backends.cuda_built() else 'not built'}")
         res = tuning.tune(ops=ops, dtypes=dtypes, device=device, modes=modes, quick=args.quick,
                           rep_ms=args.rep_ms, save=device == "cuda" and not args.no_save,
-                          log=None if args.quiet else tuning.log_stderr)
+                          log=None if args.quiet else tuning.log_stderr, configs=not args.no_configs)
     except ValueError as e:
         print(f"roberta-fast tune: {e}", file=sys.stderr)
         return 2
@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="versions, GPU and the backends available here")
     t = sub.add_parser("tune", help="pick the fastest verified backend per op and shape on this GPU and cache it",
                        description="Times every backend (torch, triton, cuda when built) of every op at RoBERTa "
-                                   "shapes on this GPU, checks each one's output against the reference, and "
-                                   "caches the fastest verified one per shape bucket; the ops then use it "
+                                   "shapes on this GPU, and the Triton kernels' candidate block configs, checks "
+                                   "each one's output against the reference, and caches the fastest verified "
+                                   "backend and Triton config per shape bucket; the ops then use them "
                                    "automatically. ROBERTA_FAST_TUNING=0 turns the lookups off; "
                                    "ROBERTA_FAST_CACHE_DIR moves the cache.")
     t.add_argument("--ops", nargs="+", metavar="OP", default=None,
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda when available; cpu: a smoke run under TRITON_INTERPRET=1 (not a tuning)")
     t.add_argument("--show", action="store_true", help="print what is cached for this GPU and exit")
     t.add_argument("--clear", action="store_true", help="delete every cached tuning file and exit")
+    t.add_argument("--no-configs", action="store_true",
+                   help="pick backends only: time triton with its default block configs and record none "
+                        "(default: also pick the Triton block configs per bucket among each kernel's candidates)")
     t.add_argument("--no-save", action="store_true", help="measure and print, write nothing")
     t.add_argument("--quiet", action="store_true", help="no per-case progress lines on stderr")
     return p

@@ -41,7 +41,7 @@ import torch
 from . import cuda_ops
 from ._version import __version__
 
-SCHEMA = "roberta_fast.tuning/1"
+SCHEMA = "roberta_fast.tuning/2"  # 2: entries may carry triton_configs (the Triton block configs measured)
 OPS = ("layer_norm", "bias_gelu", "masked_softmax", "attention", "attention_varlen")
 MODES = ("fwd", "train")
 BACKENDS = ("torch", "triton", "cuda")
@@ -94,11 +94,16 @@ def bucket(op: str, key: tuple):
     return None
 
 
-# in-memory tables: device index -> {(op, mode, *fixed, tokens_log2): (backend, ...) fastest first}
-_STATE = {"tables": {}, "identity": {}, "warned": set()}
+# in-memory tables: device index -> {(op, mode, *fixed, tokens_log2): (backend, ...) fastest first};
+# configs: torch.device -> {(op, *fixed, tokens_log2): {kernel class: [ints]}} (build_configs)
+_STATE = {"tables": {}, "configs": {}, "identity": {}, "warned": set()}
 # called with no arguments whenever the in-memory tables change (first read, save, reset, clear): the
 # registry's resolve cache (roberta_fast.backends) forgets its choices there, so a new tuning is seen
 _LISTENERS: list = []
+# called with (device, configs, bucket) whenever a device's tuned Triton configs are read, and with
+# (None, None, None) when every table is forgotten: the Triton kernel files' install_tuned
+# (roberta_fast.kernels.<op>), which the registry connects when it imports them
+_SINKS: list = []
 
 
 def on_change(fn):
@@ -113,13 +118,44 @@ def _changed():
         fn()
 
 
+def on_configs(fn):
+    """Hand the tuned Triton configs to fn(device, configs, bucket) (a kernel file's install_tuned): now for
+    every device whose table is read already, then whenever one is read; fn(None, None, None) when the tables
+    are forgotten (reset, clear, a new tuning saved)."""
+    if fn not in _SINKS:
+        _SINKS.append(fn)
+        for device, configs in _STATE["configs"].items():
+            fn(device, configs, bucket)
+    return fn
+
+
+def _forget_configs():
+    _STATE["configs"].clear()
+    for fn in _SINKS:
+        fn(None, None, None)
+
+
+def tuning_on() -> bool:
+    """ROBERTA_FAST_TUNING is not 0 / false / no / off."""
+    return os.environ.get("ROBERTA_FAST_TUNING", "1").strip().lower() not in _OFF
+
+
+def load(device) -> int:
+    """Read the tuned table of a CUDA `device` now if it is not read yet (and tuning is on): what a lookup does
+    first. The registry calls it for a named triton backend, whose kernels use the tuned configs without
+    any lookup of the order. Returns the number of buckets (0 off a GPU or with tuning off)."""
+    if device.type != "cuda" or not tuning_on():
+        return 0
+    return _ensure_table(device.index)
+
+
 def lookup(op: str, key: tuple, device, mode: str = "fwd") -> tuple | None:
     """The measured order of backends (fastest first) for this op, shape bucket and mode on `device` (a
     CUDA device), or None when tuning is off, the device is not a GPU or nothing was measured there.
 
     Reads the cache file once per device, then works on an in-memory dict: no file IO and no device sync
     per call, plain Python that torch.compile traces."""
-    if device.type != "cuda" or os.environ.get("ROBERTA_FAST_TUNING", "1").strip().lower() in _OFF:
+    if device.type != "cuda" or not tuning_on():
         return None
     index = device.index
     if not _ensure_table(index):  # loads the file on the first call; before any read of the tables
@@ -131,14 +167,14 @@ def lookup(op: str, key: tuple, device, mode: str = "fwd") -> tuple | None:
     return _STATE["tables"][index].get((op, mode, *fixed, tok))
 
 
-def _assume_constant(fn):
+def assume_constant(fn):
     """torch.compiler.assume_constant_result, which only sets this attribute, without its import of
     torch._dynamo (1.5 s, and it imports triton) when roberta_fast is imported."""
     fn._dynamo_marked_constant = True
     return fn
 
 
-@_assume_constant
+@assume_constant
 def _ensure_table(index) -> int:
     """Read the cache file of CUDA device `index` into _STATE["tables"][index] on the first call (the
     only file IO of a lookup); returns the number of buckets. A constant to torch.compile: a traced
@@ -147,13 +183,19 @@ def _ensure_table(index) -> int:
     recompiles, e.g. after torch._dynamo.reset().)"""
     tables = _STATE["tables"]
     if index not in tables:
+        configs, dev = {}, None
         try:
             dev = torch.device("cuda", torch.cuda.current_device() if index is None else index)
             ident = identity(dev)
-            tables[index] = build_table(read_entries(cache_path(ident), ident))
+            entries = read_entries(cache_path(ident), ident)
+            tables[index], configs = build_table(entries), build_configs(entries)
         except Exception as e:  # noqa: BLE001  (a lookup never raises)
             warn_once(f"roberta_fast.tuning: no tuned choices ({type(e).__name__}: {e})")
             tables[index] = {}
+        if configs:
+            _STATE["configs"][dev] = configs
+            for fn in _SINKS:
+                fn(dev, configs, bucket)
         _changed()
     return len(tables[index])
 
@@ -167,10 +209,26 @@ def build_table(entries) -> dict:
     return table
 
 
+def build_configs(entries) -> dict:
+    """{(op, *fixed, tokens_log2): {kernel class: config as a list}} of the Triton configs the entries carry.
+    A kernel runs alike in inference and training, and a forward kernel cannot tell which mode called it:
+    the forward classes take the "fwd" entry's config where the bucket has one, else the "train" entry's;
+    the backward classes come from the "train" entry (the only one that measured them)."""
+    out: dict = {}
+    for mode in ("train", "fwd"):  # the fwd entry's configs overwrite the train entry's forward ones
+        for e in entries:
+            cfgs = e.get("triton_configs")
+            if e["mode"] == mode and cfgs:
+                key = (e["op"], *e["bucket"]["fixed"], int(e["bucket"]["tokens_log2"]))
+                out.setdefault(key, {}).update({c: list(v) for c, v in cfgs.items()})
+    return out
+
+
 def reset():
     """Forget the in-memory tables (the next lookup re-reads the cache files)."""
     _STATE["tables"].clear()
     _STATE["identity"].clear()
+    _forget_configs()
     _changed()
 
 
@@ -273,12 +331,22 @@ def cache_path(ident: dict) -> Path:
     return cache_dir() / f"tuning_{_slug(ident.get('gpu'))}_{cc}_{digest}.json"
 
 
+def _valid_configs(cfgs) -> bool:
+    """triton_configs: absent, or {kernel class: [int, ...]}."""
+    if cfgs is None:
+        return True
+    return isinstance(cfgs, dict) and all(
+        isinstance(c, str) and isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                for i in v)
+        for c, v in cfgs.items())
+
+
 def _valid_entry(e) -> bool:
     try:
         return (e["op"] in OPS and e["mode"] in MODES and isinstance(e["bucket"]["fixed"], list)
                 and isinstance(e["bucket"]["tokens_log2"], int)
-                and all(b in BACKENDS for b in e["order"]))
-    except (KeyError, TypeError):
+                and all(b in BACKENDS for b in e["order"]) and _valid_configs(e.get("triton_configs")))
+    except (KeyError, TypeError, AttributeError):
         return False
 
 
@@ -353,6 +421,7 @@ def save_entries(entries: list, ident: dict) -> Path:
                                                               e["bucket"]["tokens_log2"]))}
     _write_atomic(path, doc)
     _STATE["tables"].clear()
+    _forget_configs()
     _changed()
     return path
 

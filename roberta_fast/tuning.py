@@ -12,10 +12,16 @@ gradients too in "train" mode), frees the oracle, then times the verified ones w
 triton.testing.do_bench (median, L2 flushed between repeats). A backend that fails the check is rejected
 and never wins, however fast it is.
 
-The measured order goes to the cache (roberta_fast.tuned: one file per GPU, driver, versions and kernel
-build), and the op layer uses it for calls of that exact bucket and mode when no backend is named.
-What is tuned is the backend; the Triton block configurations are fixed per shape class in each kernel
-file (measuring them per bucket is the hot-path work of issue 12).
+The Triton backend is tuned further: each kernel file lists, per shape class, a few candidate block
+configurations (block sizes, warps, stages; `config_space` in kernels/<op>.py, today's default first, every
+one compiled by the ahead-of-time check). For each kernel class of the op (the forward's, and in "train"
+mode the backward's) the candidates are tried in turn with the best so far for the other classes, each
+verified with the same rule before it is timed (forced through the kernel file's `forced_configs`); the
+fastest verified combination is the triton backend's time and its config is recorded with the entry.
+
+The measured order and the Triton configs go to the cache (roberta_fast.tuned: one file per GPU, driver,
+versions and kernel build); the op layer uses the order for calls of that exact bucket and mode when no
+backend is named, and the Triton kernels launch the bucket's configs whenever they run it.
 
 Environment:
   ROBERTA_FAST_TUNING=0     no lookups (the built-in default order applies)
@@ -125,7 +131,8 @@ class TuneResult:
 
 def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="cuda", *, modes=("fwd",),
          quick: bool = False, rep_ms: float | None = None, warmup_ms: float | None = None, save: bool = True,
-         timer=None, backends=None, verify: bool = True, log=None, seed: int = 0) -> TuneResult:
+         timer=None, backends=None, verify: bool = True, log=None, seed: int = 0,
+         configs: bool = True) -> TuneResult:
     """Time every backend of every op at every shape, dtype and mode; record the fastest verified one.
 
     ops      op names (default: all of OPS)
@@ -136,10 +143,14 @@ def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="
     rep_ms   time per measurement (do_bench's rep); default 100 ms, 40 ms with quick
     save     merge the results into the cache file of this GPU (CUDA devices only; a CPU run with
              save=True writes the CPU's own file, which lookups never read)
-    timer    callable(fn, *, op, backend, dtype, mode, params) -> ms; default do_bench on CUDA, a
-             perf_counter median on CPU (tests inject fake timers)
+    timer    callable(fn, *, op, backend, dtype, mode, params, configs) -> ms; default do_bench on CUDA, a
+             perf_counter median on CPU (tests inject fake timers); configs: the Triton configs of a trial
+             ({kernel class: [ints]}) or None for a plain backend timing
     backends restrict the candidates (default: every backend that can run on `device`)
-    verify   check each backend against the oracle before it may win (off only for experiments)
+    verify   check each backend (and each Triton config) against the oracle before it may win (off only
+             for experiments)
+    configs  also pick the Triton block configs per bucket among the kernel files' candidates (default);
+             False: the triton backend is timed with its default configs and none are recorded
     log      callable(str) for one progress line per case (default: silent)
     returns  TuneResult(entries, path written or None, identity, device, smoke)
     """
@@ -181,7 +192,7 @@ def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="
             for dtype in dtypes:
                 for mode in modes:
                     n += 1
-                    e = _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed)
+                    e = _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed, configs)
                     if e is not None:
                         entries.append(e)
                         if log:
@@ -194,8 +205,9 @@ def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="
     return TuneResult(entries, path, ident, str(device), smoke, unavailable)
 
 
-def _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed):
-    """Verify every candidate (the oracle is freed before timing), then time the verified ones."""
+def _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed, configs=True):
+    """Verify every candidate backend, search the Triton configs (each trial verified, then timed; the oracle
+    is kept until the search ends), free the oracle, then time the other verified backends."""
     status, times = {}, {}
 
     def failed(e, what):
@@ -230,11 +242,18 @@ def _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed):
             status[b] = f"rejected: {why}"
         else:
             eligible.append(b)
+    searched = None
+    if configs and "triton" in eligible:
+        searched = _search_configs(case, op, dtype, mode, dict(params), device, dy, verifier, timer, failed)
+        if searched is not None and searched["ms"] is not None:
+            times["triton"], status["triton"] = searched["ms"], "ok"
     del verifier
     for b in eligible:
+        if b in times:
+            continue
         try:
             ms = float(timer(_timed_fn(case, b, mode, dy), op=op, backend=b, dtype=dtype_name(dtype), mode=mode,
-                             params=dict(params)))
+                             params=dict(params), configs=None))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         except (ValueError, TypeError, registry.BackendUnavailableError) as e:
@@ -247,14 +266,72 @@ def _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed):
             times[b], status[b] = ms, "ok"
         else:
             status[b] = f"error: the timer returned {ms!r}"
-    e = _entry(op, params, dtype, mode, case, times, status)
+    e = _entry(op, params, dtype, mode, case, times, status, searched)
     del case, dy
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return e
 
 
-def _entry(op, params, dtype, mode, case, times, status) -> dict:
+def _config_json(cfgs: dict) -> dict:
+    return {cls: [int(v) for v in cfg] for cls, cfg in cfgs.items()}
+
+
+def _search_configs(case, op, dtype, mode, params, device, dy, verifier, timer, failed):
+    """The Triton block configs of one case: {"configs": {class: config} or None, "ms": the best verified
+    trial's time or None, "trials": [{"configs", "ms", "status"}]}, or None when the op's kernel file has no
+    candidates for this bucket.
+
+    Trial 0 is the bucket's defaults. Then, class by class (the forward's first, then the backward's in
+    "train" mode), every other candidate of that class replaces the best so far; a trial is verified with
+    the rule (like a backend) before it is timed, and it becomes the best only when strictly faster. So
+    every combination that can win was itself verified, and 1 + sum(candidates - 1) trials are timed instead
+    of every combination."""
+    mod = registry.implementation("triton", op)
+    fixed, _tok = tuned.bucket(op, case.key)
+    space = mod.config_space(op, tuple(fixed), mode == "train")
+    if not space:
+        return None
+    trials = []
+
+    def trial(cfgs):
+        rec = {"configs": _config_json(cfgs), "ms": None, "status": None}
+        trials.append(rec)
+        with mod.forced_configs(cfgs):
+            try:
+                why = verifier.judge("triton") if verifier is not None else None
+            except Exception as e:  # noqa: BLE001  (a crashing config never wins; the others go on)
+                rec["status"] = failed(e, "")
+                return None
+            if why is not None:
+                rec["status"] = f"rejected: {why}"
+                return None
+            try:
+                ms = float(timer(_timed_fn(case, "triton", mode, dy), op=op, backend="triton",
+                                 dtype=dtype_name(dtype), mode=mode, params=params, configs=rec["configs"]))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except Exception as e:  # noqa: BLE001
+                rec["status"] = failed(e, "")
+                return None
+        if not (math.isfinite(ms) and ms > 0):
+            rec["status"] = f"error: the timer returned {ms!r}"
+            return None
+        rec["ms"], rec["status"] = ms, "ok"
+        return ms
+
+    best = {cls: cands[0] for cls, cands in space.items()}
+    best_ms = trial(best)
+    for cls, cands in space.items():
+        for cand in cands[1:]:
+            cfgs = {**best, cls: cand}
+            ms = trial(cfgs)
+            if ms is not None and (best_ms is None or ms < best_ms):
+                best, best_ms = cfgs, ms
+    return {"configs": best if best_ms is not None else None, "ms": best_ms, "trials": trials}
+
+
+def _entry(op, params, dtype, mode, case, times, status, searched=None) -> dict:
     key = case.key if case is not None else None
     fixed, tok = tuned.bucket(op, key) if key is not None else (None, None)
     order = sorted(times, key=lambda b: (times[b], registry.BACKENDS.index(b)))
@@ -268,7 +345,24 @@ def _entry(op, params, dtype, mode, case, times, status) -> dict:
         "order": order,
         "winner": order[0] if order else None,
         "speedup_vs_torch": (round(t_torch / times[order[0]], 4) if order and t_torch else None),
+        # the triton backend's block configs per kernel class (measured here), used whenever it runs the bucket
+        "triton_configs": (_config_json(searched["configs"]) if searched is not None and searched["configs"]
+                           and "triton" in times else None),
+        "config_trials": [dict(t, ms=round(t["ms"], 6) if t["ms"] is not None else None)
+                          for t in (searched["trials"] if searched is not None else ())],
     }
+
+
+def config_label(e) -> str:
+    """The triton configs of an entry for the table: "default", or the classes whose config differs from
+    the defaults (trial 0), e.g. "fwd=128,64,8,3"; "-" when none were measured."""
+    cfgs = e.get("triton_configs")
+    if not cfgs:
+        return "-"
+    trials = e.get("config_trials") or []
+    default = trials[0]["configs"] if trials else {}
+    changed = [f"{c}={','.join(map(str, v))}" for c, v in cfgs.items() if default.get(c) != v]
+    return " ".join(changed) if changed else "default"
 
 
 # ----------------------------------------------------------------------------- report
@@ -277,8 +371,10 @@ def _entry(op, params, dtype, mode, case, times, status) -> dict:
 def _entry_line(e) -> str:
     ts = " ".join(f"{b} {e['times_ms'][b]:.4g}ms" if b in e["times_ms"] else f"{b} {e['status'][b].split(':')[0]}"
                   for b in e["status"])
+    cfg = config_label(e)
     return (f"{e['op']} {e['mode']} {e['dtype']} {shape_label(e['op'], e['shape'])}: {ts} -> "
-            f"{e['winner'] or 'none'}")
+            f"{e['winner'] or 'none'}" + (f" (triton config: {cfg}, {len(e['config_trials'])} tried)"
+                                          if cfg != "-" else ""))
 
 
 def _bucket_label(e) -> str:
@@ -295,7 +391,8 @@ def _bucket_label(e) -> str:
 def format_table(entries, smoke: bool = False) -> str:
     """A plain-text table: op, mode, dtype, measured shape, bucket, ms per backend, winner, speedup over
     the torch backend; rejected / failed backends are explained below the table."""
-    cols = ["op", "mode", "dtype", "shape", "bucket"] + list(registry.BACKENDS) + ["winner", "x torch"]
+    cols = ["op", "mode", "dtype", "shape", "bucket"] + list(registry.BACKENDS) + ["winner", "x torch",
+                                                                                   "triton config"]
     rows, notes = [], []
     for e in entries:
         cells = [e["op"], e["mode"], e["dtype"], shape_label(e["op"], e["shape"]), _bucket_label(e)]
@@ -314,6 +411,12 @@ def format_table(entries, smoke: bool = False) -> str:
         cells.append(e["winner"] or "none")
         sp = e.get("speedup_vs_torch")
         cells.append(f"{sp:.2f}x" if sp else "-")
+        cells.append(config_label(e))
+        for t in e.get("config_trials") or ():
+            if t["status"] != "ok":
+                cfg = " ".join(f"{c}={','.join(map(str, v))}" for c, v in t["configs"].items())
+                notes.append(f"{e['op']} {e['mode']} {e['dtype']} {shape_label(e['op'], e['shape'])} triton [{cfg}]: "
+                             f"{t['status']}")
         rows.append(cells)
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
@@ -323,7 +426,8 @@ def format_table(entries, smoke: bool = False) -> str:
                      "used for dispatch")
     lines += [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines.append("times: median ms per call (do_bench on CUDA)" + ("; perf_counter here" if smoke else "")
-                 + "; x torch = the torch backend's time / the winner's")
+                 + "; x torch = the torch backend's time / the winner's; triton: its best verified config "
+                   "(triton config: the kernel classes where it is not the default)")
     if notes:
         lines.append("not eligible:")
         lines += [f"  {n}" for n in notes]

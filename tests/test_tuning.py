@@ -132,6 +132,8 @@ def test_train_mode_needs_grad_mode_and_an_input_that_requires_grad():
 @pytest.mark.parametrize("times, winner", [({"torch": 3.0, "triton": 1.0}, "triton"),
                                            ({"torch": 1.0, "triton": 3.0}, "torch")])
 def test_fastest_verified_backend_wins(times, winner):
+    import roberta_fast.kernels.bias_gelu as kgelu
+
     timer = fake_timer(times)
     res = tuning.tune(ops=["bias_gelu"], shapes=[("bias_gelu", SMALL["bias_gelu"])], dtypes=["fp16"],
                       device="cpu", timer=timer, save=False)
@@ -140,7 +142,9 @@ def test_fastest_verified_backend_wins(times, winner):
     assert e["winner"] == winner and e["order"][0] == winner and set(e["order"]) == {"torch", "triton"}
     assert e["speedup_vs_torch"] == pytest.approx(times["torch"] / times[winner])
     assert e["key"] == [8, 16, "float16"] and e["bucket"] == {"fixed": [16, "float16"], "tokens_log2": 3}
-    assert sorted(b for b, *_ in timer.seen) == ["torch", "triton"]
+    # torch once; triton once per config trial (equal fake times: the default tile stays)
+    assert sorted(b for b, *_ in timer.seen) == ["torch"] + ["triton"] * len(kgelu.FWD_TILES)
+    assert e["triton_configs"] == {"fwd": list(kgelu._TILE)} and len(e["config_trials"]) == len(kgelu.FWD_TILES)
     assert res.path is None and res.smoke and "cuda" in res.unavailable
     table = res.format_table()
     assert "SMOKE RUN" in table and "bias_gelu" in table and winner in table
@@ -270,7 +274,7 @@ def test_file_name_per_gpu_and_versions():
     assert base.name.startswith("tuning_Fake-GPU-80GB-HBM3_sm90_") and base.suffix == ".json"
     changes = {"gpu": "NVIDIA A100-SXM4-80GB", "capability": "8.0", "driver": "12.8", "torch": "2.12.0",
                "torch_cuda": "13.0", "triton": "3.7.0", "roberta_fast": "0.2.0", "cuda_ext": False,
-               "code": "fedcba9876543210", "schema": "roberta_fast.tuning/2"}
+               "code": "fedcba9876543210", "schema": "roberta_fast.tuning/1"}
     paths = {base}
     for field, value in changes.items():
         p = tuned.cache_path(dict(FAKE_ID, **{field: value}))

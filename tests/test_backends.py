@@ -117,6 +117,104 @@ def test_check_helpers_name_argument_expected_and_given():
         _checks.check_same_device("op", x=x, y=torch.zeros(1, device="meta"))
 
 
+# ----------------------------------------------------------------------------- the default order per GPU
+
+CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
+
+
+@pytest.fixture
+def fake_caps(monkeypatch):
+    """CUDA devices report the capability in `caps` (index -> (major, minor)); `reads` counts the reads."""
+    caps, reads = {0: (9, 0), 1: (8, 0)}, []
+
+    def get_device_capability(index=None):
+        reads.append(index)
+        return caps[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    monkeypatch.setattr(backends, "cuda_built", lambda: True)
+    monkeypatch.delenv("ROBERTA_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("ROBERTA_FAST_TUNING", "0")  # no tuned table: the default order alone
+    backends.reset()
+    yield caps, reads
+    backends.reset()
+
+
+@pytest.mark.parametrize("cap, attention_first", [((9, 0), "triton"), ((8, 0), "cuda"), ((8, 9), "cuda"),
+                                                  ((10, 0), "cuda"), ((12, 0), "cuda"), ((7, 5), "cuda")])
+def test_default_order_per_capability(fake_caps, cap, attention_first):
+    """attention and attention_varlen take Triton's wgmma kernels before the mma.sync CUDA ones on sm_90 only;
+    every other op, and every other GPU, keeps cuda then triton (docs/tuning.md)."""
+    caps, _ = fake_caps
+    caps[0] = cap
+    for op in ("attention", "attention_varlen"):
+        assert backends.default_order(op, CUDA0)[0] == attention_first
+        assert resolve(op, None, CUDA0) == attention_first
+    for op in ("layer_norm", "bias_gelu", "masked_softmax"):
+        assert backends.default_order(op, CUDA0) == backends.GENERAL_ORDER == ("cuda", "triton")
+        assert resolve(op, None, CUDA0) == "cuda"
+    # a backend that cannot take the call is skipped in the default order too, and never raises
+    no_triton = lambda b: "float32" if b == "triton" else None  # noqa: E731
+    no_cuda = lambda b: "head_dim 48" if b == "cuda" else None  # noqa: E731
+    assert resolve("attention", None, CUDA0, unsupported=no_triton) == "cuda"
+    assert resolve("attention", None, CUDA0, unsupported=no_cuda) == "triton"
+    assert resolve("attention", None, CUDA0, unsupported=lambda b: "no") == "torch"
+
+
+def test_default_order_without_the_cuda_build(fake_caps, monkeypatch):
+    monkeypatch.setattr(backends, "cuda_built", lambda: False)
+    fake_caps[0][0] = (8, 0)
+    assert resolve("attention", None, CUDA0) == "triton"  # cuda first, but not built
+    assert resolve("layer_norm", None, CUDA0) == "triton"
+
+
+def test_capability_is_read_once_per_device(fake_caps):
+    """A dict lookup per call after the first: no CUDA call per op call, one read per device."""
+    caps, reads = fake_caps
+    for _ in range(100):
+        assert resolve("attention", None, CUDA0) == "triton"
+        assert resolve("attention_varlen", None, CUDA1) == "cuda"
+    assert sorted(reads) == [0, 1]
+    assert backends.capability(torch.device("cpu")) is None and sorted(reads) == [0, 1]  # not a CUDA device
+    backends.reset()  # forgets it (a test may fake another GPU)
+    caps[0] = (8, 0)
+    assert resolve("attention", None, CUDA0) == "cuda" and reads.count(0) == 2
+
+
+def test_an_unreadable_capability_keeps_the_general_order(fake_caps, monkeypatch):
+    def broken(index=None):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", broken)
+    assert backends.capability(CUDA0) is None
+    assert backends.default_order("attention", CUDA0) == ("cuda", "triton")
+
+
+def test_the_choice_cache_keys_on_the_device(fake_caps, monkeypatch):
+    """backends.choose keeps one answer per (op, backend argument, device, signature, mode): two GPUs of
+    different architectures in one process get each their own default, each resolved once."""
+    calls = []
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    sig = (torch.float16, 12, 64)
+    for _ in range(10):
+        assert backends.choose("attention", None, CUDA0, sig, "fwd")[0] == "triton"
+        assert backends.choose("attention", None, CUDA1, sig, "fwd")[0] == "cuda"
+    assert calls == [CUDA0, CUDA1]
+
+
+def test_the_host_benchmark_stub_keeps_the_general_order(monkeypatch):
+    """With "cpu" among the GPU device types (the stub driver of bench_host) there is no capability to read:
+    cuda, then triton, as before."""
+    monkeypatch.setattr(backends, "GPU_DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(backends, "cuda_built", lambda: True)
+    monkeypatch.setenv("ROBERTA_FAST_CUDA_EMULATE", "1")
+    monkeypatch.setattr(backends, "emulation_built", lambda: True)
+    monkeypatch.delenv("ROBERTA_FAST_BACKEND", raising=False)
+    assert backends.default_order("attention", CPU) == ("cuda", "triton")
+    assert resolve("attention", None, CPU) == "cuda"
+
+
 # ----------------------------------------------------------------------------- the contracts
 
 

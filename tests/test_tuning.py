@@ -11,8 +11,12 @@ import os
 
 import pytest
 import torch
+from roberta_fast.kernels import attention as kattn
+from roberta_fast.kernels import bias_gelu as kgelu
+from roberta_fast.kernels import layer_norm as kln
+from roberta_fast.kernels import masked_softmax as ksm
 
-from roberta_fast import backends, testing, tuned, tuning
+from roberta_fast import backends, ops, testing, tuned, tuning
 from roberta_fast.ops import _checks
 
 CUDA0 = torch.device("cuda", 0)
@@ -132,8 +136,6 @@ def test_train_mode_needs_grad_mode_and_an_input_that_requires_grad():
 @pytest.mark.parametrize("times, winner", [({"torch": 3.0, "triton": 1.0}, "triton"),
                                            ({"torch": 1.0, "triton": 3.0}, "torch")])
 def test_fastest_verified_backend_wins(times, winner):
-    import roberta_fast.kernels.bias_gelu as kgelu
-
     timer = fake_timer(times)
     res = tuning.tune(ops=["bias_gelu"], shapes=[("bias_gelu", SMALL["bias_gelu"])], dtypes=["fp16"],
                       device="cpu", timer=timer, save=False)
@@ -292,6 +294,12 @@ def test_file_name_per_gpu_and_versions():
     (json.dumps({"schema": tuned.SCHEMA, "identity": FAKE_ID, "entries": [{"op": "layer_norm"}]}), "malformed"),
     (json.dumps({"schema": tuned.SCHEMA, "identity": FAKE_ID,
                  "entries": [entry("layer_norm", (768, "float16"), 12, ["rocm"])]}), "malformed"),
+    (json.dumps({"schema": tuned.SCHEMA, "identity": FAKE_ID,
+                 "entries": [dict(entry("layer_norm", (768, "float16"), 12, ["triton"]),
+                                  triton_configs={"fwd": "big"})]}), "malformed"),
+    # a file of the first schema (no Triton configs) that somehow sits at this path
+    (json.dumps({"schema": "roberta_fast.tuning/1", "identity": dict(FAKE_ID, schema="roberta_fast.tuning/1"),
+                 "entries": [entry("layer_norm", (768, "float16"), 12, ["torch"])]}), "schema"),
 ])
 def test_corrupt_or_foreign_file_is_ignored_with_a_warning(fake_gpu, content, message):
     path = tuned.cache_path(FAKE_ID)
@@ -419,6 +427,312 @@ def test_lookup_traces_under_torch_compile(fake_gpu, monkeypatch, dynamic):
     torch._dynamo.reset()
 
 
+# ------------------------------------------------------------------------------- the default order per GPU
+
+
+def test_a_tuned_order_wins_over_the_architecture_default(fake_gpu, monkeypatch):
+    """On sm_90 attention defaults to triton before cuda; a tuning that measured cuda faster for a bucket wins
+    there (and only there)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(backends, "cuda_built", lambda: True)
+    backends.reset()
+    key, other = (32, 128, 12, 64, "float16", True), (64, 128, 12, 64, "float16", True)
+    assert backends.resolve("attention", None, CUDA0, tune_key=key) == "triton"  # nothing tuned: sm_90's default
+    tuned.save_entries([entry("attention", (128, 12, 64, "float16", True), 12, ["cuda", "triton", "torch"])],
+                       FAKE_ID)
+    assert backends.resolve("attention", None, CUDA0, tune_key=key) == "cuda"
+    assert backends.resolve("attention", None, CUDA0, tune_key=other) == "triton"  # another bucket
+    assert backends.resolve("attention", None, CUDA0, tune_key=key, mode="train") == "triton"  # another mode
+    monkeypatch.setenv("ROBERTA_FAST_TUNING", "0")
+    backends.reset()
+    assert backends.resolve("attention", None, CUDA0, tune_key=key) == "triton"
+    backends.reset()
+
+
+# ------------------------------------------------------------------------------- Triton block configs
+
+KERNEL_FILES = {"attention": kattn, "attention_varlen": kattn, "layer_norm": kln, "bias_gelu": kgelu,
+                "masked_softmax": ksm}
+CPU = torch.device("cpu")
+
+
+def config_timer(base: dict, bonus):
+    """A fake timer: base[backend] ms, minus bonus(configs) for a triton config trial."""
+    seen = []
+
+    def timer(fn, *, backend, configs=None, **info):
+        seen.append((backend, configs))
+        return base[backend] - (bonus(configs) if backend == "triton" and configs is not None else 0.0)
+
+    timer.seen = seen
+    return timer
+
+
+def test_without_a_tuning_the_configs_are_todays():
+    """The defaults are exactly the configs the kernels launched before config tuning, and each is the first
+    candidate of its class; nothing is installed until a tuning is read."""
+    A = kattn.AttnConfig
+    assert kattn.INTERPRET_CONFIG == A(16, 16, 4, 1)
+    today = {"fwd": {"short": A(64, 64, 4, 2), "long": A(128, 128, 8, 3)}, "bwd_dq": A(128, 64, 8, 3),
+             "bwd_dkdv": A(64, 128, 8, 3)}
+    for d in kattn.HEAD_DIMS:
+        assert kattn.CONFIGS[("fwd", d, "short")] == today["fwd"]["short"]
+        assert kattn.CONFIGS[("fwd", d, "long")] == (A(128, 64, 8, 3) if d == 128 else today["fwd"]["long"])
+        assert kattn.CONFIGS[("bwd_dq", d, "any")] == (A(128, 32, 8, 2) if d == 128 else today["bwd_dq"])
+        assert kattn.CONFIGS[("bwd_dkdv", d, "any")] == {64: A(32, 128, 8, 3), 128: A(32, 128, 8, 2)}.get(
+            d, today["bwd_dkdv"])
+    assert [kln._row_config(b) for b in kln._BLOCKS] == [(128, 16, 8), (512, 4, 8), (1024, 2, 8), (2048, 1, 8),
+                                                       (4096, 1, 16), (8192, 1, 32)]
+    assert [kln._row_config(b, True) for b in kln._BLOCKS] == [(128, 8, 8), (512, 2, 8), (1024, 1, 8),
+                                                             (2048, 1, 16), (4096, 1, 32), (8192, 1, 32)]
+    assert kgelu._TILE == (8, 128, 4) and kgelu._tile(32768, 3072) == (8, 128, 4)
+    assert ksm._CONFIGS == ((128, 8, 8), (512, 4, 8), (2048, 1, 8), (8192, 1, 16))
+    # each class's first candidate is the default of its bucket
+    for seq, d in [(s, d) for s in (16, 128, 256, 512) for d in kattn.HEAD_DIMS]:
+        space = kattn.config_space("attention", (seq, 12, d, "float16", True), True)
+        assert space["fwd"][0] == kattn.CONFIGS[("fwd", d, kattn.seqlen_bucket(seq))]
+        assert space["bwd_dq"][0] == kattn.CONFIGS[("bwd_dq", d, "any")]
+        assert space["bwd_dkdv"][0] == kattn.CONFIGS[("bwd_dkdv", d, "any")]
+    for n in (1, 96, 768, 1024, 3000, 8192):
+        space = kln.config_space("layer_norm", (n, "float16"), True)
+        assert space["fwd"][0] == kln._row_config(n) and space["bwd"][0] == kln._row_config(n, True)
+        assert kgelu.config_space("bias_gelu", (n, "float16"), True)["fwd"][0] == kgelu._TILE
+        assert ksm.config_space("masked_softmax", (tuned.ceil_pow2(n), "float16", "bool"))["fwd"][0] == \
+            ksm._config(n)
+    assert kattn.config_space("attention", (128, 12, 48, "float16", True)) == {}
+    assert kln.config_space("layer_norm", (8193, "float16")) == {}
+    assert ksm.config_space("masked_softmax", (16384, "float16", "none")) == {}
+    # with nothing installed no launch looks anything up
+    assert not any(m._TUNED.active for m in KERNEL_FILES.values())
+
+
+def test_every_candidate_is_compiled_ahead_of_time():
+    """Each config a tuning can pick is in its kernel file's aot_specs(), so the compile check covers it."""
+    specs = {(s.fn, tuple(sorted((k, v) for k, v in s.constexprs.items() if k not in ("HAS_BIAS", "MASK_KIND",
+                                                                                    "UPCAST"))),
+              s.num_warps, s.num_stages) for m in (kattn, kln, kgelu, ksm) for s in m.aot_specs()}
+    n = 0
+    for d in kattn.HEAD_DIMS:
+        for seq in (128, 512):
+            for cls, cands in kattn.config_space("attention", (seq, 12, d, "float16", True), True).items():
+                for c in cands:
+                    key = (kattn._KERNELS[cls], tuple(sorted({"HEAD_DIM": d, "BLOCK_M": c.block_m,
+                                                              "BLOCK_N": c.block_n}.items())), c.num_warps,
+                           c.num_stages)
+                    assert key in specs, (cls, d, c)
+                    n += 1
+    for b in kln._BLOCKS:
+        space = kln.config_space("layer_norm", (b, "float16"), True)
+        for cls, fn in (("fwd", kln._layer_norm_fwd_kernel), ("bwd", kln._layer_norm_bwd_kernel)):
+            for blk, rows, w in space[cls]:
+                assert (fn, (("BLOCK", blk), ("ROWS", rows)), w, kln._NUM_STAGES) in specs, (cls, blk, rows, w)
+                n += 1
+    space = kgelu.config_space("bias_gelu", (3072, "float16"), True)
+    for cls, fn in (("fwd", kgelu._bias_gelu_fwd_kernel), ("bwd", kgelu._bias_gelu_bwd_kernel)):
+        for bm, bn, w in space[cls]:
+            assert (fn, (("BLOCK_M", bm), ("BLOCK_N", bn)), w, 2) in specs, (cls, bm, bn, w)
+            n += 1
+    for k in (128, 512, 2048, 8192):
+        for bk, rows, w in ksm.config_space("masked_softmax", (k, "float16", "bool"), True)["fwd"]:
+            assert (ksm._masked_softmax_fwd_kernel, (("BLOCK_K", bk), ("ROWS", rows)), w, 2) in specs, (bk, rows, w)
+            n += 1
+    assert n > 40
+    # the candidate lists stay small: 2-3 per class (the compile check's time)
+    for d in kattn.HEAD_DIMS:
+        assert all(1 <= len(c) <= 3 for c in kattn.config_space("attention", (512, 1, d, "f", False), True).values())
+
+
+def test_the_tuner_enumerates_and_verifies_config_candidates():
+    """train mode, attention head_dim 32: the defaults, then each class's other candidates with the best so
+    far for the rest (1 + 2 + 1 + 1 trials), each verified then timed; the fastest verified combination is
+    the triton backend's time and is recorded."""
+    A = kattn.AttnConfig
+    fast_fwd, fast_dkdv = [128, 64, 8, 3], [64, 64, 4, 3]
+    timer = config_timer({"torch": 2.0, "triton": 1.0},
+                         lambda c: 0.2 * (c["fwd"] == fast_fwd) + 0.1 * (c["bwd_dkdv"] == fast_dkdv))
+    shape = {"tokens": 24, "seqlen": 12, "heads": 2, "head_dim": 32}
+    res = tuning.tune(ops=["attention"], shapes=[("attention", shape)], dtypes=["fp16"], device="cpu",
+                      modes=("train",), timer=timer, save=False)
+    (e,) = res.entries
+    d = A(64, 64, 4, 2), A(128, 64, 8, 3), A(64, 128, 8, 3)  # the short bucket's defaults at head_dim 32
+    want = [(d[0], d[1], d[2]), (A(128, 128, 8, 3), d[1], d[2]), (A(128, 64, 8, 3), d[1], d[2]),
+            (A(128, 64, 8, 3), A(64, 64, 4, 3), d[2]), (A(128, 64, 8, 3), d[1], A(64, 64, 4, 3))]
+    assert [c for b, c in timer.seen if b == "triton"] == [
+        {"fwd": list(f), "bwd_dq": list(q), "bwd_dkdv": list(k)} for f, q, k in want]
+    assert [t["status"] for t in e["config_trials"]] == ["ok"] * 5
+    assert e["triton_configs"] == {"fwd": fast_fwd, "bwd_dq": [128, 64, 8, 3], "bwd_dkdv": fast_dkdv}
+    assert e["times_ms"]["triton"] == pytest.approx(0.7) and e["winner"] == "triton"
+    assert "fwd=128,64,8,3 bwd_dkdv=64,64,4,3" in res.format_table()
+
+
+def test_a_wrong_config_is_rejected_however_fast(monkeypatch):
+    """A candidate whose tile misses part of the row gives a wrong LayerNorm: the verification rejects it, it
+    is never timed, and a verified config wins."""
+    wrong = (64, 16, 8)  # BLOCK 64 < N = 96: the last 32 columns are never computed
+    monkeypatch.setitem(kln.FWD_CANDIDATES, 128, ((128, 16, 8), wrong, (128, 8, 4)))
+    timer = config_timer({"torch": 2.0, "triton": 1.0},
+                         lambda c: {(64, 16, 8): 0.99, (128, 8, 4): 0.5}.get(tuple(c["fwd"]), 0.0))
+    res = tuning.tune(ops=["layer_norm"], shapes=[("layer_norm", {"tokens": 7, "hidden": 96})], dtypes=["fp16"],
+                      device="cpu", timer=timer, save=False)
+    (e,) = res.entries
+    st = [t["status"] for t in e["config_trials"]]
+    assert st[0] == "ok" and st[1].startswith("rejected: ") and st[2] == "ok", st
+    assert ("triton", {"fwd": list(wrong)}) not in timer.seen
+    assert e["triton_configs"] == {"fwd": [128, 8, 4]} and e["times_ms"]["triton"] == pytest.approx(0.5)
+    assert "rejected" in res.format_table()
+
+
+def test_no_configs_times_the_defaults_only():
+    timer = config_timer({"torch": 2.0, "triton": 1.0}, lambda c: 0.5)
+    res = tuning.tune(ops=["bias_gelu"], shapes=[("bias_gelu", SMALL["bias_gelu"])], dtypes=["fp16"],
+                      device="cpu", timer=timer, save=False, configs=False)
+    (e,) = res.entries
+    assert timer.seen == [("torch", None), ("triton", None)]
+    assert e["triton_configs"] is None and e["config_trials"] == [] and e["times_ms"]["triton"] == 1.0
+
+
+class _Spy:
+    """Stands in for a kernel's launcher (`fn[grid](...)` or a Launcher call) and records each launch's meta."""
+
+    def __init__(self, real, log, name):
+        self.real, self.log, self.name = real, log, name
+
+    def __getitem__(self, grid):  # fn[grid](*args, **meta)
+        def launch(*args, **meta):
+            self.log.append((self.name, meta))
+            return self.real[grid](*args, **meta)
+        return launch
+
+    def __call__(self, key, grid, args, meta):  # Launcher(key, grid, args, meta)
+        self.log.append((self.name, meta))
+        return self.real(key, grid, args, meta)
+
+
+def _spy(monkeypatch, mod, names):
+    log = []
+    for n in names:
+        monkeypatch.setattr(mod, n, _Spy(getattr(mod, n), log, n))
+    return log
+
+
+def _metas(log):
+    return {name: (meta.get("BLOCK_M", meta.get("BLOCK")), meta.get("BLOCK_N", meta.get("ROWS")), meta["num_warps"],
+                   meta.get("num_stages")) for name, meta in log}
+
+
+def test_a_tuned_config_reaches_the_launch(monkeypatch):
+    """Installed for a device and a bucket, the configs are what the forward and backward kernels launch with
+    (on CPU tensors under the interpreter, where the default is INTERPRET_CONFIG); other buckets keep the
+    defaults; forgetting the table restores them."""
+    A = kattn.AttnConfig
+    log = _spy(monkeypatch, kattn, ["_FWD", "_attn_bwd_dq", "_attn_bwd_dkdv"])
+    B, S, H, D = 2, 12, 2, 16
+    fixed, tok = tuned.bucket("attention", (B, S, H, D, "float32", False))
+    cfgs = {"fwd": A(128, 128, 8, 3), "bwd_dq": A(128, 64, 8, 3), "bwd_dkdv": A(64, 128, 8, 3)}
+
+    def run(batch):
+        q, k, v = (torch.randn(batch, S, H, D, requires_grad=True) for _ in range(3))
+        o = ops.attention(q, k, v, backend="triton")
+        torch.autograd.grad(o.float().square().sum(), (q, k, v))
+        got = _metas(log)
+        log.clear()
+        return got
+
+    default = {"_FWD": (16, 16, 4, 1), "_attn_bwd_dq": (16, 16, 4, 1), "_attn_bwd_dkdv": (16, 16, 4, 1)}
+    assert run(B) == default
+    try:
+        kattn.install_tuned(CPU, {("attention", *fixed, tok): {c: list(v) for c, v in cfgs.items()}}, tuned.bucket)
+        assert kattn._TUNED.active
+        assert run(B) == {"_FWD": (128, 128, 8, 3), "_attn_bwd_dq": (128, 64, 8, 3), "_attn_bwd_dkdv": (64, 128, 8, 3)}
+        assert run(8 * B) == default  # another tokens bucket
+    finally:
+        kattn.install_tuned(None, None)
+    assert not kattn._TUNED.active and run(B) == default
+
+    log = _spy(monkeypatch, kln, ["_FWD", "_layer_norm_bwd_kernel"])
+    x, w, b = torch.randn(7, 96, requires_grad=True), torch.randn(96), torch.randn(96)
+    fixed, tok = tuned.bucket("layer_norm", (7, 96, "float32"))
+    try:
+        kln.install_tuned(CPU, {("layer_norm", *fixed, tok): {"fwd": [128, 8, 4], "bwd": [128, 8, 4]}}, tuned.bucket)
+        y = ops.layer_norm(x, w, b, backend="triton")
+        torch.autograd.grad(y.sum(), x)
+        assert _metas(log) == {"_FWD": (128, 8, 4, 2), "_layer_norm_bwd_kernel": (128, 8, 4, 2)}
+    finally:
+        kln.install_tuned(None, None)
+    log.clear()
+    with torch.no_grad():
+        ops.layer_norm(x, w, b, backend="triton")
+    assert _metas(log) == {"_FWD": (128, 16, 8, 2)}
+
+
+def test_install_keeps_only_candidates():
+    """A config that is not among its bucket's candidates (so not compiled ahead of time) is dropped with a
+    warning; the others of the table stay."""
+    fixed, tok = tuned.bucket("bias_gelu", (4096, 3072, "float16"))
+    try:
+        with pytest.warns(RuntimeWarning, match="not one of its candidates"):
+            kgelu.install_tuned(CUDA0, {("bias_gelu", *fixed, tok): {"fwd": [16, 128, 4], "bwd": [32, 64, 2]},
+                                        ("layer_norm", 768, "float16", 12): {"fwd": [1024, 1, 4]}}, tuned.bucket)
+        assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", (4096, 3072, "float16")) == (16, 128, 4)
+        assert kgelu._TUNED.pick("bwd", CUDA0, "bias_gelu", (4096, 3072, "float16")) is None  # the default
+        assert kgelu._TUNED.pick("fwd", torch.device("cuda", 1), "bias_gelu", (4096, 3072, "float16")) is None
+        with kgelu.forced_configs({"fwd": (8, 256, 8)}):  # the tuner's trials win over the table
+            assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", (4096, 3072, "float16")) == (8, 256, 8)
+            assert kgelu._TUNED.pick("bwd", CUDA0, "bias_gelu", (4096, 3072, "float16")) is None
+        assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", (4096, 3072, "float16")) == (16, 128, 4)
+    finally:
+        kgelu.install_tuned(None, None)
+    assert not kgelu._TUNED.active
+
+
+def test_forward_kernels_take_the_fwd_entry_backward_ones_the_train_entry():
+    e_fwd = dict(entry("attention", (128, 12, 64, "float16", True), 12, ["triton"]),
+                 triton_configs={"fwd": [128, 64, 8, 3]})
+    e_train = dict(entry("attention", (128, 12, 64, "float16", True), 12, ["triton"], mode="train"),
+                   triton_configs={"fwd": [64, 64, 4, 2], "bwd_dq": [64, 64, 4, 3], "bwd_dkdv": [32, 64, 4, 3]})
+    e_only_train = dict(entry("attention", (512, 12, 64, "float16", True), 12, ["triton"], mode="train"),
+                        triton_configs={"fwd": [128, 128, 8, 3], "bwd_dq": [128, 64, 8, 3]})
+    got = tuned.build_configs([e_fwd, e_train, e_only_train, entry("layer_norm", (768, "float16"), 12, ["cuda"])])
+    assert got == {("attention", 128, 12, 64, "float16", True, 12): {"fwd": [128, 64, 8, 3], "bwd_dq": [64, 64, 4, 3],
+                                                                    "bwd_dkdv": [32, 64, 4, 3]},
+                   ("attention", 512, 12, 64, "float16", True, 12): {"fwd": [128, 128, 8, 3],
+                                                                    "bwd_dq": [128, 64, 8, 3]}}
+
+
+@needs_interpreter
+def test_cache_round_trip_with_configs(fake_gpu, monkeypatch):
+    """tune -> file (triton_configs, config_trials) -> read back for cuda:0 -> the kernel file's lookup; a named
+    triton backend reads the table too; reset / ROBERTA_FAST_TUNING=0 leave the defaults."""
+    timer = config_timer({"torch": 2.0, "triton": 1.0}, lambda c: 0.5 * (c["fwd"] == [16, 128, 4]))
+    res = tuning.tune(ops=["bias_gelu"], shapes=[("bias_gelu", SMALL["bias_gelu"])], dtypes=["fp16"],
+                      device="cpu", timer=timer, save=True)
+    doc = json.loads(res.path.read_text())
+    (e,) = doc["entries"]
+    assert doc["schema"] == tuned.SCHEMA == "roberta_fast.tuning/2"
+    assert e["triton_configs"] == {"fwd": [16, 128, 4]} and len(e["config_trials"]) == 3
+    assert [t["configs"]["fwd"] for t in e["config_trials"]] == [list(c) for c in kgelu.FWD_TILES]
+    key = (8, 16, "float16")
+    backends.implementation("triton", "bias_gelu")  # the registry connects the kernel file (as on any use)
+    assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", key) is None  # nothing read yet
+    assert backends.resolve("bias_gelu", "triton", CUDA0, tune_key=key) == "triton"  # named: reads the table
+    assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", key) == (16, 128, 4)
+    assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", (8, 32, "float16")) is None  # another width
+    assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", (64, 16, "float16")) is None  # another tokens bucket
+    tuned.reset()
+    assert not kgelu._TUNED.active
+    assert first("bias_gelu", key) == "triton"  # an automatic lookup reads the table too
+    assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", key) == (16, 128, 4)
+    tuned.reset()
+    monkeypatch.setenv("ROBERTA_FAST_TUNING", "0")
+    assert backends.resolve("bias_gelu", "triton", CUDA0, tune_key=key) == "triton"
+    assert not kgelu._TUNED.active
+    # a new tuning replaces the configs from the next call on
+    monkeypatch.delenv("ROBERTA_FAST_TUNING")
+    tuned.save_entries([dict(e, triton_configs={"fwd": [8, 256, 8]})], FAKE_ID)
+    assert not kgelu._TUNED.active and first("bias_gelu", key) == "triton"
+    assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", key) == (8, 256, 8)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
@@ -448,6 +762,11 @@ def test_cli_cpu_smoke_run(monkeypatch, capsys):
     assert "SMOKE RUN" in out and "NOT a tuning" in out and "nothing written (smoke run)" in out
     assert "bias_gelu" in out and "layer_norm" in out and "winner" in out
     assert not tuned.cache_dir().exists()
+    assert cli.main(["tune", "--device", "cpu", "--ops", "bias_gelu", "--dtypes", "fp16", "--quiet", "--rep-ms", "1",
+                     "--no-configs"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("bias_gelu"))
+    assert "triton config" in out and row.split()[-1] == "-"  # no config measured, none recorded
     assert cli.main(["tune", "--device", "cpu", "--dtypes", "int8"]) == 2
 
 

@@ -56,7 +56,12 @@ class ConfigTable:
             op, fixed = key[0], tuple(key[1:-1])
             if op not in self.ops:
                 continue
-            space = self.space(op, fixed, True)
+            try:
+                space = self.space(op, fixed, True)
+            except (TypeError, ValueError, KeyError, IndexError) as e:  # a bucket this file cannot read
+                warnings.warn(f"roberta_fast.kernels: ignoring the tuned {op} configs of bucket {list(key[1:])} "
+                              f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+                continue
             good = {}
             for cls, cfg in cfgs.items():
                 cands = {tuple(c): c for c in space.get(cls, ())}

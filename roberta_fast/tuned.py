@@ -14,8 +14,13 @@ attention S, max_seqlen) up to the next power of two (the kernels pick their blo
 widths, heads, head_dim, dtype and mask kind exactly. Modes: "fwd" (no gradient needed) and "train"
 (the op's inputs require grad under grad mode: forward + backward was timed).
 
+Entries may also carry `triton_configs` ({kernel class: config}: the Triton block sizes, warps and stages the
+tuner picked for the bucket, schema 2). When a device's table is read they go, per bucket, to the Triton
+kernel files (`on_configs` sinks: each file's `install_tuned`, connected by the registry when it imports
+it; this module never imports the kernels), which launch them for calls of that bucket (docs/tuning.md).
+
 This module imports nothing from roberta_fast.ops or the tuner, so the registry can read it without a
-cycle. ROBERTA_FAST_TUNING=0 turns lookups off.
+cycle. ROBERTA_FAST_TUNING=0 turns lookups off (and with them the tuned configs).
 
 `lookup` itself reads the environment and its table on every call; the ops reach it only through the
 registry's resolve cache (`roberta_fast.backends.choose`), once per call signature. Every change of the
@@ -125,14 +130,22 @@ def on_configs(fn):
     if fn not in _SINKS:
         _SINKS.append(fn)
         for device, configs in _STATE["configs"].items():
-            fn(device, configs, bucket)
+            _hand(fn, device, configs)
     return fn
+
+
+def _hand(fn, device, configs):
+    """fn(device, configs, bucket); a failing sink warns once and never fails a lookup."""
+    try:
+        fn(device, configs, bucket if configs is not None else None)
+    except Exception as e:  # noqa: BLE001
+        warn_once(f"roberta_fast.tuning: the tuned Triton configs were not installed ({type(e).__name__}: {e})")
 
 
 def _forget_configs():
     _STATE["configs"].clear()
     for fn in _SINKS:
-        fn(None, None, None)
+        _hand(fn, None, None)
 
 
 def tuning_on() -> bool:
@@ -195,7 +208,7 @@ def _ensure_table(index) -> int:
         if configs:
             _STATE["configs"][dev] = configs
             for fn in _SINKS:
-                fn(dev, configs, bucket)
+                _hand(fn, dev, configs)
         _changed()
     return len(tables[index])
 

@@ -683,6 +683,9 @@ def test_install_keeps_only_candidates():
     finally:
         kgelu.install_tuned(None, None)
     assert not kgelu._TUNED.active
+    with pytest.warns(RuntimeWarning, match="ignoring the tuned attention configs"):  # a bucket it cannot read
+        kattn.install_tuned(CUDA0, {("attention", 128, 12): {"fwd": [64, 64, 4, 2]}}, tuned.bucket)
+    assert not kattn._TUNED.active
 
 
 def test_forward_kernels_take_the_fwd_entry_backward_ones_the_train_entry():

@@ -17,7 +17,8 @@ A `ConfigTable` per kernel file holds what `roberta-fast tune` measured, per dev
     forced(configs)                  a context in which every launch of the file uses `configs` ({class:
                                      config}; the classes not named keep their default): the tuner's trials.
     pick(cls, device, op, key)       the tuned (or forced) config of kernel class `cls` for a call whose tune
-                                     key (the op's, dtypes by name) is `key`; None: the file's default.
+                                     key (the op's; torch dtypes or their names) is `key`; None: the file's
+                                     default. Remembered per key: a repeated shape costs one dict lookup.
 
 The host functions call `pick` only while `active` (a table or a forced config is there), so a process
 without a tuning pays one attribute read per launch.
@@ -28,11 +29,17 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import torch
+
+from .._utils import dtype_name
+
 
 class ConfigTable:
     """The tuned configs of one kernel file (see the module docstring)."""
 
-    __slots__ = ("ops", "space", "tables", "bucket", "forced_cfgs", "active")
+    __slots__ = ("ops", "space", "tables", "bucket", "forced_cfgs", "active", "memo")
+
+    MEMO_MAX = 4096  # call keys remembered (a server with ever new shapes starts over past this)
 
     def __init__(self, ops: tuple, space):
         self.ops = ops  # the op names whose buckets this file's kernels serve
@@ -41,9 +48,11 @@ class ConfigTable:
         self.bucket = None  # roberta_fast.tuned.bucket, handed over with the tables
         self.forced_cfgs = None  # {class: config} while the tuner forces a trial
         self.active = False
+        self.memo: dict = {}  # (class, device, op, call key) -> config or None: the bucketing once per key
 
     def _update(self):
         self.active = bool(self.tables) or self.forced_cfgs is not None
+        self.memo.clear()
 
     def install(self, device, table, bucket=None):
         """Replace the tuned configs of `device` (a torch.device) by `table`; device None forgets all."""
@@ -94,16 +103,27 @@ class ConfigTable:
             self._update()
 
     def pick(self, cls: str, device, op: str, key: tuple):
-        """The forced or tuned config of kernel class `cls` for this call, or None (the default applies)."""
+        """The forced or tuned config of kernel class `cls` for this call, or None (the default applies). key:
+        the op's tune key, torch dtypes as they are (named here, on a miss only); the answer is remembered per
+        key, so a repeated shape costs one dict lookup."""
         forced = self.forced_cfgs
         if forced is not None:
             return forced.get(cls)
+        mkey = (cls, device, op, key)
+        memo = self.memo
+        if mkey in memo:
+            return memo[mkey]
+        got = None
         table = self.tables.get(device)
-        if table is None:
-            return None
-        fixed, tok = self.bucket(op, key)
-        got = table.get((op, *fixed, tok))
-        return None if got is None else got.get(cls)
+        if table is not None:
+            named = tuple(dtype_name(k) if isinstance(k, torch.dtype) else k for k in key)
+            fixed, tok = self.bucket(op, named)
+            cfgs = table.get((op, *fixed, tok))
+            got = None if cfgs is None else cfgs.get(cls)
+        if len(memo) >= self.MEMO_MAX:
+            memo.clear()
+        memo[mkey] = got
+        return got
 
 
 def with_default(default, candidates) -> tuple:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import dtype_name, stats_scratch
+from .._utils import stats_scratch
 from ._aot import AOTSpec, ptr
 from ._configs import ConfigTable, with_default
 from ._launch import INTERPRET, cdiv, ints_key, launcher
@@ -489,11 +489,11 @@ def _config(kernel: str, q, key_padding_mask, cu_seqlens, max_seqlen: int) -> At
     if _TUNED.active:
         if cu_seqlens is not None:
             T, H, D = q.shape
-            cfg = _TUNED.pick(kernel, q.device, "attention_varlen", (T, max_seqlen, H, D, dtype_name(q.dtype)))
+            cfg = _TUNED.pick(kernel, q.device, "attention_varlen", (T, max_seqlen, H, D, q.dtype))
         else:
             B, _, H, D = q.shape
             cfg = _TUNED.pick(kernel, q.device, "attention",
-                              (B, max_seqlen, H, D, dtype_name(q.dtype), key_padding_mask is not None))
+                              (B, max_seqlen, H, D, q.dtype, key_padding_mask is not None))
         if cfg is not None:
             return cfg
     return attention_config(kernel, q.shape[-1], q.dtype, max_seqlen)

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import dtype_name
 from ._aot import AOTSpec, ptr
 from ._configs import ConfigTable
 from ._launch import INTERPRET, cdiv, int_key, launcher
@@ -195,7 +194,7 @@ def _config(cls: str, x):
     the default tile."""
     M, N = x.shape
     if _TUNED.active:
-        cfg = _TUNED.pick(cls, x.device, "bias_gelu", (M, N, dtype_name(x.dtype)))
+        cfg = _TUNED.pick(cls, x.device, "bias_gelu", (M, N, x.dtype))
         if cfg is not None:
             return cfg
     return _tile(M, N)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import dtype_name, stats_scratch
+from .._utils import stats_scratch
 from ._aot import AOTSpec, ptr
 from ._configs import ConfigTable
 from ._launch import cdiv, int_key, launcher
@@ -261,7 +261,7 @@ def _config(cls: str, x) -> tuple[int, int, int]:
     `_row_config`'s default."""
     M, N = x.shape
     if _TUNED.active:
-        cfg = _TUNED.pick(cls, x.device, "layer_norm", (M, N, dtype_name(x.dtype)))
+        cfg = _TUNED.pick(cls, x.device, "layer_norm", (M, N, x.dtype))
         if cfg is not None:
             return cfg
     return _row_config(N, cls == "bwd")

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import dtype_name
 from ._aot import AOTSpec, ptr
 from ._configs import ConfigTable
 from ._launch import cdiv, ints_key, launcher
@@ -164,7 +163,7 @@ def _launch_config(cls: str, scores, n_rows: int, K: int, kind: int):
     """(BLOCK_K, ROWS, num_warps) of a launch: the tuned (or forced) one of the call's bucket, else `_config`'s
     default."""
     if _TUNED.active:
-        cfg = _TUNED.pick(cls, scores.device, "masked_softmax", (n_rows, K, dtype_name(scores.dtype),
+        cfg = _TUNED.pick(cls, scores.device, "masked_softmax", (n_rows, K, scores.dtype,
                                                                   _KIND_NAMES[kind]))
         if cfg is not None:
             return cfg

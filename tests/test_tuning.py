@@ -688,6 +688,29 @@ def test_install_keeps_only_candidates():
     assert not kattn._TUNED.active
 
 
+def test_a_repeated_shape_is_bucketed_once():
+    """The host functions look a tuned config up per launch: after the first call of a key it is one dict lookup
+    (no bucketing, no dtype naming); a new table forgets the remembered answers."""
+    calls = []
+
+    def counting_bucket(op, key):
+        calls.append(key)
+        return tuned.bucket(op, key)
+
+    fixed, tok = tuned.bucket("layer_norm", (4096, 768, "float16"))
+    try:
+        kln.install_tuned(CUDA0, {("layer_norm", *fixed, tok): {"fwd": [1024, 1, 4]}}, counting_bucket)
+        for _ in range(20):
+            assert kln._TUNED.pick("fwd", CUDA0, "layer_norm", (4096, 768, torch.float16)) == (1024, 1, 4)
+            assert kln._TUNED.pick("bwd", CUDA0, "layer_norm", (4096, 768, torch.float16)) is None
+        assert calls == [(4096, 768, "float16")] * 2
+        kln.install_tuned(CUDA0, {("layer_norm", *fixed, tok): {"fwd": [1024, 2, 8]}}, counting_bucket)
+        assert kln._TUNED.pick("fwd", CUDA0, "layer_norm", (4096, 768, torch.float16)) == (1024, 2, 8)
+    finally:
+        kln.install_tuned(None, None)
+    assert kln._TUNED.memo == {} and not kln._TUNED.active
+
+
 def test_forward_kernels_take_the_fwd_entry_backward_ones_the_train_entry():
     e_fwd = dict(entry("attention", (128, 12, 64, "float16", True), 12, ["triton"]),
                  triton_configs={"fwd": [128, 64, 8, 3]})

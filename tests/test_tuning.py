@@ -650,19 +650,19 @@ def test_a_tuned_config_reaches_the_launch(monkeypatch):
     assert not kattn._TUNED.active and run(B) == default
 
     log = _spy(monkeypatch, kln, ["_FWD", "_layer_norm_bwd_kernel"])
-    x, w, b = torch.randn(7, 96, requires_grad=True), torch.randn(96), torch.randn(96)
-    fixed, tok = tuned.bucket("layer_norm", (7, 96, "float32"))
+    x, w, b = torch.randn(7, 400, requires_grad=True), torch.randn(400), torch.randn(400)
+    fixed, tok = tuned.bucket("layer_norm", (7, 400, "float32"))
     try:
-        kln.install_tuned(CPU, {("layer_norm", *fixed, tok): {"fwd": [128, 8, 4], "bwd": [128, 8, 4]}}, tuned.bucket)
+        kln.install_tuned(CPU, {("layer_norm", *fixed, tok): {"fwd": [512, 2, 4], "bwd": [512, 2, 4]}}, tuned.bucket)
         y = ops.layer_norm(x, w, b, backend="triton")
         torch.autograd.grad(y.sum(), x)
-        assert _metas(log) == {"_FWD": (128, 8, 4, 2), "_layer_norm_bwd_kernel": (128, 8, 4, 2)}
+        assert _metas(log) == {"_FWD": (512, 2, 4, 2), "_layer_norm_bwd_kernel": (512, 2, 4, 2)}
     finally:
         kln.install_tuned(None, None)
     log.clear()
-    with torch.no_grad():
-        ops.layer_norm(x, w, b, backend="triton")
-    assert _metas(log) == {"_FWD": (128, 16, 8, 2)}
+    y = ops.layer_norm(x, w, b, backend="triton")
+    torch.autograd.grad(y.sum(), x)
+    assert _metas(log) == {"_FWD": (512, 4, 8, 2), "_layer_norm_bwd_kernel": (512, 2, 8, 2)}
 
 
 def test_install_keeps_only_candidates():

@@ -36,6 +36,11 @@ ROW_KEYS = {
     "host": {"kind": str, "name": str, "provider": str, "label": str, "us": _OPT_NUM, "us_median": _OPT_NUM,
              "ratio": _OPT_NUM, "target": _OPT_NUM, "ok": (bool, type(None)), "python_calls": (int, type(None)),
              "launches": (int, type(None)), "error": _OPT_STR},
+    "train": {"model": str, "dtype": str, "workload": str, "provider": str, "batch": int, "seqlen": int,
+              "real_tokens": int, "padded_tokens": int, "ms_p50": _OPT_NUM, "ms_p90": _OPT_NUM,
+              "tokens_per_s": _OPT_NUM, "peak_mem_mib": _OPT_NUM, "loss": _OPT_NUM,
+              "launches_per_layer": (int, type(None)), "speedup": _OPT_NUM, "speedup_sdpa": _OPT_NUM,
+              "error": _OPT_STR},
 }
 TOP_KEYS = {"schema": str, "created": str, "mode": str, "quick": bool, "env": dict, "ceilings": dict,
             "rows": list, "notes": list, "elapsed_s": _NUM}
@@ -78,8 +83,9 @@ def validate(doc: dict) -> list[str]:
                 probs.append(f"rows[{i}] ({kind}) misses {k!r}")
             elif not isinstance(r[k], t) and not (t in (_NUM, _OPT_NUM) and r[k] in _NONFINITE):
                 probs.append(f"rows[{i}].{k} has type {type(r[k]).__name__}")
-        if kind in ("kernel", "encoder", "host") and r.get("error") is None:
-            ms = {"kernel": r.get("ms"), "encoder": r.get("ms_p50"), "host": r.get("us")}[kind]
+        if kind in ("kernel", "encoder", "host", "train") and r.get("error") is None:
+            ms = {"kernel": r.get("ms"), "encoder": r.get("ms_p50"), "host": r.get("us"),
+                  "train": r.get("ms_p50")}[kind]
             if ms is None:
                 probs.append(f"rows[{i}] has neither a time nor an error")
     return probs
@@ -191,6 +197,9 @@ def to_markdown(doc: dict) -> str:
                          _f(r.get("max_err"), "{:.2e}"), _f(r.get("speedup"), "{:.2f}x"), r.get("error") or ""])
         lines += _table(["model", "dtype", "workload", "provider", "CUDA graph", "tokens/s", "p50 ms", "p90 ms",
                          "MFU (meas./sheet)", "peak MiB", "max err", "vs eager", "error"], body)
+    trows = [r for r in rows if r.get("suite") == "train"]
+    if trows:
+        lines += _train_md(trows)
     crows = [r for r in rows if r.get("suite") == "check"]
     if crows:
         lines += ["", "## Kernel correctness checks", "",
@@ -208,6 +217,20 @@ def to_markdown(doc: dict) -> str:
     if hrows:
         lines += _host_md(hrows)
     return "\n".join(lines) + "\n"
+
+
+def _train_md(trows) -> list[str]:
+    lines = ["", "## Training step (forward + backward + AdamW)", "",
+             "Sequence classification, float32 master weights, autocast in the row's dtype (fp16 with GradScaler), "
+             "dropout 0.1; tokens/s counts real tokens only; launches per layer: forward + backward, counted on the "
+             "CPU (one per launching aten or custom op).", ""]
+    body = [[r["model"], r["dtype"], r["workload"], r["provider"], _f(r.get("tokens_per_s"), "{:,.0f}"),
+             _f(r.get("ms_p50"), "{:.3g}"), _f(r.get("ms_p90"), "{:.3g}"), _f(r.get("peak_mem_mib"), "{:,.0f}"),
+             _f(r.get("launches_per_layer"), "{}"), _f(r.get("loss"), "{:.4f}"), _f(r.get("speedup"), "{:.2f}x"),
+             _f(r.get("speedup_sdpa"), "{:.2f}x"), r.get("error") or ""] for r in trows]
+    lines += _table(["model", "dtype", "workload", "provider", "tokens/s", "p50 ms", "p90 ms", "peak MiB",
+                     "launches/layer", "loss", "vs eager", "vs SDPA", "error"], body)
+    return lines
 
 
 def _host_md(hrows) -> list[str]:

@@ -10,12 +10,15 @@ perf_counter, Triton checked for correctness under TRITON_INTERPRET=1 on tiny sh
 roberta-base encoder on the CPU, and the FLOP / byte / launch counts. Its first output line says that
 GPU figures need a GPU.
 
---only takes a comma-separated list of: kernels, encoder, layers, checks, host, an op name (layer_norm,
+--only takes a comma-separated list of: kernels, encoder, layers, checks, host, train, an op name (layer_norm,
 bias_gelu, masked_softmax, attention, attention_varlen) or a model name (roberta-base, roberta-large).
 
 host (bench_host): the host time of the GPU path per op and per roberta-base forward beside plain PyTorch ops and
 transformers eager / SDPA, with Python-call and launch counts; without a GPU it runs in a child process over a
 stub CUDA driver (docs/host_path.md).
+
+train (bench_train): one fine-tuning step (forward + backward + AdamW) against transformers eager, SDPA and (GPU)
+torch.compile of SDPA: tokens/s, peak memory, launches per layer; the CPU run times a small version.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 CPU_NOTE = ("GPU figures need a GPU: no CUDA device here, so this is the reduced CPU run (torch-backend "
             "timings on small CPU shapes, Triton correctness under the interpreter, FLOP/byte/launch counts).")
-SUITES = ("kernels", "encoder", "layers", "checks", "host")
+SUITES = ("kernels", "encoder", "layers", "checks", "host", "train")
 
 
 def _cuda_available() -> bool:
@@ -91,7 +94,7 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
 
     import torch
 
-    from . import bench_encoder, bench_host, bench_ops, layers, report
+    from . import bench_encoder, bench_host, bench_ops, bench_train, layers, report
     from .common import Budget, datasheet_tflops, default_out_dir, environment, measure_ceilings, short_error
 
     dev = torch.device(dev_type)
@@ -173,6 +176,17 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
         else:
             rows += bench_host.run_host(dev, quick=quick, notes=notes)
     seconds["host"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    if "train" in sel["suites"]:
+        if budget.left() <= 0:
+            notes.append("train suite skipped: time budget spent")
+        else:
+            tmodel = (sel["models"] or ["roberta-base"])[0] if dev_type == "cuda" else "roberta-base-2layers"
+            tdtypes = edtypes if dev_type == "cuda" else [torch.float32]
+            rows += bench_train.run_train(device=dev, model=tmodel, dtypes=tdtypes, quick=quick, budget=budget,
+                                          rep_ms=rep_ms * (1 if dev_type == "cpu" else 3), progress=progress,
+                                          notes=notes)
+    seconds["train"] = time.monotonic() - t0
 
     doc = {
         "schema": report.SCHEMA,
@@ -230,7 +244,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output directory (default bench_out/<date>_<gpu>)")
     p.add_argument("--only", metavar="NAME", default=None,
-                   help="comma-separated: kernels, encoder, layers, checks, an op or a model name")
+                   help="comma-separated: kernels, encoder, layers, checks, host, train, an op or a model name")
     p.add_argument("--time-budget", metavar="SECONDS", type=float, default=None,
                    help="skip (and say so) what would start after this many seconds")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")

@@ -26,6 +26,7 @@ float32 mixed), the host upcasts the x-dtype ones to float32 (exact, N elements)
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
@@ -40,6 +41,21 @@ from ._launch import cdiv, int_key, launcher
 
 
 @triton.jit
+def _dropout_keep(RNG, rows, cols, dropout_p):
+    """(ROWS, BLOCK) bool: True where element (row, col) is kept. One Philox-4x32 draw per element, keyed by
+    the 64-bit seed RNG[0], counter (col, row, offset lo, offset hi) with offset = RNG[1]: a function of the
+    (seed, offset) the device holds and of the position only, so the backward regenerates the forward's mask."""
+    seed = tl.load(RNG)
+    off = tl.load(RNG + 1)
+    c0 = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.uint32) + cols[None, :].to(tl.uint32)
+    c1 = tl.zeros_like(c0) + rows[:, None].to(tl.uint32)
+    c2 = tl.zeros_like(c0) + (off & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    r, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     X,  # (M, N) rows, input; row stride stride_x
     RES,  # (M, N) rows, residual in x's dtype; any pointer of that type when HAS_RES == 0
@@ -49,17 +65,20 @@ def _layer_norm_fwd_kernel(
     Y,  # (M, N) contiguous output, x's dtype
     MEAN,  # (M,) fp32 mean of h
     RSTD,  # (M,) fp32 1 / sqrt(var(h) + eps)
+    RNG,  # (2,) int64 (seed, offset) of the dropout mask; read only when DROPOUT
     stride_x,
     stride_res,
     M,
     N,
     eps,
+    dropout_p,  # fp32 in [0, 1): drop probability; read only when DROPOUT
     HAS_W,  # 0/1: weight given (else 1)
     HAS_B,  # 0/1: bias given (else 0)
     HAS_XB,  # 0/1: x_bias given (else 0)
     HAS_RES,  # 0/1: residual given (else 0)
     BLOCK: tl.constexpr,  # power of two >= N
     ROWS: tl.constexpr,  # rows per program
+    DROPOUT: tl.constexpr,  # dropout on x + x_bias before the residual add (False: the no-dropout kernel)
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) int64
@@ -71,6 +90,8 @@ def _layer_norm_fwd_kernel(
     h = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     xb = tl.load(XB + cols, mask=cols < N * HAS_XB, other=0.0).to(tl.float32)
     h += xb[None, :]
+    if DROPOUT:
+        h = tl.where(_dropout_keep(RNG, rows, cols, dropout_p), h * (1.0 / (1.0 - dropout_p)), 0.0)
     res_mask = rmask[:, None] & (cols < N * HAS_RES)[None, :]
     r = tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=res_mask, other=0.0)
     h += r.to(tl.float32)
@@ -97,7 +118,9 @@ def _layer_norm_bwd_kernel(
     XB,  # (N,) x_bias (param dtype)
     MEAN,  # (M,) fp32 from the forward
     RSTD,  # (M,) fp32 from the forward
-    DX,  # (M, N) contiguous output, x's dtype (also the residual's gradient)
+    DX,  # (M, N) contiguous output, x's dtype: dL/dx (the residual's gradient too without dropout)
+    DRES,  # (M, N) contiguous output, x's dtype: dL/dh, the residual's gradient; written when DROPOUT and HAS_RES
+    RNG,  # (2,) int64 (seed, offset) of the forward's dropout mask; read only when DROPOUT
     DW_PART,  # (programs, N) fp32 partial sums of dy * xhat; written when NEED_DW
     DB_PART,  # (programs, N) fp32 partial sums of dy; written when NEED_DB
     DXB_PART,  # (programs, N) fp32 partial sums of dx; written when NEED_DXB
@@ -107,6 +130,7 @@ def _layer_norm_bwd_kernel(
     M,
     N,
     tiles_per_prog,  # this program owns row tiles [pid * tiles_per_prog, (pid + 1) * tiles_per_prog)
+    dropout_p,  # fp32, the forward's; read only when DROPOUT
     HAS_W,
     HAS_XB,
     HAS_RES,
@@ -115,6 +139,7 @@ def _layer_norm_bwd_kernel(
     NEED_DXB,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -134,6 +159,9 @@ def _layer_norm_bwd_kernel(
         # recompute h exactly as the forward did (same fp32 adds, same order)
         h = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h += xb[None, :]
+        if DROPOUT:  # the forward's mask, regenerated
+            keep = _dropout_keep(RNG, rows, cols, dropout_p)
+            h = tl.where(keep, h * (1.0 / (1.0 - dropout_p)), 0.0)
         res_mask = rmask[:, None] & (cols < N * HAS_RES)[None, :]
         r = tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=res_mask, other=0.0)
         h += r.to(tl.float32)
@@ -145,7 +173,10 @@ def _layer_norm_bwd_kernel(
         wdy = dy * w[None, :]
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]  # dL/dh
+        if DROPOUT:
+            tl.store(DRES + rows[:, None] * N + cols[None, :], dx.to(DRES.dtype.element_ty), mask=res_mask)
+            dx = tl.where(keep, dx * (1.0 / (1.0 - dropout_p)), 0.0)  # dL/dx through the mask
         tl.store(DX + rows[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
         acc_dw += dy * xhat
@@ -316,22 +347,24 @@ def unsupported(x, weight, bias, eps, residual, x_bias):
     return None
 
 
-def forward(x, weight, bias, eps, residual, x_bias):
-    """y, mean, rstd = LayerNorm(x + x_bias + residual) (see docs/kernel_contracts.md).
+def forward(x, weight, bias, eps, residual, x_bias, dropout_p, rng):
+    """y, mean, rstd = LayerNorm(dropout(x + x_bias) + residual) (see docs/kernel_contracts.md).
 
     x (M, N) rows; weight, bias, x_bias (N,) or None (x's dtype or float32); residual (M, N) rows of
-    x's dtype or None. Returns y (M, N) x.dtype contiguous, mean and rstd (M,) float32.
+    x's dtype or None; dropout_p float in [0, 1); rng (2,) int64 (seed, offset) on x's device, None exactly
+    when dropout_p == 0 (then the no-dropout kernel runs). Returns y (M, N) x.dtype contiguous, mean and
+    rstd (M,) float32 (of h = dropout(x + x_bias) + residual).
     """
     M = x.shape[0]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M:
-        _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd)
+        _launch_fwd(x, weight, bias, eps, residual, x_bias, dropout_p, rng, y, mean, rstd)
     return y, mean, rstd
 
 
-def forward_inference(x, weight, bias, eps, residual, x_bias):
+def forward_inference(x, weight, bias, eps, residual, x_bias, dropout_p, rng):
     """y of `forward` when nothing will read the statistics (no autograd): mean and rstd go to one shared
     scratch buffer (roberta_fast._utils.stats_scratch), both into the same (M,) slots, which only the row's own
     program writes. Saves two allocations per call."""
@@ -339,17 +372,17 @@ def forward_inference(x, weight, bias, eps, residual, x_bias):
     M = x.shape[0]
     if M:
         s = stats_scratch(x.device, M)
-        _launch_fwd(x, weight, bias, eps, residual, x_bias, y, s, s)
+        _launch_fwd(x, weight, bias, eps, residual, x_bias, dropout_p, rng, y, s, s)
     return y
 
 
 @functools.lru_cache(maxsize=64)
-def _fwd_meta(block: int, rows: int, num_warps: int) -> dict:
+def _fwd_meta(block: int, rows: int, num_warps: int, dropout: bool = False) -> dict:
     """The forward's constexprs and launch options (one dict per config, not one per call)."""
-    return dict(BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES)
+    return dict(BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES, DROPOUT=dropout)
 
 
-def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
+def _launch_fwd(x, weight, bias, eps, residual, x_bias, dropout_p, rng, y, mean, rstd):
     M, N = x.shape
     pdt = _param_dtype(x, weight, bias, x_bias)
     weight, bias, x_bias = _as(weight, pdt), _as(bias, pdt), _as(x_bias, pdt)
@@ -362,32 +395,41 @@ def _launch_fwd(x, weight, bias, eps, residual, x_bias, y, mean, rstd):
     res = residual if residual is not None else x
     flags = (int(weight is not None), int(bias is not None), int(x_bias is not None), int(residual is not None))
     sx, sr = x.stride()[0], res.stride()[0]
+    drop = rng is not None  # the contract: rng is None exactly when dropout_p == 0
+    g = rng if drop else mean  # the no-dropout kernel never reads it (an fp32 pointer there, as in aot_specs)
     # what fixes Triton's specialization (kernels/_launch.py): y, mean and rstd are fresh or scratch, aligned
     # allocations; the other pointers are keyed all-aligned in one test (the common case) or one by one
-    ptrs = (x.data_ptr(), res.data_ptr(), w.data_ptr(), b.data_ptr(), xb.data_ptr())
-    align = "A" if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & 15 else tuple(p & 15 for p in ptrs)
-    key = (x.dtype, pdt, N, align, int_key(sx), int_key(sr), int_key(M), flags, block, rows, num_warps)
-    _FWD(key, (cdiv(M, rows),), (x, res, w, b, xb, y, mean, rstd, sx, sr, M, N, float(eps), *flags),
-         _fwd_meta(block, rows, num_warps))
+    ptrs = (x.data_ptr(), res.data_ptr(), w.data_ptr(), b.data_ptr(), xb.data_ptr(), g.data_ptr())
+    align = "A" if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5]) & 15 else tuple(
+        p & 15 for p in ptrs)
+    key = (x.dtype, pdt, N, align, int_key(sx), int_key(sr), int_key(M), flags, block, rows, num_warps, drop)
+    _FWD(key, (cdiv(M, rows),), (x, res, w, b, xb, y, mean, rstd, g, sx, sr, M, N, float(eps),
+                                 float(dropout_p) if drop else 0.0, *flags),
+         _fwd_meta(block, rows, num_warps, drop))
 
 
-def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):
-    """dx, dweight, dbias, dx_bias of LayerNorm(x + x_bias + residual) (see docs/kernel_contracts.md).
+def backward(dy, x, weight, bias, mean, rstd, residual, x_bias, dropout_p, rng):
+    """dx, dweight, dbias, dx_bias, dresidual of LayerNorm(dropout(x + x_bias) + residual) (see
+    docs/kernel_contracts.md).
 
     dy, x (M, N) rows of x's dtype; residual (M, N) rows or None; weight, bias, x_bias (N,) or None;
-    mean, rstd (M,) float32 from the forward. Returns dx (M, N) x.dtype contiguous (also the residual's
-    gradient) and the parameter gradients in each parameter's dtype (None for a missing parameter).
+    mean, rstd (M,) float32 from the forward; dropout_p, rng the forward's (the mask is regenerated from rng).
+    Returns dx (M, N) x.dtype contiguous (dL/dh masked and scaled; without dropout also the residual's
+    gradient), the parameter gradients in each parameter's dtype (None for a missing parameter), and
+    dresidual = dL/dh (M, N) x.dtype when dropout is on and residual is given, else None.
     """
     M, N = x.shape
     dev = x.device
     pdt = _param_dtype(x, weight, bias, x_bias)
     w, xb = _as(weight, pdt), _as(x_bias, pdt)
     dx = torch.empty((M, N), dtype=x.dtype, device=dev)
+    drop = rng is not None
+    dres = torch.empty((M, N), dtype=x.dtype, device=dev) if drop and residual is not None else None
     need = [p is not None for p in (weight, bias, x_bias)]
     if M == 0:
         grads = [torch.zeros((N,), dtype=p.dtype, device=dev) if p is not None else None
                  for p in (weight, bias, x_bias)]
-        return (dx, *grads)
+        return (dx, *grads, dres)
     block, rows, num_warps = _config("bwd", x)
     n_tiles = cdiv(M, rows)
     n_prog = _bwd_programs(n_tiles, dev)
@@ -408,11 +450,11 @@ def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):
         dy, x, res,
         w if w is not None else dummy_p,
         xb if xb is not None else dummy_p,
-        mean, rstd, dx, slots[0], slots[1], slots[2],
-        dy.stride(0), x.stride(0), res.stride(0), M, N, tiles_per_prog,
+        mean, rstd, dx, dres if dres is not None else dx, rng if drop else mean, slots[0], slots[1], slots[2],
+        dy.stride(0), x.stride(0), res.stride(0), M, N, tiles_per_prog, float(dropout_p) if drop else 0.0,
         int(w is not None), int(xb is not None), int(residual is not None),
         int(need[0]), int(need[1]), int(need[2]),
-        BLOCK=block, ROWS=rows, num_warps=num_warps, num_stages=_NUM_STAGES,
+        BLOCK=block, ROWS=rows, DROPOUT=drop, num_warps=num_warps, num_stages=_NUM_STAGES,
     )
     grads = [None, None, None]
     if k:
@@ -427,7 +469,7 @@ def backward(dy, x, weight, bias, mean, rstd, residual, x_bias):
             if p is not None:
                 g = next(it)
                 grads[i] = g if g.dtype == p.dtype else g.to(p.dtype)
-    return (dx, *grads)
+    return (dx, *grads, dres)
 
 
 # ----------------------------------------------------------------------------- ahead-of-time specs
@@ -453,24 +495,26 @@ def aot_specs() -> list[AOTSpec]:
     for xd, pd in _dtype_combos():
         X, P = ptr(xd), ptr(pd)
         tag = f"{str(xd)[6:]},params={str(pd)[6:]}"
-        for block, rows, nw in fwd_cfgs:
+        for (block, rows, nw), drop in itertools.product(fwd_cfgs, (False, True)):
             sig = {"X": X, "RES": X, "W": P, "B": P, "XB": P, "Y": X, "MEAN": "*fp32", "RSTD": "*fp32",
-                   "stride_x": "i64", "stride_res": "i64", "M": "i32", "N": "i32", "eps": "fp32",
+                   "RNG": "*i64" if drop else "*fp32",
+                   "stride_x": "i64", "stride_res": "i64", "M": "i32", "N": "i32", "eps": "fp32", "dropout_p": "fp32",
                    "HAS_W": "i32", "HAS_B": "i32", "HAS_XB": "i32", "HAS_RES": "i32",
-                   "BLOCK": "constexpr", "ROWS": "constexpr"}
-            specs.append(AOTSpec(f"layer_norm_fwd[{tag},BLOCK={block},ROWS={rows},W={nw}]", _layer_norm_fwd_kernel,
-                                 sig, {"BLOCK": block, "ROWS": rows}, num_warps=nw,
-                                 num_stages=_NUM_STAGES))
-        for block, rows, nw in bwd_cfgs:
+                   "BLOCK": "constexpr", "ROWS": "constexpr", "DROPOUT": "constexpr"}
+            specs.append(AOTSpec(f"layer_norm_fwd[{tag},BLOCK={block},ROWS={rows},W={nw}{',dropout' * drop}]",
+                                 _layer_norm_fwd_kernel, sig, {"BLOCK": block, "ROWS": rows, "DROPOUT": drop},
+                                 num_warps=nw, num_stages=_NUM_STAGES))
+        for (block, rows, nw), drop in itertools.product(bwd_cfgs, (False, True)):
             sig = {"DY": X, "X": X, "RES": X, "W": P, "XB": P, "MEAN": "*fp32", "RSTD": "*fp32", "DX": X,
+                   "DRES": X, "RNG": "*i64" if drop else "*fp32",
                    "DW_PART": "*fp32", "DB_PART": "*fp32", "DXB_PART": "*fp32",
                    "stride_dy": "i64", "stride_x": "i64", "stride_res": "i64", "M": "i32", "N": "i32",
-                   "tiles_per_prog": "i32", "HAS_W": "i32", "HAS_XB": "i32", "HAS_RES": "i32",
+                   "tiles_per_prog": "i32", "dropout_p": "fp32", "HAS_W": "i32", "HAS_XB": "i32", "HAS_RES": "i32",
                    "NEED_DW": "i32", "NEED_DB": "i32", "NEED_DXB": "i32",
-                   "BLOCK": "constexpr", "ROWS": "constexpr"}
-            specs.append(AOTSpec(f"layer_norm_bwd[{tag},BLOCK={block},ROWS={rows},W={nw}]", _layer_norm_bwd_kernel,
-                                 sig, {"BLOCK": block, "ROWS": rows}, num_warps=nw,
-                                 num_stages=_NUM_STAGES))
+                   "BLOCK": "constexpr", "ROWS": "constexpr", "DROPOUT": "constexpr"}
+            specs.append(AOTSpec(f"layer_norm_bwd[{tag},BLOCK={block},ROWS={rows},W={nw}{',dropout' * drop}]",
+                                 _layer_norm_bwd_kernel, sig, {"BLOCK": block, "ROWS": rows, "DROPOUT": drop},
+                                 num_warps=nw, num_stages=_NUM_STAGES))
     for pd in (torch.float16, torch.bfloat16, torch.float32):
         P = ptr(pd)
         sig = {"PART": "*fp32", "OUT0": P, "OUT1": P, "OUT2": P, "P": "i32", "N": "i32",

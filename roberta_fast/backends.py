@@ -331,14 +331,16 @@ class LayerNormBackend(Protocol):
     def unsupported(self, x, weight, bias, eps, residual, x_bias) -> str | None:
         """Why this backend cannot take the call, or None."""
 
-    def forward(self, x, weight, bias, eps, residual, x_bias):
-        """x (M, N) -> (y (M, N) x.dtype, mean (M,) fp32, rstd (M,) fp32)."""
+    def forward(self, x, weight, bias, eps, residual, x_bias, dropout_p, rng):
+        """x (M, N) -> (y (M, N) x.dtype, mean (M,) fp32, rstd (M,) fp32) of LN(dropout(x + x_bias) + residual);
+        rng (2,) int64 (seed, offset) on x's device, None exactly when dropout_p == 0."""
 
-    def forward_inference(self, x, weight, bias, eps, residual, x_bias):
+    def forward_inference(self, x, weight, bias, eps, residual, x_bias, dropout_p, rng):
         """x (M, N) -> y (M, N) x.dtype, the statistics not kept (inference: the op layer's direct call)."""
 
-    def backward(self, dy, x, weight, bias, mean, rstd, residual, x_bias):
-        """-> (dx (M, N), dweight, dbias, dx_bias) (None where the parameter is None)."""
+    def backward(self, dy, x, weight, bias, mean, rstd, residual, x_bias, dropout_p, rng):
+        """-> (dx (M, N), dweight, dbias, dx_bias, dresidual) (None where the parameter is None; dresidual =
+        dL/dh (M, N) only with dropout and a residual, else None: the residual's gradient is then dx)."""
 
 
 @runtime_checkable

@@ -39,13 +39,40 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dropout_keep(rng, shape, p, device):
+    """(shape) bool, True where an element is kept (probability 1 - p): the torch backend's dropout mask, a
+    deterministic function of rng = (seed, offset) (int64 (2,), read on the device, never on the host) and of
+    the element's flat position. A splitmix64-style hash in int64 torch ops (wrapping multiplies; logical
+    shifts as arithmetic shifts masked), its top 53 bits as a uniform in [0, 1)."""
+    n = 1
+    for s in shape:
+        n *= s
+    z = torch.arange(n, dtype=torch.int64, device=device) * -7046029254386353131 + rng[1] * -4658895280553007687
+    z = z ^ rng[0]
+
+    def srl(t, k):  # logical right shift of int64
+        return (t >> k) & ((1 << (64 - k)) - 1)
+
+    for _ in range(2):
+        z = (z ^ srl(z, 30)) * -4658895280553007687
+        z = (z ^ srl(z, 27)) * -7723592293110705685
+        z = z ^ srl(z, 31)
+    u = srl(z, 11).to(torch.float64) * (2.0 ** -53)
+    return (u >= p).view(shape)
+
+
 @_exact
-def layer_norm(x, weight, bias, eps=1e-5, residual=None, x_bias=None):
-    """LayerNorm(x + x_bias + residual) over the last dim. x: (..., N); weight, bias, x_bias: (N,)."""
+def layer_norm(x, weight, bias, eps=1e-5, residual=None, x_bias=None, dropout_p=0.0, rng=None):
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim. x: (..., N); weight, bias, x_bias: (N,);
+    dropout_p in [0, 1) with rng int64 (2,) (seed, offset) when > 0: the mask is `dropout_keep`'s, kept
+    elements scaled by 1 / (1 - dropout_p)."""
     acc = _acc(x.dtype)
     h = x.to(acc)
     if x_bias is not None:
         h = h + x_bias.to(acc)
+    if dropout_p > 0:
+        keep = dropout_keep(rng, h.shape, dropout_p, h.device)
+        h = h * (keep.to(acc) * (1.0 / (1.0 - dropout_p)))
     if residual is not None:  # in place on our own temporary (one allocation fewer), never on x
         h = h.add_(residual) if h is not x else h + residual.to(acc)
     w = weight.to(acc) if weight is not None else None

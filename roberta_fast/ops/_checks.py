@@ -61,3 +61,22 @@ def direct_call_ok(x) -> bool:
     nothing would see the op: no TorchDispatchMode is active (FakeTensorMode, op counters, ...) and x is a
     plain tensor, not a subclass. Under torch.compile the ops always use the custom op."""
     return type(x) is torch.Tensor and _dispatch_depth() == 0
+
+
+def check_dropout(op: str, dropout_p, rng, x):
+    """dropout_p a float in [0, 1); rng None or an int64 (2,) tensor (seed, offset) on x's device."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{op}: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not (0.0 <= dropout_p < 1.0):  # NaN fails too
+        raise ValueError(f"{op}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if rng is None:
+        return
+    if not isinstance(rng, torch.Tensor):
+        raise TypeError(f"{op}: rng must be None or an int64 torch.Tensor of shape (2,) (seed, offset), "
+                        f"got {type(rng).__name__}")
+    if rng.dtype != torch.int64:
+        raise TypeError(f"{op}: rng must have dtype int64 (seed, offset), got {dtype_name(rng.dtype)}")
+    if tuple(rng.shape) != (2,):
+        raise ValueError(f"{op}: rng must have shape (2,) (seed, offset), got {tuple(rng.shape)}")
+    if rng.device != x.device:
+        raise ValueError(f"{op}: rng must be on x's device ({x.device}), got {rng.device}")

@@ -1,8 +1,10 @@
-"""layer_norm: fused LayerNorm(x + x_bias + residual) over the last dim (torch | triton | cuda).
+"""layer_norm: fused LayerNorm(dropout(x + x_bias) + residual) over the last dim (torch | triton | cuda).
 
 The kernel backends are reached through two torch.library custom ops, roberta_fast::layer_norm_fwd
 and roberta_fast::layer_norm_bwd (fake impls for torch.compile, autograd registered on the forward);
-the backend name travels through the forward so the backward runs on the same backend.
+the backend name travels through the forward so the backward runs on the same backend. Dropout
+(dropout_p > 0) is keyed by an rng tensor (seed, offset) that the forward saves and the backward hands to the
+backend again, which regenerates the same mask (nothing of the mask is stored).
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ from torch import Tensor
 from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
 from ..tuned import round_log2
-from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
+from ._checks import (
+    check_dropout,
+    check_param_dtype,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    direct_call_ok,
+    train_mode,
+)
 
 _OP = "layer_norm"
 
 
-def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dtype=None, backend=None):
-    """LayerNorm(x + x_bias + residual) over the last dim, with optional affine weight and bias.
+def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dtype=None, dropout_p=0.0, rng=None,
+               backend=None):
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, with optional affine weight and bias.
 
     x         (..., N) float16 / bfloat16 / float32, any strides, any number of leading dims
     weight    (N,) x's dtype or float32, or None (no scale)
@@ -33,6 +44,14 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dty
     out_dtype None (x's dtype) or float32: float32 with a float16 / bfloat16 x is autocast's float32
               residual stream (transformers' LayerNorm runs in float32 under autocast): x (the GEMM output
               in the autocast dtype) is upcast inside the op and the residual must be float32
+    dropout_p float in [0, 1): dropout on x + x_bias (before the residual add): an element is kept with
+              probability 1 - dropout_p and scaled by 1 / (1 - dropout_p). Applied whenever > 0 (the op knows
+              no train / eval mode: pass 0 in eval); 0 runs the no-dropout kernel (bit for bit)
+    rng       None, or an int64 tensor of shape (2,) on x's device: (seed, offset), the key of the backend's
+              counter-based generator; the mask is a deterministic function of it and of the element's
+              position (the same rng gives the same mask; masks differ between backends). None with
+              dropout_p > 0 draws one from torch's default generator of x's device (torch.manual_seed
+              reproduces it). Ignored when dropout_p == 0
     backend   None (automatic), "torch", "triton" or "cuda"
     returns   (..., N) out_dtype (x's dtype by default). Statistics and arithmetic in float32;
               differentiable in x, residual, weight, bias and x_bias (gradients in each tensor's own dtype).
@@ -40,18 +59,18 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dty
     if not torch.compiler.is_compiling():
         try:  # checks and the backend choice are cached per signature of the call
             sig = (x.shape, x.dtype, x.device, _psig(weight), _psig(bias), _psig(x_bias), _psig(residual),
-                   eps, out_dtype)
+                   eps, out_dtype, type(dropout_p), dropout_p, _psig(rng))
             ok = sig in _CHECKED
         except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
             ok = False
         if not ok:
-            _check_args(x, weight, bias, eps, residual, x_bias, out_dtype)
+            _check_args(x, weight, bias, eps, residual, x_bias, out_dtype, dropout_p, rng)
             if len(_CHECKED) >= 4096:
                 _CHECKED.clear()
             _CHECKED.add(sig)
-        return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
-    _check_args(x, weight, bias, eps, residual, x_bias, out_dtype)
-    return _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
+        return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, dropout_p, rng)
+    _check_args(x, weight, bias, eps, residual, x_bias, out_dtype, dropout_p, rng)
+    return _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend, dropout_p, rng)
 
 
 _CHECKED: set = set()  # call signatures that passed _check_args
@@ -61,16 +80,23 @@ def _psig(t):
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def layer_norm_trusted(x, weight, bias, eps, residual=None, x_bias=None, out_dtype=None, backend=None):
+def layer_norm_trusted(x, weight, bias, eps, residual=None, x_bias=None, out_dtype=None, backend=None, dropout_p=0.0,
+                       rng=None):
     """layer_norm without the argument checks, for callers that guarantee them (the model, once per forward):
     the same arguments and result as `layer_norm`, which must accept them (shapes, dtypes, one device, eps a
-    float >= 0). Bad arguments here give undefined errors instead of the named ones."""
+    float >= 0, dropout_p in [0, 1), rng None or int64 (2,)). Bad arguments here give undefined errors instead
+    of the named ones."""
     if torch.compiler.is_compiling():
-        return _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend)
-    return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, True)
+        return _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend, dropout_p, rng)
+    return _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, dropout_p, rng, True)
 
 
-def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, trusted=False):
+def _draw_rng(device) -> Tensor:
+    """A fresh (seed, offset) from torch's default generator of `device` (one small launch on a GPU)."""
+    return torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=device)
+
+
+def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, dropout_p=0.0, rng=None, trusted=False):
     """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
     is called directly (from the trusted entry point its forward_inference, which keeps no statistics),
     with autograd the custom op is."""
@@ -93,9 +119,14 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, trusted=Fal
            None if bias is None else bias.dtype, None if x_bias is None else x_bias.dtype, residual is None)
     b, mod = backends.choose(_OP, backend, x.device, sig, mode, unsupported=unsupported,
                              tune_key=(M, N, x.dtype))
+    p = float(dropout_p)
+    if p == 0.0:
+        rng = None  # the contract: rng is None exactly when there is no dropout
+    elif rng is None:
+        rng = _draw_rng(x.device)
     if mod is None or M == 0:
         # the torch backend, or empty input: plain autograd on empty tensors, nothing is launched
-        return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
+        return reference.layer_norm(x, weight, bias, eps, residual, x_bias, p, rng)
     # (M, N) rows: x itself when it already is (the model's case), else a view where the layout allows it
     x2 = x if len(shape) == 2 and x.is_contiguous() else unit_last_stride(x.reshape(-1, N))
     r2 = residual
@@ -105,14 +136,14 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, trusted=Fal
     bb = bias if bias is None or bias.is_contiguous() else bias.contiguous()
     xb = x_bias if x_bias is None or x_bias.is_contiguous() else x_bias.contiguous()
     if not train and direct_call_ok(x):  # inference: the backend directly, no custom-op dispatch
-        y = mod.forward_inference(x2, w, bb, float(eps), r2, xb) if trusted else mod.forward(
-            x2, w, bb, float(eps), r2, xb)[0]
+        y = mod.forward_inference(x2, w, bb, float(eps), r2, xb, p, rng) if trusted else mod.forward(
+            x2, w, bb, float(eps), r2, xb, p, rng)[0]
     else:
-        y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)[0]
+        y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, p, rng, b)[0]
     return y if x2 is x else y.view(shape)
 
 
-def _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
+def _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend, dropout_p=0.0, rng=None):
     """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
     N = x.shape[-1]
     if out_dtype is not None and out_dtype != x.dtype:
@@ -124,16 +155,21 @@ def _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend):
 
     b = backends.resolve(_OP, backend, x.device, unsupported=unsupported, tune_key=(M, N, dtype_name(x.dtype)),
                          mode=train_mode(x, weight, bias, residual, x_bias))
+    p = float(dropout_p)
+    if p == 0.0:
+        rng = None
+    elif rng is None:
+        rng = _draw_rng(x.device)
     if b == "torch" or x.numel() == 0:
-        return reference.layer_norm(x, weight, bias, eps, residual, x_bias)
+        return reference.layer_norm(x, weight, bias, eps, residual, x_bias, p, rng)
     x2 = unit_last_stride(x.reshape(-1, N))  # (M, N), a view when the layout allows it
     r2 = unit_last_stride(residual.reshape(-1, N)) if residual is not None else None
-    w, bb, xb = (p.contiguous() if p is not None else None for p in (weight, bias, x_bias))
-    y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b)
+    w, bb, xb = (t.contiguous() if t is not None else None for t in (weight, bias, x_bias))
+    y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, p, rng, b)
     return y.view(x.shape)
 
 
-def _check_args(x, weight, bias, eps, residual, x_bias, out_dtype):
+def _check_args(x, weight, bias, eps, residual, x_bias, out_dtype, dropout_p=0.0, rng=None):
     """TypeError / ValueError naming the argument, per layer_norm's docstring."""
     check_tensor(_OP, "x", x, ndim_min=1)
     if out_dtype not in (None, x.dtype, torch.float32):
@@ -161,6 +197,7 @@ def _check_args(x, weight, bias, eps, residual, x_bias, out_dtype):
         raise TypeError(f"{_OP}: eps must be a float, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
+    check_dropout(_OP, dropout_p, rng, x)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -168,13 +205,13 @@ def _check_args(x, weight, bias, eps, residual, x_bias, out_dtype):
 
 @torch.library.custom_op("roberta_fast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                    residual: Tensor | None, x_bias: Tensor | None, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    return backends.implementation(backend, _OP).forward(x, weight, bias, eps, residual, x_bias)
+                    residual: Tensor | None, x_bias: Tensor | None, dropout_p: float, rng: Tensor | None,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.implementation(backend, _OP).forward(x, weight, bias, eps, residual, x_bias, dropout_p, rng)
 
 
 @_layer_norm_fwd.register_fake
-def _(x, weight, bias, eps, residual, x_bias, backend):
+def _(x, weight, bias, eps, residual, x_bias, dropout_p, rng, backend):
     M = x.shape[0]
     return (x.new_empty(x.shape), x.new_empty((M,), dtype=torch.float32),
             x.new_empty((M,), dtype=torch.float32))
@@ -182,38 +219,43 @@ def _(x, weight, bias, eps, residual, x_bias, backend):
 
 @torch.library.custom_op("roberta_fast::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-                    rstd: Tensor, residual: Tensor | None, x_bias: Tensor | None, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dx_bias); a missing parameter's gradient is an empty (0,) placeholder."""
-    dx, dw, db, dxb = backends.implementation(backend, _OP).backward(dy, x, weight, bias, mean, rstd, residual,
-                                                                     x_bias)
-    none = lambda g: g if g is not None else x.new_zeros((0,))
-    return dx, none(dw), none(db), none(dxb)
+                    rstd: Tensor, residual: Tensor | None, x_bias: Tensor | None, dropout_p: float,
+                    rng: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dx_bias, dresidual); a missing gradient is an empty (0,) placeholder (dresidual is
+    one unless there is dropout and a residual)."""
+    grads = backends.implementation(backend, _OP).backward(dy, x, weight, bias, mean, rstd, residual, x_bias,
+                                                           dropout_p, rng)
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @_layer_norm_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, residual, x_bias, backend):
+def _(dy, x, weight, bias, mean, rstd, residual, x_bias, dropout_p, rng, backend):
     grad = lambda p: p.new_empty(p.shape) if p is not None else x.new_empty((0,))
-    return x.new_empty(x.shape), grad(weight), grad(bias), grad(x_bias)
+    dres = x.new_empty(x.shape) if rng is not None and residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), grad(weight), grad(bias), grad(x_bias), dres
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _eps, residual, x_bias, backend = inputs
+    x, weight, bias, _eps, residual, x_bias, dropout_p, rng, backend = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd, residual, x_bias)
-    ctx.backend = backend
+    ctx.save_for_backward(x, weight, bias, mean, rstd, residual, x_bias, rng)
+    ctx.backend, ctx.dropout_p = backend, dropout_p
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero tensors are made for mean and rstd (never differentiated)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, mean, rstd, residual, x_bias = ctx.saved_tensors
+    x, weight, bias, mean, rstd, residual, x_bias, rng = ctx.saved_tensors
+    if dy is None:  # y reaches no loss (only the statistics were used): nothing flows back
+        return (None,) * 9
     dy = unit_last_stride(dy)  # e.g. an expanded gradient of y.sum()
-    dx, dw, db, dxb = torch.ops.roberta_fast.layer_norm_bwd(dy, x, weight, bias, mean, rstd, residual,
-                                                             x_bias, ctx.backend)
+    dx, dw, db, dxb, dres = torch.ops.roberta_fast.layer_norm_bwd(dy, x, weight, bias, mean, rstd, residual,
+                                                                   x_bias, ctx.dropout_p, rng, ctx.backend)
     keep = lambda g, p: g if p is not None else None
-    # the residual's gradient is dx itself (autograd copies before it would accumulate in place,
-    # as for torch.add, whose backward also hands one tensor to both inputs)
-    return (dx, keep(dw, weight), keep(db, bias), None, keep(dx, residual), keep(dxb, x_bias), None)
+    # without dropout the residual's gradient is dx itself (autograd copies before it would accumulate in
+    # place, as for torch.add, whose backward also hands one tensor to both inputs); with dropout it is dL/dh
+    dr = None if residual is None else (dres if rng is not None else dx)
+    return (dx, keep(dw, weight), keep(db, bias), None, dr, keep(dxb, x_bias), None, None, None)
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.random import philox, uint_to_uniform_float
 
 from .._utils import stats_scratch
 from ._aot import AOTSpec, ptr
@@ -104,9 +105,35 @@ def _mma(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-               seq_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """Online softmax over the key blocks of one sequence; the last block may be partial."""
+def _rng_key(RNG, bh):
+    """(seed, c2, c3) of head bh (= sequence * n_heads + head) from the (seed, offset) int64 pair at RNG: the
+    seed keys Philox, c2 = bh ^ low word of offset and c3 = its high word are two of its four counters."""
+    seed = tl.load(RNG)
+    offset = tl.load(RNG + 1)
+    c2 = bh.to(tl.uint32) ^ (offset & 0xFFFFFFFF).to(tl.uint32)
+    c3 = (offset >> 32).to(tl.uint32)
+    return seed, c2, c3
+
+
+@triton.jit
+def _dropout_kept(seed, c2, c3, qrow, kcol, dropout_p):
+    """True where the probability of query row `qrow` and key `kcol` (token indices inside the sequence,
+    broadcast to one 2-D tile in either orientation) is kept: Philox-4x32-10 of the counter (kcol, qrow, c2,
+    c3) under `seed`, its first word as a uniform in [0, 1), kept when >= dropout_p. A function of (seed,
+    offset, head, row, key) only, never of the block sizes, so every kernel regenerates the same mask."""
+    c0 = (kcol + qrow * 0).to(tl.uint32)
+    c1 = (qrow + kcol * 0).to(tl.uint32)
+    z = tl.zeros(c0.shape, tl.uint32)
+    r, _, _, _ = philox(seed, c0, c1, z + c2, z + c3)
+    return uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, rows, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+               seq_len, qk_scale, seed, c2, c3, dropout_p,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr):
+    """Online softmax over the key blocks of one sequence; the last block may be partial. DROPOUT: l_i sums
+    the undropped p, acc the kept ones (the 1 / (1 - p) is applied once, at the end)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(0, seq_len, BLOCK_N):
@@ -120,6 +147,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dropout_kept(seed, c2, c3, rows[:, None], cols[None, :], dropout_p), p, 0.0)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
@@ -134,8 +163,11 @@ def _attn_fwd(
     LSE,  # (B, H, S) | (H, T) float32, natural log (written)
     MASK,  # (B, S) bool key padding mask, True = real key | one True (stride 0)
     CU,  # (n_seq + 1,) int32 cumulative sequence lengths | one 0 (padded)
+    RNG,  # (2,) int64 (seed, offset) of the dropout mask (read with DROPOUT only)
     n_seq, n_heads, seqlen, total_tokens, n_blocks, is_varlen,
     qk_scale,  # scale * log2(e)
+    dropout_p,  # probability of dropping one P element (DROPOUT only)
+    drop_scale,  # 1 / (1 - dropout_p) (DROPOUT only)
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -143,6 +175,7 @@ def _attn_fwd(
     stride_lb, stride_lh,
     stride_mb, stride_ms,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
@@ -180,23 +213,32 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs,
-                               stride_ms, seq_len, qk_scale, HEAD_DIM, BLOCK_N, UPCAST)
+    seed, c2, c3 = 0, 0, 0
+    if DROPOUT:
+        seed, c2, c3 = _rng_key(RNG, pid_bh)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, rows, k_base, v_base, mask_base, stride_ks, stride_vs,
+                               stride_ms, seq_len, qk_scale, seed, c2, c3, dropout_p,
+                               HEAD_DIM, BLOCK_N, UPCAST, DROPOUT)
 
     # a row with no real key has acc = 0 and l = 0: o = 0, lse = -inf
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o = acc * (1.0 / l_safe)[:, None]
+    if DROPOUT:
+        o = acc * (drop_scale / l_safe)[:, None]
+    else:
+        o = acc * (1.0 / l_safe)[:, None]
     tl.store(o_base + rows[:, None] * stride_os + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(lse_base + rows, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                  seq_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """dq of one query block over the key blocks of its sequence."""
+def _bwd_dq_inner(dq, q, do, rows, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                  seq_len, qk_scale, seed, c2, c3, dropout_p, drop_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr):
+    """dq of one query block over the key blocks of its sequence. DROPOUT: dP = dropout(dO v^T), the
+    forward's mask regenerated."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(0, seq_len, BLOCK_N):
@@ -207,6 +249,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, 
         qk = _mma(q, tl.trans(k), UPCAST)  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(tl.where(keep[None, :], qk * qk_scale - lse2[:, None], float("-inf")))
         dp = _mma(do, tl.trans(v), UPCAST)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            dp = tl.where(_dropout_kept(seed, c2, c3, rows[:, None], cols[None, :], dropout_p), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = dq + _mma(ds.to(k.dtype), k, UPCAST)
     return dq
@@ -224,9 +268,12 @@ def _attn_bwd_dq(
     DELTA,  # like LSE, float32 (written: rowsum(dO * O))
     MASK,  # (B, S) bool | one True (stride 0)
     CU,  # (n_seq + 1,) int32 | one 0 (padded)
+    RNG,  # (2,) int64 (seed, offset) of the forward's dropout mask (read with DROPOUT only)
     n_seq, n_heads, seqlen, total_tokens, n_blocks, is_varlen,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
+    dropout_p,  # as in the forward (DROPOUT only)
+    drop_scale,  # 1 / (1 - dropout_p) (DROPOUT only)
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -235,6 +282,7 @@ def _attn_bwd_dq(
     stride_lb, stride_lh,  # LSE and DELTA
     stride_mb, stride_ms,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
@@ -273,17 +321,22 @@ def _attn_bwd_dq(
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                       seq_len, qk_scale, HEAD_DIM, BLOCK_N, UPCAST)
+    seed, c2, c3 = 0, 0, 0
+    if DROPOUT:
+        seed, c2, c3 = _rng_key(RNG, pid_bh)
+    dq = _bwd_dq_inner(dq, q, do, rows, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                       seq_len, qk_scale, seed, c2, c3, dropout_p, drop_scale, HEAD_DIM, BLOCK_N, UPCAST, DROPOUT)
     dq = dq * sm_scale
     tl.store(DQ + o_off + rows[:, None] * stride_os + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                    seq_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
-    """dk, dv of one key block over the query blocks of its sequence."""
+def _bwd_dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                    seq_len, qk_scale, seed, c2, c3, dropout_p, drop_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, DROPOUT: tl.constexpr):
+    """dk, dv of one key block over the query blocks of its sequence. DROPOUT: dv = dropout(P)^T dO and
+    dP = dropout(v dO^T), the forward's mask regenerated in the transposed (key, query) orientation."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(0, seq_len, BLOCK_M):
@@ -297,8 +350,14 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         qk_t = _mma(k, tl.trans(q), UPCAST)  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(qk_t * qk_scale - lse2[None, :])
-        dv += _mma(p_t.to(do.dtype), do, UPCAST)
-        dp_t = _mma(v, tl.trans(do), UPCAST)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            kept = _dropout_kept(seed, c2, c3, rows[None, :], cols[:, None], dropout_p)
+            dv += _mma(tl.where(kept, p_t * drop_scale, 0.0).to(do.dtype), do, UPCAST)
+            dp_t = _mma(v, tl.trans(do), UPCAST)  # (BLOCK_N, BLOCK_M)
+            dp_t = tl.where(kept, dp_t * drop_scale, 0.0)
+        else:
+            dv += _mma(p_t.to(do.dtype), do, UPCAST)
+            dp_t = _mma(v, tl.trans(do), UPCAST)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _mma(ds_t.to(q.dtype), q, UPCAST)
     return dk, dv
@@ -316,9 +375,12 @@ def _attn_bwd_dkdv(
     DELTA,  # like LSE, float32 from _attn_bwd_dq
     MASK,  # (B, S) bool | one True (stride 0)
     CU,  # (n_seq + 1,) int32 | one 0 (padded)
+    RNG,  # (2,) int64 (seed, offset) of the forward's dropout mask (read with DROPOUT only)
     n_seq, n_heads, seqlen, total_tokens, n_blocks, is_varlen,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
+    dropout_p,  # as in the forward (DROPOUT only)
+    drop_scale,  # 1 / (1 - dropout_p) (DROPOUT only)
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -327,6 +389,7 @@ def _attn_bwd_dkdv(
     stride_lb, stride_lh,  # LSE and DELTA
     stride_mb, stride_ms,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = pid % n_blocks
@@ -365,8 +428,12 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     lse_base = LSE + l_off
     delta_base = DELTA + l_off
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                             seq_len, qk_scale, HEAD_DIM, BLOCK_M, UPCAST)
+    seed, c2, c3 = 0, 0, 0
+    if DROPOUT:
+        seed, c2, c3 = _rng_key(RNG, pid_bh)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, cols, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
+                             seq_len, qk_scale, seed, c2, c3, dropout_p, drop_scale,
+                             HEAD_DIM, BLOCK_M, UPCAST, DROPOUT)
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
     out = cols[:, None] * stride_os + offs_d[None, :]
@@ -553,7 +620,7 @@ def unsupported(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     return None
 
 
-def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):
     """Flash forward.
 
     padded (cu_seqlens None): q, k, v (B, S, H, D) with stride(3) == 1; key_padding_mask None or bool
@@ -561,17 +628,29 @@ def forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     varlen: q, k, v (T, H, D) with stride(2) == 1; cu_seqlens int32 (n_seq + 1,) from 0, non-decreasing;
         max_seqlen int >= every length. Returns o (T, H, D) (rows past cu_seqlens[-1] zero), lse (H, T).
     lse is the natural-log log-sum-exp of the scaled scores per query row (-inf: no real key).
+    dropout_p: float in [0, 1); rng: None exactly when dropout_p == 0, else int64 (2,) (seed, offset) on q's
+    device. With dropout, O = dropout(P) V (kept elements scaled by 1 / (1 - dropout_p)) and lse is that of the
+    undropped scores; the mask is Philox of (seed, offset, sequence * heads + head, query row, key) (token
+    indices inside the sequence), read on the device and regenerated by `backward`. dropout_p == 0 launches
+    the kernel compiled without dropout.
     """
-    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, False)
+    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, False)
 
 
-def forward_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def forward_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):
     """o of `forward` when nothing will read lse (no autograd): lse goes to a shared scratch buffer
     (roberta_fast._utils.stats_scratch), each row's slot written by its own program only."""
-    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, True)[0]
+    return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, True)[0]
 
 
-def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scratch_lse):
+def _dropout_args(dev, dropout_p, rng):
+    """(DROPOUT, rng pointer, dropout_p, 1 / (1 - dropout_p)) for a launch; a dummy pointer without dropout."""
+    if dropout_p > 0.0:
+        return True, rng, float(dropout_p), 1.0 / (1.0 - float(dropout_p))
+    return False, _dummy(dev, torch.int64, 0), 0.0, 1.0
+
+
+def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, scratch_lse):
     dev = q.device
     if cu_seqlens is not None:
         T, H, D = q.shape
@@ -600,18 +679,21 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, scratch_l
     if n_bh * n_blocks == 0:
         return o, lse
     ints = (*sizes, n_blocks, int(cu_seqlens is not None), *strides, *mask_strides)
+    dropout, rng, p, drop_scale = _dropout_args(dev, dropout_p, rng)
     # what fixes Triton's specialization (kernels/_launch.py); o and lse are fresh, aligned allocations
     key = (q.dtype, k.dtype, v.dtype, D, cfg, q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,
-           mask.data_ptr() & 15, cu.data_ptr() & 15, ints_key(ints))
-    _FWD(key, (n_bh * n_blocks,), (q, k, v, o, lse, mask, cu, *ints[:6], float(scale) * LOG2E, *ints[6:]),
-         dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
+           mask.data_ptr() & 15, cu.data_ptr() & 15, rng.data_ptr() & 15, dropout, ints_key(ints))
+    _FWD(key, (n_bh * n_blocks,),
+         (q, k, v, o, lse, mask, cu, rng, *ints[:6], float(scale) * LOG2E, p, drop_scale, *ints[6:]),
+         dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype), DROPOUT=dropout,
               num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
+def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):
     """Flash backward: (dq, dk, dv), contiguous, in q's shape and dtype. do has q's shape and a unit
-    last stride; o (contiguous) and lse come from forward; the rest as in forward."""
+    last stride; o (contiguous) and lse come from forward; the rest (dropout_p and rng: the forward's, whose
+    mask is regenerated) as in forward."""
     a = _launch_args(q, key_padding_mask, cu_seqlens, max_seqlen)
     scale = a["head_dim"] ** -0.5 if scale is None else scale
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -624,23 +706,24 @@ def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scal
     delta = torch.empty(a["lse_shape"], dtype=torch.float32, device=q.device)
     st, seqlen = a["strides"], a["sizes"][2]
     common = (*a["sizes"],)
+    dropout, rng, p, drop_scale = _dropout_args(q.device, dropout_p, rng)
     tail = (*st(q), *st(k), *st(v), *st(dq), *st(do), *a["lse_strides"], *a["mask_strides"])
 
     cfg = _config("bwd_dq", q, key_padding_mask, cu_seqlens, seqlen)
     n_blocks = max(cdiv(seqlen, cfg.block_m), 1)
     _attn_bwd_dq[(a["n_bh"] * n_blocks,)](
-        q, k, v, o, do, dq, lse, delta, a["mask"], a["cu"],
-        *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,
+        q, k, v, o, do, dq, lse, delta, a["mask"], a["cu"], rng,
+        *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), p, drop_scale, *tail,
         HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DROPOUT=dropout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = _config("bwd_dkdv", q, key_padding_mask, cu_seqlens, seqlen)
     n_blocks = max(cdiv(seqlen, cfg.block_n), 1)
     _attn_bwd_dkdv[(a["n_bh"] * n_blocks,)](
-        q, k, v, do, dk, dv, lse, delta, a["mask"], a["cu"],
-        *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), *tail,
+        q, k, v, do, dk, dv, lse, delta, a["mask"], a["cu"], rng,
+        *common, n_blocks, a["is_varlen"], float(scale) * LOG2E, float(scale), p, drop_scale, *tail,
         HEAD_DIM=a["head_dim"], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DROPOUT=dropout, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 
@@ -659,19 +742,20 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict:
     """The generic Triton signature of one kernel (every int as i32, no alignment assumed)."""
     sig = {name: ptr(dtype) for name in _TENSORS[kernel]}
     sig.update({"LSE": "*fp32"} if kernel == "fwd" else {"LSE": "*fp32", "DELTA": "*fp32"})
-    sig.update({"MASK": "*i1", "CU": "*i32"})
+    sig.update({"MASK": "*i1", "CU": "*i32", "RNG": "*i64"})
     for name in ("n_seq", "n_heads", "seqlen", "total_tokens", "n_blocks", "is_varlen"):
         sig[name] = "i32"
     sig["qk_scale"] = "fp32"
     if kernel != "fwd":
         sig["sm_scale"] = "fp32"
+    sig.update({"dropout_p": "fp32", "drop_scale": "fp32"})
     groups = ("q", "k", "v", "o") if kernel == "fwd" else ("q", "k", "v", "o", "do")
     for g in groups:
         for s in ("b", "s", "h"):
             sig[f"stride_{g}{s}"] = "i32"
     for name in ("stride_lb", "stride_lh", "stride_mb", "stride_ms"):
         sig[name] = "i32"
-    for name in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "UPCAST"):
+    for name in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "UPCAST", "DROPOUT"):
         sig[name] = "constexpr"
     return sig
 
@@ -679,29 +763,30 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict:
 def _aligned_args(kernel: str) -> tuple:
     """Arguments that are multiples of 16 for aligned q/k/v/o (contiguous or fused-QKV views)."""
     sig = _signature(kernel, torch.float16)
-    return tuple(n for n, t in sig.items() if t.startswith("*") and n not in ("MASK", "CU")) + tuple(
+    return tuple(n for n, t in sig.items() if t.startswith("*") and n not in ("MASK", "CU", "RNG")) + tuple(
         n for n in sig if n.startswith("stride_") and n[-1] in "bsh" and n[7] in "qkvod")
 
 
 def aot_specs() -> list[AOTSpec]:
-    """Every (kernel, dtype, head_dim, config) the host functions launch on a GPU: the defaults and every
-    tuning candidate. Padded, padded with a key padding mask and varlen are runtime arguments of the same
-    specialization."""
+    """Every (kernel, dtype, head_dim, config, dropout) the host functions launch on a GPU: the defaults and
+    every tuning candidate, each with and without dropout. Padded, padded with a key padding mask and varlen
+    are runtime arguments of the same specialization."""
     specs, seen = [], set()
     every = [(kernel, head_dim, cfg) for (kernel, head_dim, _bucket), cfg in CONFIGS.items()]
     every += [(kernel, head_dim, cfg) for (kernel, head_dim), cfgs in CANDIDATES.items() for cfg in cfgs]
-    for kernel, head_dim, cfg in every:
+    # dropout (training): the same configs; every one of them can be launched with dropout_p > 0
+    for kernel, head_dim, cfg, dropout in [(*e, d) for d in (False, True) for e in every]:
         for dt in KERNEL_DTYPES:
-            if (kernel, head_dim, cfg, dt) in seen:
+            if (kernel, head_dim, cfg, dt, dropout) in seen:
                 continue
-            seen.add((kernel, head_dim, cfg, dt))
+            seen.add((kernel, head_dim, cfg, dt, dropout))
             specs.append(AOTSpec(
                 name=(f"attention_{kernel}[{str(dt).replace('torch.', '')},D={head_dim},"
-                      f"M{cfg.block_m}N{cfg.block_n}]"),
+                      f"M{cfg.block_m}N{cfg.block_n}{',dropout' if dropout else ''}]"),
                 fn=_KERNELS[kernel],
                 signature=_signature(kernel, dt),
                 constexprs={"HEAD_DIM": head_dim, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                            "UPCAST": False},
+                            "UPCAST": False, "DROPOUT": dropout},
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_mma=True,
                 aligned=_aligned_args(kernel),
             ))

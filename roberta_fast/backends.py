@@ -170,15 +170,17 @@ def implementation(backend: str, op: str):
 
 def _import_implementation(backend: str, op: str):
     if backend == "triton":
-        from .kernels import attention, bias_gelu, layer_norm, masked_softmax
+        from .kernels import attention, bias_gelu, layer_norm, linear_cross_entropy, masked_softmax
 
         _connect_kernels()
     elif backend == "cuda":
         from .cuda_ops import attention, bias_gelu, layer_norm, masked_softmax
+
+        linear_cross_entropy = NoCudaLinearCrossEntropy  # no CUDA C++ kernel: it says why
     else:
         raise ValueError(f"no kernel module for backend {backend!r}")
     mods = {"layer_norm": layer_norm, "bias_gelu": bias_gelu, "masked_softmax": masked_softmax,
-            "attention": attention, "attention_varlen": attention}
+            "attention": attention, "attention_varlen": attention, "linear_cross_entropy": linear_cross_entropy}
     if op not in mods:
         raise ValueError(f"unknown op {op!r}: expected one of {tuple(mods)}")
     return mods[op]
@@ -372,15 +374,49 @@ class AttentionBackend(Protocol):
     def unsupported(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale) -> str | None:
         """Why this backend cannot take the call (forward or backward), or None."""
 
-    def forward(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
-        """padded (B, S, H, D) or varlen (T, H, D) -> (o like q, lse (B, H, S) or (H, T) fp32)."""
+    def forward(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):
+        """padded (B, S, H, D) or varlen (T, H, D) -> (o like q, lse (B, H, S) or (H, T) fp32). dropout_p in
+        [0, 1) on the probabilities; rng None exactly when dropout_p == 0, else int64 (2,) (seed, offset)."""
 
-    def forward_inference(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    def forward_inference(self, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):
         """-> o like q, lse not kept (inference: the op layer's direct call)."""
 
-    def backward(self, do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale):
-        """-> (dq, dk, dv) like q."""
+    def backward(self, do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):
+        """-> (dq, dk, dv) like q; the forward's dropout mask regenerated from the same rng."""
+
+
+@runtime_checkable
+class LinearCrossEntropyBackend(Protocol):
+    def unsupported(self, hidden, weight, bias, labels, ignore_index, label_smoothing) -> str | None:
+        """Why this backend cannot take the call, or None."""
+
+    def forward(self, hidden, weight, bias, labels, ignore_index, label_smoothing):
+        """hidden (M, H), weight (V, H), bias (V,) or None, labels (M,) int64 -> (loss (M,) fp32, 0 at ignored
+        rows; lse (M,) fp32), never making an (M, V) tensor."""
+
+    def backward(self, dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing):
+        """dloss (M,) fp32 -> (dhidden (M, H) hidden.dtype, dweight (V, H) weight.dtype, dbias (V,) or None),
+        the logits recomputed chunk by chunk."""
+
+
+class NoCudaLinearCrossEntropy:
+    """The "cuda" backend of linear_cross_entropy: there is no CUDA C++ kernel for it (optional; Triton's
+    covers GPUs), so `unsupported` says so and the automatic choice moves on to "triton"."""
+
+    @staticmethod
+    def unsupported(hidden, weight, bias, labels, ignore_index, label_smoothing):
+        return ("backend 'cuda' has no linear_cross_entropy kernel (CUDA C++ is optional for this op); "
+                "use backend='triton' or 'torch'")
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, ignore_index, label_smoothing):
+        raise NotImplementedError(NoCudaLinearCrossEntropy.unsupported(None, None, None, None, None, None))
+
+    @staticmethod
+    def backward(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing):
+        raise NotImplementedError(NoCudaLinearCrossEntropy.unsupported(None, None, None, None, None, None))
 
 
 CONTRACTS = {"layer_norm": LayerNormBackend, "bias_gelu": BiasGeluBackend,
-             "masked_softmax": MaskedSoftmaxBackend, "attention": AttentionBackend}
+             "masked_softmax": MaskedSoftmaxBackend, "attention": AttentionBackend,
+             "linear_cross_entropy": LinearCrossEntropyBackend}

@@ -117,39 +117,43 @@ def masked_softmax(scores, mask=None, scale=1.0):
 
 
 @_exact
-def attention(q, k, v, key_padding_mask=None, scale=None):
+def attention(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0, rng=None):
     """Non-causal softmax(q k^T * scale) v per head.
 
     q, k, v: (batch, seqlen, heads, head_dim); key_padding_mask: bool (batch, seqlen), True = real
     key; the K and V rows of padded keys are ignored whatever they hold (NaN, inf). Query rows of a sequence
     with no real key give zeros (and zero gradients). Returns (batch, seqlen, heads, head_dim) in q's dtype.
-    CPU tensors in float32 / float16 / bfloat16: scaled_dot_product_attention in float32; otherwise (float64,
-    other devices) the explicit math, attention_math.
+    dropout_p > 0: O = dropout(P) V with the mask of `attention_dropout_keep` under rng (int64 (2,) (seed,
+    offset), required then), kept probabilities scaled by 1 / (1 - dropout_p).
+    CPU tensors in float32 / float16 / bfloat16 without dropout: scaled_dot_product_attention in float32;
+    otherwise (float64, other devices, dropout) the explicit math, attention_math.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _use_sdpa(q):
+    if dropout_p == 0 and _use_sdpa(q):
         return _attention_sdpa(q, k, v, key_padding_mask, scale)
-    return attention_math(q, k, v, key_padding_mask, scale)
+    return attention_math(q, k, v, key_padding_mask, scale, dropout_p, rng)
 
 
 @_exact
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, scale=None, dropout_p=0.0, rng=None):
     """Padding-free attention: q, k, v (total_tokens, heads, head_dim), cu_seqlens int32 (batch + 1,)
     cumulative lengths from 0 (read on the host); each sequence attends to itself only. Rows past
-    cu_seqlens[-1] are zeros. CPU tensors in float32 / float16 / bfloat16: scaled_dot_product_attention in
+    cu_seqlens[-1] are zeros. dropout_p, rng as in `attention` (sequence i's mask is that of batch row i of a
+    padded batch). CPU tensors in float32 / float16 / bfloat16 without dropout: scaled_dot_product_attention in
     float32, one call per run of consecutive sequences of equal length; otherwise attention_varlen_math."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _use_sdpa(q):
+    if dropout_p == 0 and _use_sdpa(q):
         return _attention_varlen_sdpa(q, k, v, cu_seqlens, scale)
-    return attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, scale)
+    return attention_varlen_math(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng)
 
 
 # ------------------------------------------------------------------------- attention: the explicit math
 
 
 @_exact
-def attention_math(q, k, v, key_padding_mask=None, scale=None):
-    """attention written out (q k^T, masked_softmax, p v) in float32, float64 for float64 inputs: the oracle."""
+def attention_math(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0, rng=None, first_seq=0):
+    """attention written out (q k^T, masked_softmax, dropout, p v) in float32, float64 for float64 inputs: the
+    oracle. first_seq: the sequence index of batch row 0 in the dropout mask (attention_varlen_math's)."""
     acc = _acc(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qf, kf, vf = (t.to(acc).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
@@ -160,20 +164,68 @@ def attention_math(q, k, v, key_padding_mask=None, scale=None):
         kf, vf = (t.masked_fill(~mask.transpose(-1, -2), 0.0) for t in (kf, vf))
     s = torch.matmul(qf, kf.transpose(-1, -2))  # (B, H, Sq, Sk)
     p = masked_softmax(s, mask, scale)
+    if dropout_p > 0:
+        B, H, Sq, Sk = p.shape
+        keep = attention_dropout_keep(rng, dropout_p, first_seq, B, H, Sq, Sk)
+        p = torch.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     o = torch.matmul(p, vf)  # (B, H, Sq, D)
     return o.transpose(1, 2).to(q.dtype)
 
 
 @_exact
-def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
+def attention_varlen_math(q, k, v, cu_seqlens, max_seqlen=None, scale=None, dropout_p=0.0, rng=None):
     """attention_varlen as one attention_math call per sequence: the oracle."""
     out = torch.zeros_like(q)
     bounds = cu_seqlens.tolist()
     for i in range(len(bounds) - 1):
         s, e = bounds[i], bounds[i + 1]
         if e > s:
-            out[s:e] = attention_math(q[None, s:e], k[None, s:e], v[None, s:e], scale=scale)[0]
+            out[s:e] = attention_math(q[None, s:e], k[None, s:e], v[None, s:e], scale=scale, dropout_p=dropout_p,
+                                      rng=rng, first_seq=i)[0]
     return out
+
+
+# ------------------------------------------------------------------- attention: the torch dropout mask
+
+_I64 = 2**64
+
+
+def _signed(c: int) -> int:
+    return c - _I64 if c >= 2**63 else c
+
+
+_MIX1, _MIX2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)  # splitmix64's finalizer
+
+
+def _shr(x, s: int):
+    """Logical right shift of int64 tensors (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(x):
+    """splitmix64's finalizer in int64 torch ops (multiplication wraps): a bijection of 64-bit words."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def attention_dropout_keep(rng, dropout_p, first_seq, batch, heads, rows, cols):
+    """The torch backend's attention dropout mask: bool (batch, heads, rows, cols), True = kept, with
+    probability 1 - dropout_p each. A hash of (seed, offset) = rng (int64 (2,), read on its device, never on
+    the host), head index (first_seq + b) * heads + h, query row and key (indices inside the sequence): the
+    same element gets the same decision in the forward and the backward, and in a padded batch and the varlen
+    batch of the same sequences."""
+    if rng is None:
+        raise ValueError("attention: dropout_p > 0 needs rng (int64 (2,) seed, offset)")
+    dev = rng.device
+    ar = functools.partial(torch.arange, dtype=torch.int64, device=dev)
+    h = _mix(rng[0] ^ _mix(rng[1]))
+    bh = ((first_seq + ar(batch))[:, None] * heads + ar(heads)[None, :])[:, :, None, None]
+    h = _mix(h ^ bh)  # (B, H, 1, 1)
+    h = _mix(h ^ ar(rows)[:, None])  # (B, H, rows, 1)
+    h = _mix(h ^ ar(cols))  # (B, H, rows, cols)
+    # the top 53 bits as an integer in [0, 2**53) against the threshold dropout_p * 2**53
+    return _shr(h, 11) >= int(round(dropout_p * 2**53))
 
 
 # ---------------------------------------------------------------- attention on CPU: fused SDPA kernel

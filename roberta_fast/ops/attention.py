@@ -5,6 +5,12 @@ roberta_fast::attention_varlen_fwd / _bwd) with fake implementations and autogra
 and CUDA graphs see opaque ops. q, k, v reach the kernels as they are (any strides with a unit last
 stride), so views into one fused QKV projection cost no copy. The backward runs on the forward's
 backend. Which head dims and dtypes a kernel backend takes is its module's `unsupported`.
+
+Dropout (dropout_p > 0) is applied to the normalized probabilities inside the kernels (FlashAttention's
+semantics: lse of the undropped scores, O = dropout(P) V, kept elements scaled by 1 / (1 - dropout_p)). The
+mask is a deterministic function of the rng tensor (seed, offset), read on the device, and of the element's
+position; the backward regenerates it from the saved rng (no mask is stored). Each backend has its own
+position indexing: masks agree between a backend's forward and backward, not across backends.
 """
 
 import torch
@@ -27,15 +33,15 @@ def _kernel(backend):
 
 @torch.library.custom_op(
     "roberta_fast::attention_fwd", mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, str backend) "
-           "-> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float scale, str backend, "
+           "float dropout_p=0., Tensor? rng=None) -> (Tensor, Tensor)",
 )
-def _fwd(q, k, v, key_padding_mask, scale, backend):
-    return _kernel(backend).forward(q, k, v, key_padding_mask, None, None, scale)
+def _fwd(q, k, v, key_padding_mask, scale, backend, dropout_p=0.0, rng=None):
+    return _kernel(backend).forward(q, k, v, key_padding_mask, None, None, scale, dropout_p, rng)
 
 
 @_fwd.register_fake
-def _fwd_fake(q, k, v, key_padding_mask, scale, backend):
+def _fwd_fake(q, k, v, key_padding_mask, scale, backend, dropout_p=0.0, rng=None):
     B, S, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32)
 
@@ -43,31 +49,31 @@ def _fwd_fake(q, k, v, key_padding_mask, scale, backend):
 @torch.library.custom_op(
     "roberta_fast::attention_bwd", mutates_args=(),
     schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? key_padding_mask, "
-           "float scale, str backend) -> (Tensor, Tensor, Tensor)",
+           "float scale, str backend, float dropout_p=0., Tensor? rng=None) -> (Tensor, Tensor, Tensor)",
 )
-def _bwd(do, q, k, v, o, lse, key_padding_mask, scale, backend):
+def _bwd(do, q, k, v, o, lse, key_padding_mask, scale, backend, dropout_p=0.0, rng=None):
     if backend == "torch":
-        return _reference_grads(do, q, k, v, lambda a, b, c: reference.attention(a, b, c, key_padding_mask,
-                                                                                   scale))
-    return _kernel(backend).backward(do, q, k, v, o, lse, key_padding_mask, None, None, scale)
+        return _reference_grads(do, q, k, v, lambda a, b, c: reference.attention(
+            a, b, c, key_padding_mask, scale, dropout_p, rng))
+    return _kernel(backend).backward(do, q, k, v, o, lse, key_padding_mask, None, None, scale, dropout_p, rng)
 
 
 @_bwd.register_fake
-def _bwd_fake(do, q, k, v, o, lse, key_padding_mask, scale, backend):
+def _bwd_fake(do, q, k, v, o, lse, key_padding_mask, scale, backend, dropout_p=0.0, rng=None):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 @torch.library.custom_op(
     "roberta_fast::attention_varlen_fwd", mutates_args=(),
-    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, str backend) "
-           "-> (Tensor, Tensor)",
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale, str backend, "
+           "float dropout_p=0., Tensor? rng=None) -> (Tensor, Tensor)",
 )
-def _vfwd(q, k, v, cu_seqlens, max_seqlen, scale, backend):
-    return _kernel(backend).forward(q, k, v, None, cu_seqlens, max_seqlen, scale)
+def _vfwd(q, k, v, cu_seqlens, max_seqlen, scale, backend, dropout_p=0.0, rng=None):
+    return _kernel(backend).forward(q, k, v, None, cu_seqlens, max_seqlen, scale, dropout_p, rng)
 
 
 @_vfwd.register_fake
-def _vfwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+def _vfwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, backend, dropout_p=0.0, rng=None):
     T, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
 
@@ -75,17 +81,18 @@ def _vfwd_fake(q, k, v, cu_seqlens, max_seqlen, scale, backend):
 @torch.library.custom_op(
     "roberta_fast::attention_varlen_bwd", mutates_args=(),
     schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor cu_seqlens, "
-           "SymInt max_seqlen, float scale, str backend) -> (Tensor, Tensor, Tensor)",
+           "SymInt max_seqlen, float scale, str backend, float dropout_p=0., Tensor? rng=None) "
+           "-> (Tensor, Tensor, Tensor)",
 )
-def _vbwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend):
+def _vbwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend, dropout_p=0.0, rng=None):
     if backend == "torch":
         return _reference_grads(do, q, k, v, lambda a, b, c: reference.attention_varlen(
-            a, b, c, cu_seqlens, max_seqlen, scale))
-    return _kernel(backend).backward(do, q, k, v, o, lse, None, cu_seqlens, max_seqlen, scale)
+            a, b, c, cu_seqlens, max_seqlen, scale, dropout_p, rng))
+    return _kernel(backend).backward(do, q, k, v, o, lse, None, cu_seqlens, max_seqlen, scale, dropout_p, rng)
 
 
 @_vbwd.register_fake
-def _vbwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend):
+def _vbwd_fake(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, backend, dropout_p=0.0, rng=None):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -99,32 +106,46 @@ def _reference_grads(do, q, k, v, fn):
     return tuple(g.contiguous() for g in grads)
 
 
+def _dropout_inputs(rest):
+    """(dropout_p, rng) from the custom op's inputs after `backend` (absent when the caller left the defaults)."""
+    return (rest[0], rest[1]) if len(rest) == 2 else (rest[0] if rest else 0.0, None)
+
+
 def _setup(ctx, inputs, output):
-    q, k, v, mask, scale, backend = inputs
+    q, k, v, mask, scale, backend, *rest = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zeros tensor is filled for it
+    ctx.dropout_p, rng = _dropout_inputs(rest)
+    ctx.save_for_backward(q, k, v, o, lse, mask, rng)
     ctx.scale, ctx.backend = scale, backend
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, mask = ctx.saved_tensors
-    dq, dk, dv = _bwd(unit_last_stride(do), q, k, v, o, lse, mask, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+    if do is None:  # o took no part in the loss
+        return None, None, None, None, None, None, None, None
+    q, k, v, o, lse, mask, rng = ctx.saved_tensors
+    dq, dk, dv = _bwd(unit_last_stride(do), q, k, v, o, lse, mask, ctx.scale, ctx.backend, ctx.dropout_p, rng)
+    return dq, dk, dv, None, None, None, None, None
 
 
 def _vsetup(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, backend, *rest = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zeros tensor is filled for it
+    ctx.dropout_p, rng = _dropout_inputs(rest)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, rng)
     ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
 
 
 def _vbackward(ctx, do, _dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _vbwd(unit_last_stride(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None
+    if do is None:  # o took no part in the loss
+        return None, None, None, None, None, None, None, None, None
+    q, k, v, o, lse, cu_seqlens, rng = ctx.saved_tensors
+    dq, dk, dv = _vbwd(unit_last_stride(do), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.backend,
+                       ctx.dropout_p, rng)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
@@ -154,6 +175,30 @@ def _check_scale(op, scale, head_dim):
     return float(scale)
 
 
+def _check_dropout(op, dropout_p, rng, q):
+    """dropout_p a Python float in [0, 1); rng None or an int64 (2,) tensor (seed, offset) on q's device."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{op}: dropout_p must be a Python float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:  # NaN fails here too
+        raise ValueError(f"{op}: dropout_p must be in [0, 1) (the probability of dropping an attention "
+                         f"probability), got {dropout_p}")
+    if rng is not None:
+        check_tensor(op, "rng", rng, dtypes=(torch.int64,))
+        if tuple(rng.shape) != (2,):
+            raise ValueError(f"{op}: rng must have shape (2,) (seed, offset), got {tuple(rng.shape)}")
+        check_same_device(op, q=q, rng=rng)
+
+
+def _rng_of_call(dropout_p, rng, device):
+    """The rng the backend gets: None exactly when dropout_p == 0; else the caller's, or one (seed, offset) drawn
+    from torch's default generator for `device` (so torch.manual_seed makes runs reproducible)."""
+    if dropout_p == 0.0:
+        return None
+    if rng is None:
+        return torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=device)
+    return rng if rng.is_contiguous() else rng.contiguous()
+
+
 def _unsupported(q, k, v, mask, cu_seqlens, max_seqlen, scale):
     def unsupported(b):
         return _kernel(b).unsupported(q, k, v, mask, cu_seqlens, max_seqlen, scale)
@@ -170,7 +215,7 @@ def _empty_result(q, k, v):
 # ------------------------------------------------------------------------------------------ public
 
 
-def attention(q, k, v, *, key_padding_mask=None, scale=None, backend=None):
+def attention(q, k, v, *, key_padding_mask=None, scale=None, dropout_p=0.0, rng=None, backend=None):
     """Non-causal attention softmax(scale * q k^T) v per head, padded batches.
 
     q, k, v           (batch, seqlen, heads, head_dim) float16 / bfloat16 / float32, one dtype; any
@@ -181,6 +226,12 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None, backend=None):
                       attend to the real keys). A sequence with no real key gives zeros (and zero
                       gradients), never NaN.
     scale             Python float, default head_dim ** -0.5
+    dropout_p         Python float in [0, 1): dropout on the attention probabilities (lse of the undropped
+                      scores, O = dropout(P) V, kept ones scaled by 1 / (1 - dropout_p)), applied whenever > 0
+                      (pass 0 in eval, like F.scaled_dot_product_attention); 0 runs the no-dropout kernels
+    rng               None, or int64 (2,) (seed, offset) on q's device: the key of the counter-based mask
+                      (deterministic for a given rng and backend; the backward regenerates it). None with
+                      dropout_p > 0: drawn from torch's default generator of the device
     backend           None (automatic), "torch", "triton" or "cuda"; the triton kernels take
                       head_dim 16 / 32 / 64 / 128 and float16 / bfloat16 (float32 under the
                       interpreter); the automatic choice falls back to torch otherwise
@@ -191,33 +242,34 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None, backend=None):
         try:  # the checks are cached per signature of the call
             sig = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
                    None if key_padding_mask is None else (key_padding_mask.shape, key_padding_mask.dtype,
-                                                          key_padding_mask.device), scale)
+                                                          key_padding_mask.device), scale,
+                   type(dropout_p), dropout_p, None if rng is None else (rng.shape, rng.dtype, rng.device))
             ok = sig in _CHECKED
         except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
             ok = False
         if not ok:
-            _check_padded(q, k, v, key_padding_mask, scale)
+            _check_padded(q, k, v, key_padding_mask, scale, dropout_p, rng)
             if len(_CHECKED) >= 4096:
                 _CHECKED.clear()
             _CHECKED.add(sig)
-        return _run(q, k, v, key_padding_mask, scale, backend)
-    _check_padded(q, k, v, key_padding_mask, scale)
-    return _run_traced(q, k, v, key_padding_mask, scale, backend)
+        return _run(q, k, v, key_padding_mask, scale, dropout_p, rng, backend)
+    _check_padded(q, k, v, key_padding_mask, scale, dropout_p, rng)
+    return _run_traced(q, k, v, key_padding_mask, scale, dropout_p, rng, backend)
 
 
 _CHECKED: set = set()  # call signatures (of attention and attention_varlen) that passed the checks
 
 
-def attention_trusted(q, k, v, key_padding_mask=None, scale=None, backend=None):
+def attention_trusted(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0, rng=None, backend=None):
     """attention without the argument checks, for callers that guarantee them (the model, once per forward):
     the same arguments and result as `attention`, which must accept them. Bad arguments here give undefined
     errors instead of the named ones."""
     if torch.compiler.is_compiling():
-        return _run_traced(q, k, v, key_padding_mask, scale, backend)
-    return _run(q, k, v, key_padding_mask, scale, backend, True)
+        return _run_traced(q, k, v, key_padding_mask, scale, dropout_p, rng, backend)
+    return _run(q, k, v, key_padding_mask, scale, dropout_p, rng, backend, True)
 
 
-def _check_padded(q, k, v, key_padding_mask, scale):
+def _check_padded(q, k, v, key_padding_mask, scale, dropout_p=0.0, rng=None):
     _check_qkv(_OP, q, k, v, 4, "(batch, seqlen, heads, head_dim)")
     B, S, H, D = q.shape
     if key_padding_mask is not None:
@@ -225,6 +277,7 @@ def _check_padded(q, k, v, key_padding_mask, scale):
         check_shape(_OP, "key_padding_mask", key_padding_mask, (B, S))
     check_same_device(_OP, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
     _check_scale(_OP, scale, D)
+    _check_dropout(_OP, dropout_p, rng, q)
 
 
 def _seq_class(n: int) -> int:
@@ -236,7 +289,7 @@ def _train(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
-def _run(q, k, v, key_padding_mask, scale, backend, trusted=False):
+def _run(q, k, v, key_padding_mask, scale, dropout_p, rng, backend, trusted=False):
     """The lean path (checked arguments, eager): cached backend choice; in inference the backend's forward
     is called directly (from the trusted entry points its forward_inference, which keeps no lse), with
     autograd the custom op is."""
@@ -254,17 +307,19 @@ def _run(q, k, v, key_padding_mask, scale, backend, trusted=False):
                              tune_key=(B, S, H, D, q.dtype, key_padding_mask is not None))
     if q.numel() == 0:
         return _empty_result(q, k, v)
+    dropout_p = float(dropout_p)
+    rng = _rng_of_call(dropout_p, rng, q.device)
     if mod is None:
-        return reference.attention(q, k, v, key_padding_mask, scale)
+        return reference.attention(q, k, v, key_padding_mask, scale, dropout_p, rng)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
         if trusted:
-            return mod.forward_inference(q, k, v, key_padding_mask, None, None, scale)
-        return mod.forward(q, k, v, key_padding_mask, None, None, scale)[0]
-    return _fwd(q, k, v, key_padding_mask, scale, b)[0]
+            return mod.forward_inference(q, k, v, key_padding_mask, None, None, scale, dropout_p, rng)
+        return mod.forward(q, k, v, key_padding_mask, None, None, scale, dropout_p, rng)[0]
+    return _fwd(q, k, v, key_padding_mask, scale, b, dropout_p, rng)[0]
 
 
-def _run_traced(q, k, v, key_padding_mask, scale, backend):
+def _run_traced(q, k, v, key_padding_mask, scale, dropout_p, rng, backend):
     """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
     B, S, H, D = q.shape
     scale = _check_scale(_OP, scale, D)
@@ -274,10 +329,12 @@ def _run_traced(q, k, v, key_padding_mask, scale, backend):
                          mode=train_mode(q, k, v))
     if q.numel() == 0:
         return _empty_result(q, k, v)
+    dropout_p = float(dropout_p)
+    rng = _rng_of_call(dropout_p, rng, q.device)
     if b == "torch":
-        return reference.attention(q, k, v, key_padding_mask, scale)
+        return reference.attention(q, k, v, key_padding_mask, scale, dropout_p, rng)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    o, _ = _fwd(q, k, v, key_padding_mask, scale, b)
+    o, _ = _fwd(q, k, v, key_padding_mask, scale, b, dropout_p, rng)
     return o
 
 
@@ -300,7 +357,7 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total):
                          f"({max(lens)} tokens)")
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=None):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, dropout_p=0.0, rng=None, backend=None):
     """Padding-free attention: each packed sequence attends to itself only (non-causal).
 
     q, k, v      (total_tokens, heads, head_dim) float16 / bfloat16 / float32, one dtype; any strides
@@ -311,39 +368,42 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, backend=Non
                  trusted (checking would synchronize)
     max_seqlen   Python int >= every sequence length (the kernels' grid covers this many rows)
     scale        Python float, default head_dim ** -0.5
+    dropout_p    Python float in [0, 1), dropout on the probabilities (as in `attention`)
+    rng          None or int64 (2,) (seed, offset) on q's device (as in `attention`)
     backend      None (automatic), "torch", "triton" or "cuda" (as in `attention`)
     returns      (total_tokens, heads, head_dim) q.dtype; rows past cu_seqlens[-1] are zeros
     """
     if not torch.compiler.is_compiling():
         try:  # the checks are cached per signature of the call (the CPU-only value checks of cu_seqlens are not)
             sig = (_OPV, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
-                   cu_seqlens.shape, cu_seqlens.dtype, cu_seqlens.device, type(max_seqlen), max_seqlen, scale)
+                   cu_seqlens.shape, cu_seqlens.dtype, cu_seqlens.device, type(max_seqlen), max_seqlen, scale,
+                   type(dropout_p), dropout_p, None if rng is None else (rng.shape, rng.dtype, rng.device))
             ok = sig in _CHECKED
         except (AttributeError, TypeError):  # not tensors, or unhashable: the checks below say what is wrong
             ok = False
         if not ok:
-            _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+            _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng)
             if len(_CHECKED) >= 4096:
                 _CHECKED.clear()
             _CHECKED.add(sig)
         _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
-        return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend)
-    _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+        return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend)
+    _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng)
     _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
-    return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend)
+    return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend)
 
 
-def attention_varlen_trusted(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
+def attention_varlen_trusted(q, k, v, cu_seqlens, max_seqlen, scale=None, dropout_p=0.0, rng=None, backend=None):
     """attention_varlen without the argument checks (the value checks of cu_seqlens on CPU tensors included),
     for callers that guarantee them (the model, once per forward): the same arguments and result as
     `attention_varlen`, which must accept them. Bad arguments here give undefined errors instead of the
     named ones."""
     if torch.compiler.is_compiling():
-        return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend)
-    return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend, True)
+        return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend)
+    return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend, True)
 
 
-def _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+def _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p=0.0, rng=None):
     _check_qkv(_OPV, q, k, v, 3, "(total_tokens, heads, head_dim)")
     check_tensor(_OPV, "cu_seqlens", cu_seqlens, dtypes=(torch.int32,))
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -355,9 +415,10 @@ def _check_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
         raise ValueError(f"{_OPV}: max_seqlen must be >= 0, got {max_seqlen}")
     check_same_device(_OPV, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     _check_scale(_OPV, scale, q.shape[-1])
+    _check_dropout(_OPV, dropout_p, rng, q)
 
 
-def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend, trusted=False):
+def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend, trusted=False):
     """The lean path of attention_varlen (see _run)."""
     T, H, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
@@ -371,18 +432,20 @@ def _vrun(q, k, v, cu_seqlens, max_seqlen, scale, backend, trusted=False):
                              tune_key=(T, max_seqlen, H, D, q.dtype))
     if q.numel() == 0:
         return _empty_result(q, k, v)
+    dropout_p = float(dropout_p)
+    rng = _rng_of_call(dropout_p, rng, q.device)
     if mod is None:
-        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
     if not train and direct_call_ok(q):  # inference: the backend directly, no custom-op dispatch
         if trusted:
-            return mod.forward_inference(q, k, v, None, cu_seqlens, int(max_seqlen), scale)
-        return mod.forward(q, k, v, None, cu_seqlens, int(max_seqlen), scale)[0]
-    return _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b)[0]
+            return mod.forward_inference(q, k, v, None, cu_seqlens, int(max_seqlen), scale, dropout_p, rng)
+        return mod.forward(q, k, v, None, cu_seqlens, int(max_seqlen), scale, dropout_p, rng)[0]
+    return _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b, dropout_p, rng)[0]
 
 
-def _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend):
+def _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend):
     """Under torch.compile: the uncached registry and always the custom op (one opaque node in the graph)."""
     T, H, D = q.shape
     scale = _check_scale(_OPV, scale, D)
@@ -391,9 +454,11 @@ def _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, backend):
                          tune_key=(T, max_seqlen, H, D, dtype_name(q.dtype)), mode=train_mode(q, k, v))
     if q.numel() == 0:
         return _empty_result(q, k, v)
+    dropout_p = float(dropout_p)
+    rng = _rng_of_call(dropout_p, rng, q.device)
     if b == "torch":
-        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng)
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
     cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
-    o, _ = _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b)
+    o, _ = _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b, dropout_p, rng)
     return o

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 import torch.nn as nn
@@ -51,6 +52,9 @@ from .checks import check_extra_kwargs, check_inputs, output_flags
 from .config import ACTIVATIONS, EncoderConfig, as_config
 from .outputs import EncoderOutput
 from .pretrained import PreTrainedEncoder
+
+# the attention ops take dropout_p / rng (the fused dropout); without it, dropout runs the unfused path
+_FUSED_ATTENTION_DROPOUT = "dropout_p" in inspect.signature(ops.attention).parameters
 
 
 class Embeddings(nn.Module):
@@ -102,25 +106,29 @@ class SelfAttention(nn.Module):
         self._qkv_cache = None
         self._qkv_static = None  # set by model/graphs.py while a graph forward runs: the fused copies it owns
 
-    def forward(self, x, layout: Layout, *, need_probs=False, backend=None):
-        """x (rows, hidden) -> context (rows, hidden), probabilities (B, heads, S, S) or None."""
+    def forward(self, x, layout: Layout, *, need_probs=False, backend=None, rng=None):
+        """x (rows, hidden) -> context (rows, hidden), probabilities (B, heads, S, S) or None. rng: the (2,) int64
+        key of the probabilities' dropout (train mode with dropout; else None)."""
         w, b = self.qkv_weight_bias()  # (3 * hidden, hidden), (3 * hidden,)
         qkv = F.linear(x, w, b)  # (rows, 3 * hidden)
         q, k, v = qkv.view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)  # (rows, heads, head_dim)
         dropout_p = self.dropout_p if self.training else 0.0
-        if need_probs or dropout_p > 0:
+        if need_probs or (dropout_p > 0 and not _FUSED_ATTENTION_DROPOUT):
             ctx, probs = self._unfused(q, k, v, layout, dropout_p, backend)
         else:
-            ctx, probs = self._fused(q, k, v, layout, backend), None
+            ctx, probs = self._fused(q, k, v, layout, backend, dropout_p, rng), None
         return ctx.reshape(x.shape[0], w.shape[1]), (probs if need_probs else None)  # (rows, hidden)
 
-    def _fused(self, q, k, v, layout: Layout, backend):
-        """ops.attention_varlen on packed rows, else ops.attention with the key padding mask; autocast off."""
+    def _fused(self, q, k, v, layout: Layout, backend, dropout_p=0.0, rng=None):
+        """ops.attention_varlen on packed rows, else ops.attention with the key padding mask; autocast off.
+        Dropout on the probabilities inside the kernels when dropout_p > 0."""
+        drop = {"dropout_p": dropout_p, "rng": rng} if dropout_p > 0 else {}
         with _no_autocast(q):
             if layout.is_packed:
-                return ops.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=backend)  # (T, ..)
+                return ops.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend=backend,
+                                            **drop)  # (T, heads, head_dim)
             q, k, v = (t.view(layout.batch, layout.seqlen, *t.shape[1:]) for t in (q, k, v))  # (B, S, heads, d)
-            return ops.attention(q, k, v, key_padding_mask=layout.mask, backend=backend)  # (B, S, heads, d)
+            return ops.attention(q, k, v, key_padding_mask=layout.mask, backend=backend, **drop)  # (B, S, heads, d)
 
     def _unfused(self, q, k, v, layout: Layout, dropout_p, backend):
         """The (B, heads, S, S) probabilities materialized through ops.masked_softmax."""
@@ -147,8 +155,10 @@ class SelfAttention(nn.Module):
         if self._qkv_static is not None:
             return self._qkv_static
         srcs = self.qkv_sources()
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in srcs)):
+        if torch.compiler.is_compiling():
             return torch.cat(srcs[:3]), torch.cat(srcs[3:])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):  # training: no copy per step
+            return _joined(srcs[:3]), _joined(srcs[3:])
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in srcs)
         key += (torch.is_inference_mode_enabled(),)
         cache = self._qkv_cache
@@ -177,15 +187,16 @@ class _DenseAddNorm(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout_p = cfg.hidden_dropout_prob
 
-    def forward(self, x, residual, *, backend=None):
+    def forward(self, x, residual, *, backend=None, rng=None):
         """x (rows, in_features), residual (rows, hidden) -> (rows, hidden) in the residual's dtype. Under
         autocast the GEMM output has the autocast dtype and the residual stream stays float32 (as in
-        transformers): layer_norm takes both (out_dtype=float32)."""
+        transformers): layer_norm takes both (out_dtype=float32). In train mode the dropout between the bias
+        and the residual is the op's (rng: its (2,) int64 key, one row of the forward's draw; None draws one)."""
         dense, ln, out = self.dense, self.LayerNorm, residual.dtype
-        if self.training and self.dropout_p > 0:  # dropout sits between the bias and the residual
-            y = F.dropout(F.linear(x, dense.weight, dense.bias), self.dropout_p, training=True)  # (rows, hidden)
-            return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, out_dtype=out, backend=backend)
         y = F.linear(x, dense.weight)  # (rows, hidden)
+        if self.training and self.dropout_p > 0:  # LN(dropout(y + bias) + residual), one fused op
+            return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=dense.bias, out_dtype=out,
+                                  backend=backend, dropout_p=self.dropout_p, rng=rng)
         return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=dense.bias, out_dtype=out,
                               backend=backend)
 
@@ -210,10 +221,12 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = SelfOutput(cfg)
 
-    def forward(self, x, layout: Layout, *, need_probs=False, backend=None):
-        """x (rows, hidden) -> (rows, hidden), probabilities (B, heads, S, S) or None."""
-        ctx, probs = self.self(x, layout, need_probs=need_probs, backend=backend)  # (rows, hidden)
-        return self.output(ctx, x, backend=backend), probs
+    def forward(self, x, layout: Layout, *, need_probs=False, backend=None, rng=None):
+        """x (rows, hidden) -> (rows, hidden), probabilities (B, heads, S, S) or None. rng: None, or the layer's
+        (3, 2) int64 dropout keys (rows 0 and 1 used here)."""
+        ctx, probs = self.self(x, layout, need_probs=need_probs, backend=backend,
+                               rng=None if rng is None else rng[0])  # (rows, hidden)
+        return self.output(ctx, x, backend=backend, rng=None if rng is None else rng[1]), probs
 
 
 class Intermediate(nn.Module):
@@ -242,11 +255,13 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
 
-    def forward(self, x, layout: Layout, need_probs=False, backend=None):
-        """x (rows, hidden) -> (rows, hidden), probabilities (B, heads, S, S) or None."""
-        h, probs = self.attention(x, layout, need_probs=need_probs, backend=backend)  # (rows, hidden)
+    def forward(self, x, layout: Layout, need_probs=False, backend=None, rng=None):
+        """x (rows, hidden) -> (rows, hidden), probabilities (B, heads, S, S) or None. rng: None, or (3, 2) int64
+        dropout keys (attention probabilities, attention output, FFN output): a recomputation under gradient
+        checkpointing gets the same rows, so it draws the same masks."""
+        h, probs = self.attention(x, layout, need_probs=need_probs, backend=backend, rng=rng)  # (rows, hidden)
         inter = self.intermediate(h, backend=backend)  # (rows, intermediate)
-        return self.output(inter, h, backend=backend), probs  # (rows, hidden)
+        return self.output(inter, h, backend=backend, rng=None if rng is None else rng[2]), probs  # (rows, hidden)
 
 
 class Encoder(nn.Module):
@@ -259,11 +274,13 @@ class Encoder(nn.Module):
         their probabilities [(B, heads, S, S)] or None."""
         hidden = [h] if output_hidden_states else None
         probs = [] if output_attentions else None
-        for layer in self.layer:
+        rng = _dropout_keys(self.layer, h.device)  # (layers * 3, 2) int64 or None: one draw per forward
+        for i, layer in enumerate(self.layer):
+            r = None if rng is None else rng[3 * i: 3 * i + 3]  # (3, 2)
             if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():  # recompute in backward
-                h, p = layer._gradient_checkpointing_func(layer.__call__, h, layout, output_attentions, backend)
+                h, p = layer._gradient_checkpointing_func(layer.__call__, h, layout, output_attentions, backend, r)
             else:
-                h, p = layer(h, layout, output_attentions, backend)  # (rows, hidden)
+                h, p = layer(h, layout, output_attentions, backend, r)  # (rows, hidden)
             if hidden is not None:
                 hidden.append(h)
             if probs is not None:
@@ -280,6 +297,70 @@ class Pooler(nn.Module):
         """hidden (B, S, hidden) -> tanh(dense(first token)) (B, hidden); S = 0 reads a zero state."""
         first = hidden[:, 0] if hidden.shape[1] else hidden.new_zeros(hidden.shape[0], hidden.shape[2])
         return torch.tanh(F.linear(first, self.dense.weight, self.dense.bias))
+
+
+def _dropout_keys(layers, device):
+    """(len(layers) * 3, 2) int64 (seed, offset) keys of the fused dropouts (per layer: attention probabilities,
+    attention output, FFN output), drawn from torch's default generator of `device` in ONE launch, when a layer
+    is in train mode with dropout; else None."""
+    if not any(m.training and (m.output.dropout_p > 0 or m.attention.self.dropout_p > 0) for m in layers):
+        return None
+    return torch.randint(-2**63, 2**63 - 1, (len(layers) * 3, 2), dtype=torch.int64, device=device)
+
+
+def _owns_storage(t) -> bool:
+    """t is the whole of its storage (contiguous, offset 0): a parameter that may be moved into a joined one."""
+    return t.storage_offset() == 0 and t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * \
+        t.element_size()
+
+
+def _adjacent(ts) -> bool:
+    """ts are consecutive contiguous blocks of one storage, in order (what _joined made)."""
+    t0 = ts[0]
+    if not t0.is_contiguous():
+        return False
+    end = t0.storage_offset() + t0.numel()
+    ptr = t0.untyped_storage().data_ptr()
+    for t in ts[1:]:
+        if (t.untyped_storage().data_ptr() != ptr or t.storage_offset() != end or not t.is_contiguous()
+                or t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:]):
+            return False
+        end += t.numel()
+    return True
+
+
+class _Join(torch.autograd.Function):
+    """The concatenation of parameters that already lie back to back in one storage, as a view (no copy);
+    the backward hands each its slice of the gradient (views too)."""
+
+    @staticmethod
+    def forward(ctx, *ts):
+        ctx.sizes = [t.shape[0] for t in ts]
+        t0 = ts[0]
+        shape = (sum(ctx.sizes), *t0.shape[1:])
+        return t0.detach().as_strided(shape, t0.stride(), t0.storage_offset())
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.split(ctx.sizes)
+
+
+def _joined(ts):
+    """torch.cat(ts) for the training forward without a copy per step: the parameters are moved once into one
+    storage (each keeps its identity, name and values: its .data becomes a slice of the joined buffer; an
+    optimizer holding it is unaffected), after which every call returns a view of that buffer. Parameters that
+    are not standalone (a slice of someone else's flat buffer, e.g. FSDP's) or that differ in dtype or device
+    are concatenated as before."""
+    if not _adjacent(ts):
+        t0 = ts[0]
+        if not all(_owns_storage(t) and t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == t0.shape[1:]
+                   for t in ts):
+            return torch.cat(ts)
+        with torch.no_grad():
+            buf = torch.cat([t.detach() for t in ts])
+            for t, part in zip(ts, buf.split([t.shape[0] for t in ts])):
+                t.data = part
+    return _Join.apply(*ts)
 
 
 def _no_autocast(x):

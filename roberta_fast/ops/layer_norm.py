@@ -139,7 +139,7 @@ def _run(x, weight, bias, eps, residual, x_bias, out_dtype, backend, dropout_p=0
         y = mod.forward_inference(x2, w, bb, float(eps), r2, xb, p, rng) if trusted else mod.forward(
             x2, w, bb, float(eps), r2, xb, p, rng)[0]
     else:
-        y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, p, rng, b)[0]
+        y = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b, p, rng)[0]
     return y if x2 is x else y.view(shape)
 
 
@@ -165,7 +165,7 @@ def _run_traced(x, weight, bias, eps, residual, x_bias, out_dtype, backend, drop
     x2 = unit_last_stride(x.reshape(-1, N))  # (M, N), a view when the layout allows it
     r2 = unit_last_stride(residual.reshape(-1, N)) if residual is not None else None
     w, bb, xb = (t.contiguous() if t is not None else None for t in (weight, bias, x_bias))
-    y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, p, rng, b)
+    y, _, _ = torch.ops.roberta_fast.layer_norm_fwd(x2, w, bb, float(eps), r2, xb, b, p, rng)
     return y.view(x.shape)
 
 
@@ -205,13 +205,13 @@ def _check_args(x, weight, bias, eps, residual, x_bias, out_dtype, dropout_p=0.0
 
 @torch.library.custom_op("roberta_fast::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-                    residual: Tensor | None, x_bias: Tensor | None, dropout_p: float, rng: Tensor | None,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                    residual: Tensor | None, x_bias: Tensor | None, backend: str, dropout_p: float = 0.0,
+                    rng: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     return backends.implementation(backend, _OP).forward(x, weight, bias, eps, residual, x_bias, dropout_p, rng)
 
 
 @_layer_norm_fwd.register_fake
-def _(x, weight, bias, eps, residual, x_bias, dropout_p, rng, backend):
+def _(x, weight, bias, eps, residual, x_bias, backend, dropout_p=0.0, rng=None):
     M = x.shape[0]
     return (x.new_empty(x.shape), x.new_empty((M,), dtype=torch.float32),
             x.new_empty((M,), dtype=torch.float32))
@@ -219,8 +219,9 @@ def _(x, weight, bias, eps, residual, x_bias, dropout_p, rng, backend):
 
 @torch.library.custom_op("roberta_fast::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-                    rstd: Tensor, residual: Tensor | None, x_bias: Tensor | None, dropout_p: float,
-                    rng: Tensor | None, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    rstd: Tensor, residual: Tensor | None, x_bias: Tensor | None, backend: str,
+                    dropout_p: float = 0.0, rng: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dx_bias, dresidual); a missing gradient is an empty (0,) placeholder (dresidual is
     one unless there is dropout and a residual)."""
     grads = backends.implementation(backend, _OP).backward(dy, x, weight, bias, mean, rstd, residual, x_bias,
@@ -229,14 +230,14 @@ def _layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor |
 
 
 @_layer_norm_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, residual, x_bias, dropout_p, rng, backend):
+def _(dy, x, weight, bias, mean, rstd, residual, x_bias, backend, dropout_p=0.0, rng=None):
     grad = lambda p: p.new_empty(p.shape) if p is not None else x.new_empty((0,))
     dres = x.new_empty(x.shape) if rng is not None and residual is not None else x.new_empty((0,))
     return x.new_empty(x.shape), grad(weight), grad(bias), grad(x_bias), dres
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _eps, residual, x_bias, dropout_p, rng, backend = inputs
+    x, weight, bias, _eps, residual, x_bias, backend, dropout_p, rng = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd, residual, x_bias, rng)
     ctx.backend, ctx.dropout_p = backend, dropout_p
@@ -250,7 +251,7 @@ def _backward(ctx, dy, _dmean, _drstd):
         return (None,) * 9
     dy = unit_last_stride(dy)  # e.g. an expanded gradient of y.sum()
     dx, dw, db, dxb, dres = torch.ops.roberta_fast.layer_norm_bwd(dy, x, weight, bias, mean, rstd, residual,
-                                                                   x_bias, ctx.dropout_p, rng, ctx.backend)
+                                                                   x_bias, ctx.backend, ctx.dropout_p, rng)
     keep = lambda g, p: g if p is not None else None
     # without dropout the residual's gradient is dx itself (autograd copies before it would accumulate in
     # place, as for torch.add, whose backward also hands one tensor to both inputs); with dropout it is dL/dh

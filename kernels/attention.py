@@ -23,6 +23,12 @@ how a program finds its sequence:
              cu_seqlens[b] .. cu_seqlens[b + 1]; the grid covers max_seqlen rows per sequence and
              programs past a sequence's end exit at once. One extra "sequence" b == n_seq owns the
              rows past cu_seqlens[-1] and writes zeros there.
+Dropout (DROPOUT constexpr; off, the kernels are the no-dropout ones): FlashAttention's semantics, l and lse
+from the undropped p, o = dropout(P) V with the kept p scaled by 1 / (1 - dropout_p) once at the end. The mask
+is Philox-4x32-10 keyed by the seed of the device-held rng tensor (seed, offset), counter (key, query row,
+(sequence * heads + head) ^ low word of offset, high word of offset) with token indices inside the sequence:
+no mask is stored, both backward kernels regenerate it whatever their block sizes (dv = dropout(P)^T dO;
+dP = dropout(dO V^T); delta = rowsum(dO * O) as without dropout).
 A query row with no real key gives o = 0, lse = -inf and zero gradients. Every block checks its
 rows against the sequence length (predicated loads; -inf bias on the scores past the end).
 

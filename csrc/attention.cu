@@ -1,5 +1,5 @@
 // Launcher of the tensor-core attention forward (attention.cuh): padded and varlen layouts,
-// fp16 / bf16, head_dim 32 / 64 / 128.
+// fp16 / bf16, head_dim 32 / 64 / 128, with or without dropout on the probabilities.
 #include <string>
 
 #include "attention.cuh"
@@ -31,7 +31,9 @@ void check_aligned(const char* name, const void* ptr, int64_t s0, int64_t s1, in
 
 }  // namespace
 
-void attention_fwd(const AttnFwdParams& p, void* stream_ptr) {
+void attention_fwd(const AttnFwdParams& params, void* stream_ptr) {
+  AttnFwdParams p = params;
+  dropout_setup("attention_fwd", p.dropout_p, p.rng, p.drop_threshold, p.drop_scale);
   if (p.batch < 0 || p.batch > 65535 || p.heads < 0 || p.heads > 65535)
     throw std::invalid_argument("attention_fwd: batch and heads must be in [0, 65535]");
   check_aligned("q", p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
@@ -45,7 +47,11 @@ void attention_fwd(const AttnFwdParams& p, void* stream_ptr) {
       using Tr = AttnTraits<D>;
       if (p.seqlen > 0 && p.batch > 0 && p.heads > 0) {
         const dim3 grid(ceil_div(p.seqlen, Tr::kBlockM), p.heads, p.batch);
-        RF_LAUNCH(grid, Tr::kThreads, 0, stream, attention_fwd_kernel<scalar_t, D>)(p);
+        if (p.dropout_p > 0.f) {
+          RF_LAUNCH(grid, Tr::kThreads, 0, stream, attention_fwd_kernel<scalar_t, D, true>)(p);
+        } else {  // exactly the kernel without dropout
+          RF_LAUNCH(grid, Tr::kThreads, 0, stream, attention_fwd_kernel<scalar_t, D, false>)(p);
+        }
         check_launch("attention_fwd_kernel");
       }
       if (p.cu_seqlens != nullptr && p.total_rows > 0) {

@@ -13,9 +13,21 @@
 //
 // Shared tiles are row-major with rows padded by 8 elements (16 bytes): the 8 row addresses of
 // one ldmatrix phase then fall in 8 distinct 16-byte bank groups for D = 32, 64 and 128.
+//
+// Dropout (DROPOUT instances, dropout_p > 0): on the normalized probabilities, FlashAttention's
+// semantics: the softmax statistics (running max, row sum, lse) come from the undropped scores, the
+// dropped P (kept entries unscaled) goes into P V, and 1 / (1 - p) joins the final 1 / l. The mask
+// comes from Philox4x32-10 (philox.cuh) in 2 x 2 element groups {q, q + 8} x {k, k + 8} (q, k within
+// the sequence, q % 16 < 8 and k % 16 < 8 for the group's first element): one call per group,
+// counter pos = ((b * heads + h) * seqlen + q) * seqlen + k of that first element (seqlen: S padded,
+// max_seqlen varlen), word 2 * (q half) + (k half) for each element. Such a group lies in one thread's
+// fragments both here (rows g, g + 8; columns 2c + e, 2c + e + 8) and in the backward's transposed
+// tiles (key rows g, g + 8; query columns 2c + e, 2c + e + 8), so the backward regenerates the mask
+// with the same number of calls and never stores it.
 #pragma once
 
 #include "common.cuh"
+#include "philox.cuh"      // Philox4x32-10 and the dropout keying
 #include "primitives.cuh"  // cp.async, ldmatrix, mma.sync (PTX; host versions in the emulated build)
 
 namespace rf {
@@ -60,8 +72,33 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t row_stride, 
   }
 }
 
+// Keep decisions of this thread's 16-row x N-column accumulator tiles t[N / 8][4] (rows q0 + g and
+// q0 + g + 8 of the sequence, columns k0 + 8 nt + 2c + e % 2; q0 and k0 multiples of 16), the group
+// layout above; ROWS_ARE_KEYS: the backward's transposed tiles (rows are keys, columns queries).
+// `seq_base` = (b * heads + h) * seqlen.
+template <int N, bool ROWS_ARE_KEYS>
+__device__ __forceinline__ void attn_dropout_keep(const DropoutRng& r, uint64_t seq_base, int64_t seqlen, int row0,
+                                                  int col0, bool (&keep)[N / 8][4]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int rr = row0 + g, cc = col0 + 16 * kk + 2 * c + e;  // the group's first element
+      const uint64_t q = ROWS_ARE_KEYS ? cc : rr, k = ROWS_ARE_KEYS ? rr : cc;
+      const Philox4 b = dropout_bits(r, (seq_base + q) * static_cast<uint64_t>(seqlen) + k);
+      // word 2 * qh + kh; tile element [2kk + column half][2 * row half + e]
+      const uint32_t w00 = b.x, w01 = b.y, w10 = b.z, w11 = b.w;  // w<qh><kh>
+      keep[2 * kk][e] = w00 >= r.threshold;
+      keep[2 * kk + 1][2 + e] = w11 >= r.threshold;
+      keep[2 * kk + 1][e] = (ROWS_ARE_KEYS ? w10 : w01) >= r.threshold;  // column half 1, row half 0
+      keep[2 * kk][2 + e] = (ROWS_ARE_KEYS ? w01 : w10) >= r.threshold;  // column half 0, row half 1
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------- the kernel
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads, 2)  // 2 CTAs / SM: up to 255 registers
 attention_fwd_kernel(const AttnFwdParams p) {
   using Tr = AttnTraits<D>;
@@ -88,6 +125,12 @@ attention_fwd_kernel(const AttnFwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const float scale_log2 = p.scale * 1.4426950408889634f;  // exp(x) = exp2(x * log2(e))
+  [[maybe_unused]] DropoutRng drop{};
+  [[maybe_unused]] uint64_t seq_base = 0;
+  if constexpr (DROPOUT) {
+    drop = load_dropout_rng(p.rng, p.drop_threshold);
+    seq_base = (static_cast<uint64_t>(b) * p.heads + h) * static_cast<uint64_t>(p.seqlen);
+  }
 
   load_tile<T, BM, D>(sQ, q + static_cast<int64_t>(m0) * p.q_row_stride, p.q_row_stride, len - m0, q);
   load_tile<T, BN, D>(sK, k, p.k_row_stride, len, k, kpm);
@@ -170,6 +213,16 @@ attention_fwd_kernel(const AttnFwdParams p) {
       }
     }
 
+    if constexpr (DROPOUT) {  // after the row sums: l and lse stay those of the undropped P
+      bool keep[BN / 8][4];
+      attn_dropout_keep<BN, false>(drop, seq_base, p.seqlen, m0 + warp * 16, n0, keep);
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = keep[nt][e] ? s[nt][e] : 0.f;
+      }
+    }
+
     cp_async_wait_all();  // V tile j has landed
     __syncthreads();      // ... for every thread; and every warp is done reading sK
     if (j + 1 < n_tiles) {
@@ -207,6 +260,7 @@ attention_fwd_kernel(const AttnFwdParams p) {
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     inv[half] = l == 0.f ? 0.f : 1.f / l;
+    if constexpr (DROPOUT) inv[half] *= p.drop_scale;
     lse[half] = l == 0.f ? -INFINITY : (m_run[half] + log2f(l)) * 0.6931471805599453f;
   }
 

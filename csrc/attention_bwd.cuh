@@ -13,6 +13,11 @@
 // addressing: K (and V) rows as the A operand like Q there; Q (and dO) rows as the B operand of
 // K Q^T like K there; Q, dO and K as the "k-major" B operand via ldmatrix.trans like V there. The
 // A operand of dS K is read from dS^T in shared memory with ldmatrix.trans.
+//
+// Dropout (DROPOUT instances): the mask m of the forward is regenerated (attention.cuh's groups, in
+// the transposed tiles) and, with P the undropped probabilities and r = 1 / (1 - p),
+//   dV += (P * m)^T dO (r applied once at the end),  dS = P * (m * r * dP_dropped - delta),
+// where dP_dropped = dO V^T and delta = rowsum(dO * O) of the dropped output, as without dropout.
 #pragma once
 
 #include "attention.cuh"
@@ -32,7 +37,7 @@ struct AttnBwdTraits {
       (2 * kBlockN * kLd + 2 * kBlockM * kLd + kBlockN * kLdS) * 2 + 2 * kBlockM * sizeof(float);
 };
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(AttnBwdTraits<D>::kThreads, 2)
 attention_bwd_kernel(const AttnBwdParams p) {
   using Tr = AttnBwdTraits<D>;
@@ -71,6 +76,12 @@ attention_bwd_kernel(const AttnBwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, c = lane % 4;
   const float scale_log2 = p.scale * 1.4426950408889634f;
+  [[maybe_unused]] DropoutRng drop{};
+  [[maybe_unused]] uint64_t seq_base = 0;
+  if constexpr (DROPOUT) {
+    drop = load_dropout_rng(p.rng, p.drop_threshold);
+    seq_base = (static_cast<uint64_t>(b) * p.heads + h) * static_cast<uint64_t>(p.seqlen);
+  }
 
   // padded keys' K and V rows are zeros (never read): their S^T and dP^T rows are 0, so dS K adds nothing
   load_tile<T, BN, D>(sK, k + static_cast<int64_t>(n0) * p.k_row_stride, p.k_row_stride, len - n0, k,
@@ -133,6 +144,8 @@ attention_bwd_kernel(const AttnBwdParams p) {
     }
 
     // P^T (into s) and dS^T (into dp); masked keys and queries past the end give 0
+    [[maybe_unused]] bool keep[BM / 8][4];
+    if constexpr (DROPOUT) attn_dropout_keep<BM, true>(drop, seq_base, p.seqlen, n0 + warp * 16, i0, keep);
 #pragma unroll
     for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
@@ -141,8 +154,13 @@ attention_bwd_kernel(const AttnBwdParams p) {
         const float lse2 = sLse[qi];
         const bool ok = key_ok[e / 2] && i0 + qi < len && lse2 != -INFINITY;
         const float pv = ok ? exp2f(s[nt][e] * scale_log2 - lse2) : 0.f;
-        s[nt][e] = pv;
-        dp[nt][e] = pv * (dp[nt][e] - sDelta[qi]) * p.scale;
+        if constexpr (DROPOUT) {
+          s[nt][e] = keep[nt][e] ? pv : 0.f;
+          dp[nt][e] = pv * ((keep[nt][e] ? dp[nt][e] * p.drop_scale : 0.f) - sDelta[qi]) * p.scale;
+        } else {
+          s[nt][e] = pv;
+          dp[nt][e] = pv * (dp[nt][e] - sDelta[qi]) * p.scale;
+        }
       }
     }
 
@@ -212,6 +230,14 @@ attention_bwd_kernel(const AttnBwdParams p) {
       }
     }
     __syncthreads();  // before the next query block overwrites sQ, sdO, sdS, sLse, sDelta
+  }
+
+  if constexpr (DROPOUT) {  // dV = r (P * m)^T dO
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dv[i][e] *= p.drop_scale;
+    }
   }
 
   // dK, dV of this warp's keys (keys past the end are not written)

@@ -32,6 +32,7 @@ namespace {
 const void* cptr(uintptr_t p) { return reinterpret_cast<const void*>(p); }
 void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 float* fptr(uintptr_t p) { return reinterpret_cast<float*>(p); }
+const int64_t* i64ptr(uintptr_t p) { return reinterpret_cast<const int64_t*>(p); }
 void* sptr(uintptr_t s) { return reinterpret_cast<void*>(s); }
 
 using GilFree = py::call_guard<py::gil_scoped_release>;
@@ -60,27 +61,31 @@ PYBIND11_MODULE(RF_MODULE, m) {
       "layer_norm_fwd",
       [](uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t res_stride, uintptr_t x_bias, bool x_bias_f32,
          uintptr_t weight, bool weight_f32, uintptr_t bias, bool bias_f32, uintptr_t y, uintptr_t mean,
-         uintptr_t rstd, int64_t M, int64_t N, double eps, int dtype, uintptr_t stream) {
+         uintptr_t rstd, int64_t M, int64_t N, double eps, int dtype, double dropout_p, uintptr_t rng,
+         uintptr_t stream) {
         rf::LayerNormFwdParams p{};
         p.x = cptr(x), p.x_stride = x_stride, p.residual = cptr(residual), p.res_stride = res_stride;
         p.x_bias = cptr(x_bias), p.weight = cptr(weight), p.bias = cptr(bias);
         p.x_bias_f32 = x_bias_f32, p.weight_f32 = weight_f32, p.bias_f32 = bias_f32;
         p.y = mptr(y), p.mean = fptr(mean), p.rstd = fptr(rstd);
         p.M = M, p.N = N, p.eps = static_cast<float>(eps), p.dtype = dtype;
+        p.dropout_p = static_cast<float>(dropout_p), p.rng = i64ptr(rng);
         rf::layer_norm_fwd(p, sptr(stream));
       },
-      "y, mean, rstd = LayerNorm(x + x_bias + residual) over rows of N", py::arg("x"), py::arg("x_stride"),
-      py::arg("residual"), py::arg("res_stride"), py::arg("x_bias"), py::arg("x_bias_f32"), py::arg("weight"),
-      py::arg("weight_f32"), py::arg("bias"), py::arg("bias_f32"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
-      py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("dtype"), py::arg("stream"), GilFree());
+      "y, mean, rstd = LayerNorm(dropout(x + x_bias) + residual) over rows of N; rng: int64 (seed, offset) on the "
+      "device, 0 when dropout_p == 0",
+      py::arg("x"), py::arg("x_stride"), py::arg("residual"), py::arg("res_stride"), py::arg("x_bias"),
+      py::arg("x_bias_f32"), py::arg("weight"), py::arg("weight_f32"), py::arg("bias"), py::arg("bias_f32"),
+      py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("M"), py::arg("N"), py::arg("eps"), py::arg("dtype"),
+      py::arg("dropout_p"), py::arg("rng"), py::arg("stream"), GilFree());
 
   m.def(
       "layer_norm_bwd",
       [](uintptr_t dy, int64_t dy_stride, uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t res_stride,
          uintptr_t x_bias, bool x_bias_f32, uintptr_t weight, bool weight_f32, uintptr_t mean, uintptr_t rstd,
          uintptr_t dx, uintptr_t row_ws, uintptr_t col_ws, uintptr_t dweight, bool dweight_f32, uintptr_t dbias,
-         bool dbias_f32, uintptr_t dx_bias, bool dx_bias_f32, int64_t M, int64_t N, int parts, int dtype,
-         uintptr_t stream) {
+         bool dbias_f32, uintptr_t dx_bias, bool dx_bias_f32, uintptr_t dresidual, int64_t M, int64_t N, int parts,
+         int dtype, double dropout_p, uintptr_t rng, uintptr_t stream) {
         rf::LayerNormBwdParams p{};
         p.dy = cptr(dy), p.dy_stride = dy_stride, p.x = cptr(x), p.x_stride = x_stride;
         p.residual = cptr(residual), p.res_stride = res_stride;
@@ -90,14 +95,17 @@ PYBIND11_MODULE(RF_MODULE, m) {
         p.dweight = mptr(dweight), p.dweight_f32 = dweight_f32, p.dbias = mptr(dbias), p.dbias_f32 = dbias_f32;
         p.dx_bias = mptr(dx_bias), p.dx_bias_f32 = dx_bias_f32;
         p.M = M, p.N = N, p.parts = parts, p.dtype = dtype;
+        p.dresidual = mptr(dresidual), p.dropout_p = static_cast<float>(dropout_p), p.rng = i64ptr(rng);
         rf::layer_norm_bwd(p, sptr(stream));
       },
-      "dx (and dweight, dbias, dx_bias through fp32 partial column sums) of the fused LayerNorm",
+      "dx (and dweight, dbias, dx_bias through fp32 partial column sums) of the fused LayerNorm; with dropout, "
+      "dresidual (or 0) gets dL/dh and dx = dh * mask / (1 - p)",
       py::arg("dy"), py::arg("dy_stride"), py::arg("x"), py::arg("x_stride"), py::arg("residual"),
       py::arg("res_stride"), py::arg("x_bias"), py::arg("x_bias_f32"), py::arg("weight"), py::arg("weight_f32"),
       py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("row_ws"), py::arg("col_ws"), py::arg("dweight"),
       py::arg("dweight_f32"), py::arg("dbias"), py::arg("dbias_f32"), py::arg("dx_bias"), py::arg("dx_bias_f32"),
-      py::arg("M"), py::arg("N"), py::arg("parts"), py::arg("dtype"), py::arg("stream"), GilFree());
+      py::arg("dresidual"), py::arg("M"), py::arg("N"), py::arg("parts"), py::arg("dtype"), py::arg("dropout_p"),
+      py::arg("rng"), py::arg("stream"), GilFree());
 
   auto gelu_params = [](uintptr_t x, int64_t x_stride, uintptr_t dy, int64_t dy_stride, uintptr_t bias,
                         bool bias_f32, uintptr_t out, uintptr_t col_ws, uintptr_t dbias, int64_t M, int64_t N,
@@ -171,7 +179,7 @@ PYBIND11_MODULE(RF_MODULE, m) {
          std::array<int64_t, 3> v_strides, uintptr_t o, std::array<int64_t, 3> o_strides, uintptr_t lse,
          int64_t lse_batch_stride, int64_t lse_head_stride, uintptr_t key_padding_mask, int64_t mask_batch_stride,
          uintptr_t cu_seqlens, int64_t total_rows, int batch, int heads, int seqlen, int head_dim, double scale,
-         int dtype, uintptr_t stream) {
+         int dtype, double dropout_p, uintptr_t rng, uintptr_t stream) {
         rf::AttnFwdParams p{};
         p.q = cptr(q), p.k = cptr(k), p.v = cptr(v), p.o = mptr(o), p.lse = fptr(lse);
         p.q_batch_stride = q_strides[0], p.q_row_stride = q_strides[1], p.q_head_stride = q_strides[2];
@@ -184,14 +192,16 @@ PYBIND11_MODULE(RF_MODULE, m) {
         p.cu_seqlens = static_cast<const int*>(cptr(cu_seqlens)), p.total_rows = total_rows;
         p.batch = batch, p.heads = heads, p.seqlen = seqlen, p.head_dim = head_dim;
         p.scale = static_cast<float>(scale), p.dtype = dtype;
+        p.dropout_p = static_cast<float>(dropout_p), p.rng = i64ptr(rng);
         rf::attention_fwd(p, sptr(stream));
       },
-      "o, lse = softmax(scale * q k^T) v; strides are (batch, row, head) triples, batch 0 for varlen",
+      "o, lse = dropout(softmax(scale * q k^T)) v, lse undropped; strides are (batch, row, head) triples, batch 0 "
+      "for varlen; rng: int64 (seed, offset) on the device, 0 when dropout_p == 0",
       py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
       py::arg("o"), py::arg("o_strides"), py::arg("lse"), py::arg("lse_batch_stride"), py::arg("lse_head_stride"),
       py::arg("key_padding_mask"), py::arg("mask_batch_stride"), py::arg("cu_seqlens"), py::arg("total_rows"),
       py::arg("batch"), py::arg("heads"), py::arg("seqlen"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"),
-      py::arg("stream"), GilFree());
+      py::arg("dropout_p"), py::arg("rng"), py::arg("stream"), GilFree());
 
   m.def(
       "attention_bwd",
@@ -200,7 +210,7 @@ PYBIND11_MODULE(RF_MODULE, m) {
          uintptr_t delta, int64_t lse_batch_stride, int64_t lse_head_stride, uintptr_t dq_accum, uintptr_t dk,
          uintptr_t dv, std::array<int64_t, 3> g_strides, uintptr_t key_padding_mask, int64_t mask_batch_stride,
          uintptr_t cu_seqlens, int batch, int heads, int seqlen, int head_dim, double scale, int dtype,
-         uintptr_t stream) {
+         double dropout_p, uintptr_t rng, uintptr_t stream) {
         rf::AttnBwdParams p{};
         p.q = cptr(q), p.k = cptr(k), p.v = cptr(v), p.dout = cptr(dout);
         p.q_batch_stride = q_strides[0], p.q_row_stride = q_strides[1], p.q_head_stride = q_strides[2];
@@ -215,15 +225,17 @@ PYBIND11_MODULE(RF_MODULE, m) {
         p.mask_batch_stride = mask_batch_stride, p.cu_seqlens = static_cast<const int*>(cptr(cu_seqlens));
         p.batch = batch, p.heads = heads, p.seqlen = seqlen, p.head_dim = head_dim;
         p.scale = static_cast<float>(scale), p.dtype = dtype;
+        p.dropout_p = static_cast<float>(dropout_p), p.rng = i64ptr(rng);
         rf::attention_bwd(p, sptr(stream));
       },
-      "dq (added into the zeroed fp32 dq_accum), dk, dv of attention_fwd; delta = rowsum(dout * o) in lse's layout",
+      "dq (added into the zeroed fp32 dq_accum), dk, dv of attention_fwd; delta = rowsum(dout * o) in lse's layout; "
+      "the forward's dropout_p and rng (its mask regenerated)",
       py::arg("q"), py::arg("q_strides"), py::arg("k"), py::arg("k_strides"), py::arg("v"), py::arg("v_strides"),
       py::arg("dout"), py::arg("do_strides"), py::arg("lse"), py::arg("delta"), py::arg("lse_batch_stride"),
       py::arg("lse_head_stride"), py::arg("dq_accum"), py::arg("dk"), py::arg("dv"), py::arg("g_strides"),
       py::arg("key_padding_mask"), py::arg("mask_batch_stride"), py::arg("cu_seqlens"), py::arg("batch"),
-      py::arg("heads"), py::arg("seqlen"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
-      GilFree());
+      py::arg("heads"), py::arg("seqlen"), py::arg("head_dim"), py::arg("scale"), py::arg("dtype"),
+      py::arg("dropout_p"), py::arg("rng"), py::arg("stream"), GilFree());
 
   m.attr("KERNELS") = py::make_tuple("layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd",
                                      "masked_softmax_fwd", "masked_softmax_bwd", "attention_fwd", "attention_bwd");

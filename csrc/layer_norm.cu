@@ -1,5 +1,6 @@
-// Launchers of the fused residual + bias + LayerNorm kernels (layer_norm.cuh): pick the vector
-// width from the pointers' alignment, the warps per row from N, and whether a row fits in shared memory.
+// Launchers of the fused residual + bias + (dropout +) LayerNorm kernels (layer_norm.cuh): pick the
+// vector width from the pointers' alignment, the warps per row from N, whether a row fits in shared
+// memory, and the dropout instances only when dropout_p > 0.
 #include "layer_norm.cuh"
 
 namespace rf {
@@ -21,7 +22,8 @@ bool ln_bwd_can_vec(const LayerNormBwdParams& p, int vec) {
   auto pe = [](bool f32) { return f32 ? sizeof(float) : sizeof(T); };
   return p.N % vec == 0 && vec_ok(p.x, p.x_stride, vec, sizeof(T)) &&
          vec_ok(p.residual, p.res_stride, vec, sizeof(T)) && vec_ok(p.dy, p.dy_stride, vec, sizeof(T)) &&
-         vec_ok(p.dx, p.N, vec, sizeof(T)) && vec_ok(p.x_bias, 0, vec, pe(p.x_bias_f32)) &&
+         vec_ok(p.dx, p.N, vec, sizeof(T)) && vec_ok(p.dresidual, p.N, vec, sizeof(T)) &&
+         vec_ok(p.x_bias, 0, vec, pe(p.x_bias_f32)) &&
          vec_ok(p.weight, 0, vec, pe(p.weight_f32));
 }
 
@@ -37,6 +39,16 @@ void with_warps(int64_t chunks, F&& f) {
   }
 }
 
+// DROPOUT as a compile-time flag: dropout_p == 0 runs exactly the kernels without dropout.
+template <typename F>
+void with_dropout(float dropout_p, F&& f) {
+  if (dropout_p > 0.f) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename T, int VEC>
 void ln_fwd(const LayerNormFwdParams& p, cudaStream_t stream) {
   with_warps(p.N / VEC, [&](auto w) {
@@ -44,11 +56,14 @@ void ln_fwd(const LayerNormFwdParams& p, cudaStream_t stream) {
     using L = RowLayout<WARPS>;
     const dim3 grid(ceil_div(p.M, L::kRows));
     const size_t smem = L::kRows * p.N * sizeof(float);
-    if (smem <= kSmemBudget) {
-      RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_fwd_kernel<T, VEC, WARPS, true>)(p);
-    } else {
-      RF_LAUNCH(grid, L::kThreads, 0, stream, layer_norm_fwd_kernel<T, VEC, WARPS, false>)(p);
-    }
+    with_dropout(p.dropout_p, [&](auto dr) {
+      constexpr bool DR = decltype(dr)::value;
+      if (smem <= kSmemBudget) {
+        RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_fwd_kernel<T, VEC, WARPS, true, DR>)(p);
+      } else {
+        RF_LAUNCH(grid, L::kThreads, 0, stream, layer_norm_fwd_kernel<T, VEC, WARPS, false, DR>)(p);
+      }
+    });
     check_launch("layer_norm_fwd_kernel");
   });
 }
@@ -60,18 +75,23 @@ void ln_bwd_rows(const LayerNormBwdParams& p, cudaStream_t stream) {
     using L = RowLayout<WARPS>;
     const dim3 grid(ceil_div(p.M, L::kRows));
     const size_t smem = L::kRows * 2 * p.N * sizeof(float);
-    if (smem <= kSmemBudget) {
-      RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_bwd_kernel<T, VEC, WARPS, true>)(p);
-    } else {
-      RF_LAUNCH(grid, L::kThreads, 0, stream, layer_norm_bwd_kernel<T, VEC, WARPS, false>)(p);
-    }
+    with_dropout(p.dropout_p, [&](auto dr) {
+      constexpr bool DR = decltype(dr)::value;
+      if (smem <= kSmemBudget) {
+        RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_bwd_kernel<T, VEC, WARPS, true, DR>)(p);
+      } else {
+        RF_LAUNCH(grid, L::kThreads, 0, stream, layer_norm_bwd_kernel<T, VEC, WARPS, false, DR>)(p);
+      }
+    });
     check_launch("layer_norm_bwd_kernel");
   });
 }
 
 }  // namespace
 
-void layer_norm_fwd(const LayerNormFwdParams& p, void* stream_ptr) {
+void layer_norm_fwd(const LayerNormFwdParams& params, void* stream_ptr) {
+  LayerNormFwdParams p = params;
+  dropout_setup("layer_norm_fwd", p.dropout_p, p.rng, p.drop_threshold, p.drop_scale);
   if (p.M <= 0 || p.N <= 0) return;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   RF_DISPATCH_FLOAT(p.dtype, "layer_norm_fwd", [&] {
@@ -84,7 +104,11 @@ void layer_norm_fwd(const LayerNormFwdParams& p, void* stream_ptr) {
   });
 }
 
-void layer_norm_bwd(const LayerNormBwdParams& p, void* stream_ptr) {
+void layer_norm_bwd(const LayerNormBwdParams& params, void* stream_ptr) {
+  LayerNormBwdParams p = params;
+  dropout_setup("layer_norm_bwd", p.dropout_p, p.rng, p.drop_threshold, p.drop_scale);
+  if (p.dresidual != nullptr && p.dropout_p == 0.f)
+    throw std::invalid_argument("layer_norm_bwd: dresidual is written only with dropout_p > 0 (else it is dx)");
   if (p.M <= 0 || p.N <= 0) return;
   if ((p.dweight != nullptr || p.dbias != nullptr || p.dx_bias != nullptr) && (p.col_ws == nullptr || p.parts < 1))
     throw std::invalid_argument("layer_norm_bwd: parameter gradients need col_ws (3, parts, N) and parts >= 1");
@@ -100,7 +124,10 @@ void layer_norm_bwd(const LayerNormBwdParams& p, void* stream_ptr) {
     }
     if (p.dweight == nullptr && p.dbias == nullptr && p.dx_bias == nullptr) return;
     const dim3 grid(ceil_div(p.N, 32), static_cast<unsigned int>(p.parts));
-    RF_LAUNCH(grid, dim3(32, kColThreadsY), 0, stream, layer_norm_bwd_cols_kernel<scalar_t>)(p);
+    with_dropout(p.dropout_p, [&](auto dr) {
+      constexpr bool DR = decltype(dr)::value;
+      RF_LAUNCH(grid, dim3(32, kColThreadsY), 0, stream, layer_norm_bwd_cols_kernel<scalar_t, DR>)(p);
+    });
     check_launch("layer_norm_bwd_cols_kernel");
     RF_LAUNCH(ceil_div(p.N, 256), 256, 0, stream, layer_norm_bwd_finalize_kernel<scalar_t>)(p);
     check_launch("layer_norm_bwd_finalize_kernel");

@@ -8,9 +8,15 @@
 // Thread t of a row owns the VEC-wide chunks t, t + 32*WARPS, ... of that row; with CACHE the
 // fp32 values of its chunks are kept in dynamic shared memory between the passes (only the owning
 // thread reads them back, so no barrier is needed), without CACHE they are recomputed from global.
+//
+// DROPOUT instances (dropout_p > 0): h = dropout(x + x_bias) + residual, the keep mask from
+// Philox4x32-10 (philox.cuh) over the flat index row * N + col in groups of 4, recomputed wherever h
+// is (forward passes, both backward kernels) and never stored. The backward then writes dh to
+// dresidual (when given) and dx = dh * mask / (1 - p); dx_bias sums that dx.
 #pragma once
 
 #include "common.cuh"
+#include "philox.cuh"
 
 namespace rf {
 
@@ -21,13 +27,36 @@ struct RowLayout {
   static constexpr int kThreads = kRows * kRowThreads;
 };
 
-// h = x + x_bias + residual for one VEC chunk starting at column `col` of row `row`.
-template <typename T, int VEC>
+// h = x + x_bias + residual for one VEC chunk starting at column `col` of row `row`; with DROPOUT
+// h = dropout(x + x_bias) + residual, and `keep` gets the chunk's mask (flat index row * N + col).
+template <typename T, int VEC, bool DROPOUT = false>
 __device__ __forceinline__ void ln_load_h(const T* x, int64_t x_stride, const T* res, int64_t res_stride,
                                           const void* x_bias, bool x_bias_f32, int64_t row, int64_t col,
-                                          float (&h)[VEC]) {
+                                          float (&h)[VEC], [[maybe_unused]] const DropoutRng* drop = nullptr,
+                                          [[maybe_unused]] int64_t N = 0, [[maybe_unused]] float drop_scale = 1.f,
+                                          [[maybe_unused]] bool* keep = nullptr) {
   load_f32<T, VEC>(x + row * x_stride + col, h);
   float t[VEC];
+  if constexpr (DROPOUT) {
+    if (x_bias != nullptr) {
+      load_param<T, VEC>(x_bias, x_bias_f32, col, 0.f, t);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) h[i] += t[i];
+    }
+    bool kp[VEC];
+    dropout_keep_flat<VEC>(*drop, static_cast<uint64_t>(row * N + col), kp);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      h[i] = kp[i] ? h[i] * drop_scale : 0.f;
+      keep[i] = kp[i];
+    }
+    if (res != nullptr) {
+      load_f32<T, VEC>(res + row * res_stride + col, t);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) h[i] += t[i];
+    }
+    return;
+  }
   if (res != nullptr) {
     load_f32<T, VEC>(res + row * res_stride + col, t);
 #pragma unroll
@@ -40,7 +69,7 @@ __device__ __forceinline__ void ln_load_h(const T* x, int64_t x_stride, const T*
   }
 }
 
-template <typename T, int VEC, int WARPS, bool CACHE>
+template <typename T, int VEC, int WARPS, bool CACHE, bool DROPOUT>
 __global__ void __launch_bounds__(RowLayout<WARPS>::kThreads)
 layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   using L = RowLayout<WARPS>;
@@ -53,11 +82,15 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   const T* res = static_cast<const T*>(p.residual);
   const int64_t N = p.N, chunks = N / VEC;
   float* my_cache = cache + static_cast<int64_t>(r) * N;
+  [[maybe_unused]] DropoutRng drop{};
+  if constexpr (DROPOUT) drop = load_dropout_rng(p.rng, p.drop_threshold);
+  [[maybe_unused]] bool kp[VEC];
 
   float sum = 0.f;
   for (int64_t c = t; c < chunks; c += L::kRowThreads) {
     float h[VEC];
-    ln_load_h<T, VEC>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h);
+    ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop, N,
+                                 p.drop_scale, kp);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       sum += h[i];
@@ -73,7 +106,8 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) h[i] = my_cache[c * VEC + i];
     } else {
-      ln_load_h<T, VEC>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h);
+      ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop, N,
+                                 p.drop_scale, kp);
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) sq += (h[i] - mean) * (h[i] - mean);
@@ -88,7 +122,8 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) h[i] = my_cache[c * VEC + i];
     } else {
-      ln_load_h<T, VEC>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h);
+      ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop, N,
+                                 p.drop_scale, kp);
     }
     load_param<T, VEC>(p.weight, p.weight_f32, c * VEC, 1.f, w);
     load_param<T, VEC>(p.bias, p.bias_f32, c * VEC, 0.f, b);
@@ -104,7 +139,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, xhat = (h - mean) * rstd.
 // The two row means go to row_ws for the column kernel (dx_bias needs the fp32 dx).
-template <typename T, int VEC, int WARPS, bool CACHE>
+template <typename T, int VEC, int WARPS, bool CACHE, bool DROPOUT>
 __global__ void __launch_bounds__(RowLayout<WARPS>::kThreads)
 layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   using L = RowLayout<WARPS>;
@@ -120,11 +155,15 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   const float mean = p.mean[row], rstd = p.rstd[row];
   float* cx = cache + static_cast<int64_t>(r) * 2 * N;
   float* cg = cx + N;
+  [[maybe_unused]] DropoutRng drop{};
+  if constexpr (DROPOUT) drop = load_dropout_rng(p.rng, p.drop_threshold);
+  [[maybe_unused]] bool kp[VEC];
 
   float sg = 0.f, sgx = 0.f;
   for (int64_t c = t; c < chunks; c += L::kRowThreads) {
     float h[VEC], g[VEC], w[VEC];
-    ln_load_h<T, VEC>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h);
+    ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop,
+                               N, p.drop_scale, kp);
     load_f32<T, VEC>(dy + row * p.dy_stride + c * VEC, g);
     load_param<T, VEC>(p.weight, p.weight_f32, c * VEC, 1.f, w);
 #pragma unroll
@@ -151,9 +190,11 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
         xh[i] = cx[c * VEC + i];
         g[i] = cg[c * VEC + i];
       }
+      if constexpr (DROPOUT) dropout_keep_flat<VEC>(drop, static_cast<uint64_t>(row * N + c * VEC), kp);
     } else {
       float w[VEC];
-      ln_load_h<T, VEC>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, xh);
+      ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, xh, &drop,
+                                 N, p.drop_scale, kp);
       load_f32<T, VEC>(dy + row * p.dy_stride + c * VEC, g);
       load_param<T, VEC>(p.weight, p.weight_f32, c * VEC, 1.f, w);
 #pragma unroll
@@ -164,6 +205,11 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) out[i] = rstd * (g[i] - c1 - xh[i] * c2);
+    if constexpr (DROPOUT) {  // out is dh: the residual's gradient; dx = dh * mask / (1 - p)
+      if (p.dresidual != nullptr) store_f32<T, VEC>(static_cast<T*>(p.dresidual) + row * N + c * VEC, out);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] = kp[i] ? out[i] * p.drop_scale : 0.f;
+    }
     store_f32<T, VEC>(dx + c * VEC, out);
   }
   if (t == 0 && p.row_ws != nullptr) {
@@ -177,7 +223,7 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
 // into col_ws (3, parts, N). Block (32, 8): one column per threadIdx.x, coalesced along rows.
 constexpr int kColThreadsY = 8;
 
-template <typename T>
+template <typename T, bool DROPOUT>
 __global__ void __launch_bounds__(32 * kColThreadsY)
 layer_norm_bwd_cols_kernel(const LayerNormBwdParams p) {
   __shared__ float red[3][kColThreadsY][33];
@@ -192,17 +238,31 @@ layer_norm_bwd_cols_kernel(const LayerNormBwdParams p) {
   if (in && p.x_bias != nullptr)
     xb = p.x_bias_f32 ? static_cast<const float*>(p.x_bias)[col] : to_float(static_cast<const T*>(p.x_bias)[col]);
   float adw = 0.f, adb = 0.f, adxb = 0.f;
+  [[maybe_unused]] DropoutRng drop{};
+  if constexpr (DROPOUT) drop = load_dropout_rng(p.rng, p.drop_threshold);
   if (in) {
     const int64_t step = static_cast<int64_t>(p.parts) * kColThreadsY;
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * kColThreadsY + threadIdx.y; row < p.M; row += step) {
       const float d = to_float(dy[row * p.dy_stride + col]);
       float h = to_float(x[row * p.x_stride + col]) + xb;
+      [[maybe_unused]] bool kp[1] = {true};
+      if constexpr (DROPOUT) {
+        dropout_keep_flat<1>(drop, static_cast<uint64_t>(row * p.N + col), kp);
+        h = kp[0] ? h * p.drop_scale : 0.f;
+      }
       if (res != nullptr) h += to_float(res[row * p.res_stride + col]);
       const float rstd = p.rstd[row];
       const float xh = (h - p.mean[row]) * rstd;
       adw += d * xh;
       adb += d;
-      if (p.dx_bias != nullptr) adxb += rstd * (d * w - p.row_ws[2 * row] - xh * p.row_ws[2 * row + 1]);
+      if constexpr (DROPOUT) {
+        if (p.dx_bias != nullptr) {
+          const float dh = rstd * (d * w - p.row_ws[2 * row] - xh * p.row_ws[2 * row + 1]);
+          adxb += kp[0] ? dh * p.drop_scale : 0.f;
+        }
+      } else {
+        if (p.dx_bias != nullptr) adxb += rstd * (d * w - p.row_ws[2 * row] - xh * p.row_ws[2 * row + 1]);
+      }
     }
   }
   red[0][threadIdx.y][threadIdx.x] = adw;

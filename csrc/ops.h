@@ -15,7 +15,14 @@ namespace rf {
 enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2, kF64 = 3, kBool = 4 };
 
 // ----------------------------------------------------------------------------- layer_norm
-// y = LayerNorm(x + x_bias + residual) * weight + bias over rows of N.
+// y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias over rows of N (dropout only with
+// dropout_p > 0; without it the sum is x + residual + x_bias, today's order).
+//
+// Dropout (every kernel that takes it): `rng` points to an int64 (seed, offset) pair on the device
+// (read by the kernels, never by the host), null when dropout_p == 0; dropout_p in [0, 1); kept
+// values are scaled by 1 / (1 - dropout_p). The mask is a function of (seed, offset, position) only
+// (csrc/philox.cuh); dropout_p == 0 launches the kernels without dropout. drop_threshold and
+// drop_scale are filled in by the launchers.
 struct LayerNormFwdParams {
   const void* x;         // (M, N) rows, dtype
   int64_t x_stride;
@@ -31,6 +38,10 @@ struct LayerNormFwdParams {
   int64_t M, N;
   float eps;
   int dtype;
+  const int64_t* rng;    // (2,) int64 (seed, offset), or null
+  float dropout_p;
+  uint32_t drop_threshold;
+  float drop_scale;
 };
 void layer_norm_fwd(const LayerNormFwdParams& p, void* stream);
 
@@ -56,6 +67,12 @@ struct LayerNormBwdParams {
   int64_t M, N;
   int parts;             // row partitions of the column sums (rows of col_ws)
   int dtype;
+  void* dresidual;       // (M, N) contiguous, dtype: dL/dh (h = dropout(x + x_bias) + residual), or null;
+                         // then dx is dh * mask / (1 - p)
+  const int64_t* rng;    // (2,) int64 (seed, offset), or null
+  float dropout_p;
+  uint32_t drop_threshold;
+  float drop_scale;
 };
 void layer_norm_bwd(const LayerNormBwdParams& p, void* stream);
 
@@ -127,6 +144,10 @@ struct AttnFwdParams {
   int batch, heads, seqlen, head_dim;           // seqlen: S (padded) or max_seqlen (varlen)
   float scale;
   int dtype;                                    // kF16 or kBF16
+  const int64_t* rng;                           // (2,) int64 (seed, offset), or null
+  float dropout_p;                              // on the probabilities: O = dropout(P) V, lse undropped
+  uint32_t drop_threshold;
+  float drop_scale;
 };
 void attention_fwd(const AttnFwdParams& p, void* stream);
 
@@ -151,6 +172,10 @@ struct AttnBwdParams {
   int batch, heads, seqlen, head_dim;
   float scale;
   int dtype;                                    // kF16 or kBF16
+  const int64_t* rng;                           // the forward's rng and dropout_p (the same mask)
+  float dropout_p;
+  uint32_t drop_threshold;
+  float drop_scale;
 };
 void attention_bwd(const AttnBwdParams& p, void* stream);
 

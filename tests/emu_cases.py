@@ -20,11 +20,14 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 from roberta_fast import reference
+from roberta_fast.cuda_ops import attention as cuda_attention
+from roberta_fast.cuda_ops import layer_norm as cuda_layer_norm
 from roberta_fast.ops import attention, attention_varlen, bias_gelu, layer_norm, masked_softmax
-from roberta_fast.testing import assert_rule, eager_attention, poisoned_empty
+from roberta_fast.testing import assert_rule, dead_rows_softmax, eager_attention, poisoned_empty
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -220,6 +223,154 @@ def check_attention_varlen(dtype, D, *, lens=(37, 0, 1, 36, 16, 5, 0), H=2, tail
     assert_rule(gq, gr, gs, name="grad of the fused qkv")
 
 
+# ----------------------------------------------------------------------------- dropout (csrc/philox.cuh)
+# The masks predicted here from the documented keying (Philox4x32-10 of counter (pos, offset) under key
+# seed, word i of group pos for element i; csrc/philox.cuh, csrc/attention.cuh), written from that text
+# in numpy, independently of the kernels' code.
+
+M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+U32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(ctr, key):
+    """Random123's philox4x32_R(10, ctr, key) on uint64 arrays holding 32-bit words: ctr (..., 4), key (..., 2)."""
+    c = [np.asarray(ctr, dtype=np.uint64)[..., i] for i in range(4)]
+    k0, k1 = (np.asarray(key, dtype=np.uint64)[..., i].copy() for i in range(2))
+    for _ in range(10):
+        p0, p1 = np.uint64(M0) * c[0], np.uint64(M1) * c[2]  # < 2**64: exact in uint64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & U32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & U32]
+        k0, k1 = (k0 + np.uint64(W0)) & U32, (k1 + np.uint64(W1)) & U32
+    return np.stack(c, -1)
+
+
+def threshold(p):
+    """Elements are kept iff their word >= round(p * 2**32) (p as the kernels get it: float32)."""
+    return min(int(float(np.float32(p)) * 2.0**32 + 0.5), 2**32 - 1)
+
+
+def _words(rng, pos):
+    """The 4 words of groups pos (uint64 array) under rng = (seed, offset) int64 tensor."""
+    seed, off = (int(v) % 2**64 for v in rng.tolist())
+    pos = np.asarray(pos, dtype=np.uint64)
+    ctr = np.stack([pos & U32, pos >> np.uint64(32), np.full_like(pos, off & 0xFFFFFFFF),
+                    np.full_like(pos, off >> 32)], -1)
+    key = np.broadcast_to(np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64), ctr.shape[:-1] + (2,))
+    return philox4x32_10(ctr, key)
+
+
+def layer_norm_mask(rng, M, N, p):
+    """Keep mask (M, N) of layer_norm's dropout: flat index i = row * N + col, group i // 4, word i % 4."""
+    lin = np.arange(M * N, dtype=np.uint64)
+    w = _words(rng, lin // np.uint64(4))
+    word = np.take_along_axis(w, (lin % np.uint64(4)).astype(np.int64)[:, None], 1)[:, 0]
+    return torch.from_numpy(word >= threshold(p)).reshape(M, N)
+
+
+def attention_mask(rng, B, H, S, p):
+    """Keep mask (B, H, S, S) (query, key) of attention's dropout, S the padded length or max_seqlen: element
+    (q, k) is word 2 * qh + kh of group pos = ((b * H + h) * S + q - 8 qh) * S + k - 8 kh, qh = q % 16 >= 8."""
+    i = np.arange(S, dtype=np.uint64)
+    half = (i % np.uint64(16)) >= np.uint64(8)
+    base = i - np.uint64(8) * half.astype(np.uint64)
+    bh = np.arange(B * H, dtype=np.uint64)[:, None, None]
+    pos = (bh * np.uint64(S) + base[None, :, None]) * np.uint64(S) + base[None, None, :]
+    w = _words(rng, pos)  # (BH, S, S, 4)
+    idx = (2 * half[:, None].astype(np.int64) + half[None, :].astype(np.int64))[None, :, :, None]
+    word = np.take_along_axis(w, np.broadcast_to(idx, w.shape[:-1] + (1,)), -1)[..., 0]
+    return torch.from_numpy(word >= threshold(p)).reshape(B, H, S, S)
+
+
+def check_layer_norm_dropout(dtype, M, N, p, rng, *, residual=True, x_bias=True, affine=True, pad=0, seed=0):
+    """cuda_ops.layer_norm forward and backward with dropout against float64 with the predicted mask:
+    y = LN(mask * (x + x_bias) / (1 - p) + residual) * w + b; dx, dweight, dbias, dx_bias, dresidual."""
+    g = _gen(seed)
+    x = _randn(g, M, N + pad, dtype=dtype)[:, :N]
+    res = _randn(g, M, N + pad, dtype=dtype)[:, :N] if residual else None
+    w = (1 + _randn(g, N, dtype=dtype, std=0.1)) if affine else None
+    b = _randn(g, N, dtype=dtype, std=0.1) if affine else None
+    xb = _randn(g, N, dtype=dtype, std=0.1) if x_bias else None
+    dy = _randn(g, M, N, dtype=dtype)
+    keep = layer_norm_mask(rng, M, N, p)
+    with poisoned_empty():
+        y, mean, rstd = cuda_layer_norm.forward(x, w, b, 1e-5, res, xb, p, rng)
+        grads = cuda_layer_norm.backward(dy, x, w, b, mean, rstd, res, xb, p, rng)
+    names = ["x", "weight", "bias", "x_bias", "residual"]
+    leaves = [x, w, b, xb, res]
+
+    def run(dt):
+        ls = [None if t is None else t.detach().to(dt).clone().requires_grad_(True) for t in leaves]
+        xx, ww, bb, xbb, rr = ls
+        h = xx + (0 if xbb is None else xbb)
+        h = h * keep.to(dt) * (1 / (1 - p))
+        if rr is not None:
+            h = h + rr
+        out = reference.layer_norm(h, ww, bb, 1e-5)
+        out.backward(dy.to(dt))
+        return out.detach(), [None if t is None else t.grad for t in ls]
+
+    (r, gr), (s_, gs) = run(torch.float64), run(dtype)
+    assert_rule(y, r, s_, name="output")
+    dx, dw, db, dxb, dres = grads
+    assert (dres is None) == (res is None), "dresidual: a tensor exactly when residual is given"
+    for n, a, ref64, same in zip(names, (dx, dw, db, dxb, dres), gr, gs):
+        if ref64 is not None:
+            assert a is not None and a.dtype == same.dtype, f"grad of {n}: {None if a is None else a.dtype}"
+            assert_rule(a, ref64, same, name=f"grad of {n}")
+    return y, keep
+
+
+def _attn_ref(q, k, v, kpm, scale, keep, p):
+    """dropout(softmax(scale q k^T)) v on (B, S, H, D) in q's dtype, keep (B, H, S, S)."""
+    s = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1)) * scale
+    if kpm is not None:
+        s = s.masked_fill(~kpm[:, None, None, :], float("-inf"))
+    pr = dead_rows_softmax(s.double() if q.dtype == torch.float64 else s.float()).to(q.dtype)
+    pr = pr * keep.to(q.dtype) * (1 / (1 - p))
+    return torch.matmul(pr, v.transpose(1, 2)).transpose(1, 2)
+
+
+def check_attention_dropout(dtype, D, p, rng, *, B=2, S=77, H=2, mask_kind="prefix", seed=0, lens=None):
+    """cuda_ops.attention forward and backward with dropout, padded (lens None) or varlen (`lens`, packed
+    with max_seqlen S), against float64 with the predicted mask: output, dq, dk, dv by the rule."""
+    g = _gen(seed)
+    scale = D**-0.5
+    if lens is None:
+        kpm = (torch.arange(S)[None, :] < torch.tensor(([S, S // 2 + 1, 0, 1] * B)[:B])[:, None]
+               if mask_kind == "prefix" else None)
+        q, k, v, dy = (_randn(g, B, S, H, D, dtype=dtype) for _ in range(4))
+        cu = None
+    else:
+        kpm = None
+        T = sum(lens)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        q, k, v, dy = (_randn(g, T, H, D, dtype=dtype) for _ in range(4))
+        B = len(lens)
+    keep = attention_mask(rng, B, H, S, p)
+    with poisoned_empty():
+        o, lse = cuda_attention.forward(q, k, v, kpm, cu, S, None, p, rng)
+        dq, dk, dv = cuda_attention.backward(dy, q, k, v, o, lse, kpm, cu, S, None, p, rng)
+
+    def run(dt):
+        ls = [t.detach().to(dt).clone().requires_grad_(True) for t in (q, k, v)]
+        if cu is None:
+            out = _attn_ref(*ls, kpm, scale, keep, p)
+        else:  # each sequence its own batch of one, at its own positions within max_seqlen
+            outs = []
+            for i, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                n = e - a
+                outs.append(_attn_ref(*(t[None, a:e] for t in ls), None, scale, keep[i:i + 1, :, :n, :n], p)[0]
+                            if n else ls[0][a:e] * 0)
+            out = torch.cat(outs) if outs else ls[0] * 0
+        out.backward(dy.to(dt))
+        return out.detach(), [t.grad for t in ls]
+
+    (r, gr), (s_, gs) = run(torch.float64), run(dtype)
+    assert_rule(o, r, s_, name="output")
+    for n, a, ref64, same in zip("qkv", (dq, dk, dv), gr, gs):
+        assert_rule(a, ref64, same, name=f"grad of {n}")
+    return o
+
+
 # ----------------------------------------------------------------------------- named cases (subprocesses)
 
 CASES = {
@@ -237,6 +388,10 @@ CASES = {
                                     check_masked_softmax(BF16, 20000, mask_kind="additive_rows", B=1, H=1, Q=3)),
     "asan_attention": lambda: (check_attention(F16, 32), check_attention(BF16, 128, B=2, S=33)),
     "asan_attention_varlen": lambda: check_attention_varlen(F16, 64, lens=(37, 0, 1, 16)),
+    # planted-bug targets of the dropout kernels: two key tiles and several query blocks per key block
+    "attention_dropout_bug": lambda: check_attention_dropout(F16, 64, 0.3, torch.tensor([5, -9]), B=2, S=77, H=1),
+    "layer_norm_dropout_bug": lambda: (check_layer_norm_dropout(F16, 9, 96, 0.3, torch.tensor([5, -9])),
+                                       check_layer_norm_dropout(F32, 3, 13, 0.3, torch.tensor([5, -9]))),
 }
 
 

@@ -495,6 +495,160 @@ def test_attention_varlen_edges(emu):
     C.check_attention_varlen(BF16, 64, lens=(0, 0), tail=5)  # every sequence empty
 
 
+# ------------------------------------------------------------------ dropout (csrc/philox.cuh)
+
+# Random123's tests/kat_vectors, the "philox4x32 10" lines: counter (4 words), key (2 words) -> output (4 words)
+PHILOX_KAT = [
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def _philox_emu(emu, ctr, key):
+    import numpy as np
+
+    ctr = np.ascontiguousarray(ctr, dtype=np.uint32)
+    key = np.ascontiguousarray(key, dtype=np.uint32)
+    out = np.zeros_like(ctr)
+    emu.emu.philox4x32_10(ctr.ctypes.data, key.ctypes.data, out.ctypes.data, ctr.shape[0])
+    return out
+
+
+def test_philox_known_answers(emu):
+    """csrc/philox.cuh (through a probe kernel) and the tests' numpy Philox against Random123's vectors, then
+    against each other on random counters and keys."""
+    import numpy as np
+
+    ctr = np.array([c for c, _, _ in PHILOX_KAT])
+    key = np.array([k for _, k, _ in PHILOX_KAT])
+    want = np.array([o for _, _, o in PHILOX_KAT])
+    assert (_philox_emu(emu, ctr, key) == want).all()
+    assert (C.philox4x32_10(ctr, key) == want).all()
+    r = np.random.default_rng(0)
+    ctr, key = r.integers(0, 2**32, (500, 4)), r.integers(0, 2**32, (500, 2))
+    assert (_philox_emu(emu, ctr, key) == C.philox4x32_10(ctr, key)).all()
+
+
+RNG = torch.tensor([0x1234_5678_9ABC_DEF0, -3], dtype=torch.int64)  # a negative offset: the sign bit is data
+
+LN_DROPOUT_CASES = [  # vector (fp16: 8 wide, fp32: 4 wide) and scalar paths, cached and not, every operand
+    (F16, 9, 96, 0.1, {}), (BF16, 5, 1000, 0.3, {"pad": 8}), (F32, 3, 13, 0.5, {"residual": False}),
+    (F32, 2, 13000, 0.2, {"pad": 3}), (F16, 4, 4100, 0.1, {"x_bias": False}),
+    (BF16, 6, 64, 0.7, {"affine": False, "x_bias": False}),
+]
+
+
+@pytest.mark.parametrize("dtype,M,N,p,opts", LN_DROPOUT_CASES,
+                         ids=[f"{m}x{n}-p{p}" for _, m, n, p, _ in LN_DROPOUT_CASES])
+def test_layer_norm_dropout(emu, dtype, M, N, p, opts):
+    """Output and every gradient (dresidual = dL/dh, dx = dh * mask / (1 - p)) against float64 with the mask
+    predicted from the documented keying: the forward and the backward both use exactly that mask."""
+    C.check_layer_norm_dropout(dtype, M, N, p, RNG, **opts)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("D", [32, 64, 128])
+def test_attention_dropout(emu, dtype, D):
+    C.check_attention_dropout(dtype, D, 0.2, RNG, B=3, S=45, H=2)
+
+
+def test_attention_dropout_varlen_and_masks(emu):
+    C.check_attention_dropout(F16, 64, 0.3, RNG, S=77, lens=(37, 0, 1, 70, 16))  # max_seqlen above every length
+    C.check_attention_dropout(BF16, 128, 0.1, RNG, B=2, S=70, H=1, mask_kind=None)  # several key tiles
+
+
+def _kept_fraction_ok(kept, n, p):
+    """|kept - n (1 - p)| within 5 standard deviations of the binomial (a false alarm about once in 3.5M)."""
+    sd = (n * p * (1 - p)) ** 0.5
+    return abs(kept - n * (1 - p)) <= 5 * sd, f"kept {kept} of {n}, expected {n * (1 - p):.0f} +- {sd:.0f}"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_layer_norm_dropout_statistics_and_consistency(emu, p):
+    """The kernels' own masks, read from their outputs: the forward's from h = (y - b) / w / rstd + mean minus
+    the residual, the backward's from dx / dresidual. They agree element for element, keep 1 - p of the
+    elements (binomial bound), scale kept values by exactly 1 / (1 - p), and equal the predicted mask."""
+    from roberta_fast.cuda_ops import layer_norm as L
+
+    M, N = 64, 1000
+    g = torch.Generator().manual_seed(3)
+    x = 1 + torch.rand(M, N, generator=g)  # never near 0: a dropped element is unmistakable
+    res, dy = torch.randn(M, N, generator=g), torch.randn(M, N, generator=g)
+    y, mean, rstd = L.forward(x, None, None, 1e-5, res, None, p, RNG)
+    kept_fwd = ((y / rstd[:, None] + mean[:, None]) - res).abs() > 0.5
+    dx, _, _, _, dres = L.backward(dy, x, None, None, mean, rstd, res, None, p, RNG)
+    kept_bwd = dx != 0
+    assert torch.equal(kept_fwd, kept_bwd)
+    ok, why = _kept_fraction_ok(int(kept_fwd.sum()), M * N, p)
+    assert ok, why
+    h = y / rstd[:, None] + mean[:, None] - res
+    torch.testing.assert_close(h[kept_fwd], x[kept_fwd] / (1 - p), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx[kept_bwd], dres[kept_bwd] / (1 - p), rtol=1e-6, atol=0)
+    assert torch.equal(kept_fwd, C.layer_norm_mask(RNG, M, N, p))
+    # deterministic for one rng; another offset or seed gives another mask
+    assert torch.equal(L.forward(x, None, None, 1e-5, res, None, p, RNG)[0], y)
+    for other in (RNG + torch.tensor([0, 1]), RNG + torch.tensor([1, 0])):
+        assert not torch.equal(C.layer_norm_mask(other, M, N, p), kept_fwd)
+        assert not torch.equal(L.forward(x, None, None, 1e-5, res, None, p, other)[0], y)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_attention_dropout_statistics_and_consistency(emu, p):
+    """The kernels' own masks, read from their outputs: q = 0 makes P uniform (1/S), v = I (S = D) makes
+    O[b, q, h, :] the dropped row of P, and dO = I makes dV[b, k, h, q] the dropped P[q, k]. The forward's
+    and the backward's masks agree, keep 1 - p (binomial bound), scale by 1 / (1 - p), equal the prediction."""
+    from roberta_fast.cuda_ops import attention as A
+
+    B, S, H = 4, 64, 2
+    q = torch.zeros(B, S, H, S, dtype=F16)
+    k = torch.randn(B, S, H, S).to(F16)
+    eye = torch.eye(S, dtype=F16)[None, :, None, :].expand(B, S, H, S).contiguous()
+    o, lse = A.forward(q, k, eye, None, None, None, None, p, RNG)
+    dq, dk, dv = A.backward(eye, q, k, eye, o, lse, None, None, None, None, p, RNG)
+    kept_fwd = (o != 0).permute(0, 2, 1, 3)  # (B, H, q, k)
+    kept_bwd = (dv != 0).permute(0, 2, 3, 1)  # dv (B, k, H, q) -> (B, H, q, k)
+    assert torch.equal(kept_fwd, kept_bwd)
+    ok, why = _kept_fraction_ok(int(kept_fwd.sum()), B * H * S * S, p)
+    assert ok, why
+    want = torch.tensor(1 / S / (1 - p), dtype=F16)
+    assert (o.permute(0, 2, 1, 3)[kept_fwd] == want).all() and (dv.permute(0, 2, 3, 1)[kept_bwd] == want).all()
+    assert torch.equal(kept_fwd, C.attention_mask(RNG, B, H, S, p))
+    assert torch.equal(A.forward(q, k, eye, None, None, None, None, p, RNG)[0], o)  # deterministic
+
+
+def test_dropout_zero_is_the_kernel_without_dropout(emu):
+    """dropout_p == 0 launches the plain kernels (rng ignored): bit for bit the output of rng=None."""
+    from roberta_fast.cuda_ops import attention as A
+    from roberta_fast.cuda_ops import layer_norm as L
+
+    x, r = torch.randn(5, 96, dtype=F16), torch.randn(5, 96, dtype=F16)
+    assert torch.equal(L.forward(x, None, None, 1e-5, r, None, 0.0, None)[0],
+                       L.forward(x, None, None, 1e-5, r, None, 0.0, RNG)[0])
+    q, k, v = (torch.randn(2, 20, 2, 32, dtype=F16) for _ in range(3))
+    assert torch.equal(A.forward(q, k, v, None, None, None, None, 0.0, None)[0],
+                       A.forward(q, k, v, None, None, None, None, 0.0, RNG)[0])
+
+
+def test_dropout_bad_arguments(emu):
+    from roberta_fast.cuda_ops import attention as A
+    from roberta_fast.cuda_ops import layer_norm as L
+
+    x = torch.randn(3, 64)
+    q = torch.randn(1, 16, 1, 32, dtype=F16)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        L.forward(x, None, None, 1e-5, None, None, 1.0, RNG)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        A.forward(q, q, q, None, None, None, None, -0.1, RNG)
+    with pytest.raises(ValueError, match="rng"):
+        L.forward(x, None, None, 1e-5, None, None, 0.1, None)
+    with pytest.raises(ValueError, match="rng"):
+        A.forward(q, q, q, None, None, None, None, 0.1, RNG.to(torch.int32))
+
+
 # the kernels whose warps talk through shared memory, under every schedule
 SCHEDULED = {
     "layer_norm_8_warps": lambda: C.check_layer_norm(F32, 3, 4100),
@@ -503,6 +657,8 @@ SCHEDULED = {
     "masked_softmax_8_warps": lambda: C.check_masked_softmax(F16, 1500),
     "attention_3_key_tiles": lambda: C.check_attention(F16, 128, B=2, S=77, H=1),
     "attention_varlen": lambda: C.check_attention_varlen(BF16, 64, lens=(70, 0, 9), H=1),
+    "attention_dropout": lambda: C.check_attention_dropout(F16, 64, 0.3, RNG, B=2, S=77, H=1),
+    "layer_norm_dropout_8_warps": lambda: C.check_layer_norm_dropout(F32, 3, 4100, 0.2, RNG),
 }
 
 
@@ -581,6 +737,14 @@ PLANTED = {
     "removed_syncthreads_row_reduce": ("common.cuh",
                                        "  __syncthreads();  // red may still be read by a previous reduction\n", "",
                                        "layer_norm_bug", ("warp_ahead", "warp_ahead_reverse")),
+    # dropout: the backward regenerating another mask than the forward's, a missing 1 / (1 - p), a mask
+    # left out of one of the three places layer_norm recomputes it
+    "dropout_backward_mask_transposed": ("attention.cuh", "(ROWS_ARE_KEYS ? w10 : w01) >= r.threshold;",
+                                         "w01 >= r.threshold;", "attention_dropout_bug", ALL),
+    "dropout_forward_scale_missing": ("attention.cuh", "    if constexpr (DROPOUT) inv[half] *= p.drop_scale;\n",
+                                      "", "attention_dropout_bug", ALL),
+    "dropout_dx_bias_unmasked": ("layer_norm.cuh", "adxb += kp[0] ? dh * p.drop_scale : 0.f;",
+                                 "adxb += dh * p.drop_scale;", "layer_norm_dropout_bug", ALL),
 }
 
 

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "../common.cuh"
+#include "../philox.cuh"
 #include "../primitives.cuh"
 #include "runtime.h"
 
@@ -112,6 +113,22 @@ __global__ void shfl_probe_kernel(const ShflProbe p) {
     default: r = __shfl_xor_sync(p.mask, p.v[lane], p.b[lane], p.width); break;
   }
   p.out[lane] = r;
+}
+
+struct PhiloxProbe {
+  const uint32_t* ctr;  // (n, 4) counters
+  const uint32_t* key;  // (n, 2) keys
+  uint32_t* out;        // (n, 4)
+  int64_t n;
+};
+
+// csrc/philox.cuh's philox4x32_10, the generator of the dropout kernels, one call per thread and row
+__global__ void philox_probe_kernel(const PhiloxProbe p) {
+  for (int64_t i = threadIdx.x; i < p.n; i += blockDim.x) {
+    const uint32_t* c = p.ctr + 4 * i;
+    const rf::Philox4 r = rf::philox4x32_10(rf::Philox4{c[0], c[1], c[2], c[3]}, p.key[2 * i], p.key[2 * i + 1]);
+    p.out[4 * i] = r.x, p.out[4 * i + 1] = r.y, p.out[4 * i + 2] = r.z, p.out[4 * i + 3] = r.w;
+  }
 }
 
 struct VoteProbe {
@@ -320,6 +337,16 @@ void bind(py::module_& m) {
         run_or_raise("vote_probe_kernel");
       },
       "out (32, 3): __ballot_sync, __any_sync, __all_sync", py::arg("pred"), py::arg("mask"), py::arg("out"));
+
+  m.def(
+      "philox4x32_10",
+      [](uintptr_t ctr, uintptr_t key, uintptr_t out, int64_t n) {
+        RF_LAUNCH(1, 32, 0, nullptr, philox_probe_kernel)(PhiloxProbe{as<const uint32_t>(ctr), as<const uint32_t>(key),
+                                                                      as<uint32_t>(out), n});
+        run_or_raise("philox_probe_kernel");
+      },
+      "out (n, 4) u32 = Philox4x32-10 (csrc/philox.cuh) of counters ctr (n, 4) u32 under keys key (n, 2) u32",
+      py::arg("ctr"), py::arg("key"), py::arg("out"), py::arg("n"));
 
   // ---- scheduling and launch probes
   m.def(

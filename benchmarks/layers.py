@@ -9,11 +9,15 @@ measured   the aten ops one layer dispatches, counted with a TorchDispatchMode a
            (each fused op is one custom op = one launch); on a GPU both run there, roberta_fast with
            its automatic backend choice, and the CUDA kernels of one layer are also counted with
            torch.profiler.
+measured   train_launches / train_ops: the same difference for one training forward + backward (train mode,
+(train)    hidden and attention-probs dropout TRAIN_DROPOUT, autograd on: the backward's ops count too; the
+           gradients are reset to None between calls, as zero_grad() does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import Counter
 
@@ -32,6 +36,7 @@ VIEW_OPS = {
     "sym_size", "sym_stride", "sym_numel", "is_same_size", "dim", "size", "stride", "numel", "_nested_tensor_size",
     "contiguous", "_local_scalar_dense", "is_nonzero", "item", "equal",
 }
+TRAIN_DROPOUT = 0.1  # hidden and attention-probs dropout of the training count (transformers' default)
 TINY = {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256, "vocab_size": 128,
         "max_position_embeddings": 40, "type_vocab_size": 1, "pad_token_id": 1}
 
@@ -55,8 +60,9 @@ def _op_name(func) -> str:
     return base if ns == "aten" else f"{ns}::{base}"
 
 
-def count_ops(fn) -> Counter:
-    """aten (and custom) ops fn dispatches, views excluded."""
+def count_ops(fn, grad: bool = False) -> Counter:
+    """aten (and custom) ops fn dispatches, views excluded; under no_grad unless grad (then a backward inside
+    fn counts too)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Count(TorchDispatchMode):
@@ -71,7 +77,7 @@ def count_ops(fn) -> Counter:
             return func(*args, **(kwargs or {}))
 
     mode = _Count()
-    with torch.no_grad(), mode:
+    with (contextlib.nullcontext() if grad else torch.no_grad()), mode:
         fn()
     return mode.ops
 
@@ -92,11 +98,12 @@ def count_cuda_kernels(fn) -> int:
     return n
 
 
-def _tiny_models(layers: int, device, dtype):
+def _tiny_models(layers: int, device, dtype, dropout: float = TRAIN_DROPOUT):
     from transformers import AutoModel, RobertaConfig
 
     torch.manual_seed(0)
-    cfg = RobertaConfig(num_hidden_layers=layers, **TINY)
+    cfg = RobertaConfig(num_hidden_layers=layers, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        **TINY)
     return AutoModel.from_config(cfg, attn_implementation="eager").eval().to(device=device, dtype=dtype)
 
 
@@ -129,8 +136,12 @@ def _env(key, value):
         backends.reset()
 
 
-def _per_layer(build, device, counter):
+def _per_layer(build, device, counter, train: bool = False):
+    """The count of one layer: a 2-layer model's minus a 1-layer model's. train: the models in train mode,
+    one forward + backward (of the last hidden state's sum) per count, gradients reset to None first."""
     ids, mask = _tiny_inputs(device)
+    if train and counter is count_ops:
+        counter = functools.partial(count_ops, grad=True)
     counts = []
     for layers in (1, 2):
         m = build(layers)
@@ -138,6 +149,16 @@ def _per_layer(build, device, counter):
         def fwd(m=m):
             with torch.no_grad():
                 return m(input_ids=ids, attention_mask=mask)
+
+        def step(m=m):
+            for p in m.parameters():
+                p.grad = None
+            with torch.enable_grad():
+                m(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+
+        if train:
+            m.train()
+            fwd = step
 
         fwd()  # warm-up: caches (fused QKV weight, autotuning) are built outside the count
         counts.append(counter(fwd))
@@ -166,6 +187,8 @@ def measured(device: torch.device, kernel_backend: str | None) -> dict:
             with _env("ROBERTA_FAST_BACKEND", backend):
                 ops = _per_layer(build, device, count_ops)
                 rec = {"backend": label, "ops": ops, "launches": sum(ops.values())}
+                train_ops = _per_layer(build, device, count_ops, train=True)  # forward + backward, dropout
+                rec.update(train_ops=train_ops, train_launches=sum(train_ops.values()), train_dropout=TRAIN_DROPOUT)
                 if device.type == "cuda":
                     rec["cuda_kernels"] = _per_layer(build, device, count_cuda_kernels)
         except NotImplementedError as e:

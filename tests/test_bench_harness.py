@@ -147,6 +147,26 @@ def test_our_layer_measured_has_the_fused_ops():
     assert sum(ops.values()) == len(flops.layer_kernels("roberta_fast", **SMALL)) == 8
 
 
+@pytest.mark.slow  # ~25-50 s on 2 cores: four training steps per model under the Triton interpreter
+def test_training_layer_launches():
+    """One layer's forward + backward in train mode with dropout 0.1 (issue 13): at most 26 launching ops for
+    roberta_fast (Triton backend: fused bias + dropout + residual + LayerNorm, dropout inside attention, no QKV
+    concatenation and no zero gradients), against transformers eager's count."""
+    from roberta_fast.optimize import optimize
+
+    cpu = torch.device("cpu")
+    hf = layers._per_layer(lambda n: layers._tiny_models(n, cpu, torch.float32), cpu, layers.count_ops, train=True)
+    assert hf["bernoulli_"] == 3 and hf["native_layer_norm_backward"] == 2, hf  # three dropouts, two norms
+    build = lambda n: optimize(layers._tiny_models(n, cpu, torch.float32))  # noqa: E731
+    with layers._env("ROBERTA_FAST_BACKEND", "triton"):
+        ops = layers._per_layer(build, cpu, layers.count_ops, train=True)
+    assert sum(ops.values()) <= 26 < sum(hf.values()), (ops, hf)
+    for name in ("layer_norm", "attention_varlen", "bias_gelu"):
+        assert ops[f"roberta_fast::{name}_fwd"] == ops[f"roberta_fast::{name}_bwd"], ops
+    for unfused in ("bernoulli_", "native_dropout", "_softmax", "bmm", "cat", "zeros", "fill_", "native_layer_norm"):
+        assert unfused not in ops, ops
+
+
 # ----------------------------------------------------------------------------- grids and cases
 
 

@@ -32,9 +32,19 @@ from ._launch import INTERPRET, cdiv
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32 (b cast to a's dtype). UPCAST (interpreter + bfloat16 only): Triton's interpreter
+    multiplies bfloat16 bit patterns in tl.dot, so the tiles go through float32 there; never on a GPU."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _logits_tile(
     Hp, Wp, rows64, row_ok, cols64, col_ok, K, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """(BLOCK_M, BLOCK_V) fp32 tile of h W^T (no bias)."""
     acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
@@ -45,7 +55,7 @@ def _logits_tile(
                     other=0.0)  # (BLOCK_M, BLOCK_K)
         w = tl.load(Wp + cols64[None, :] * K + ks[:, None], mask=col_ok[None, :] & k_ok[:, None],
                     other=0.0)  # (BLOCK_K, BLOCK_V), W^T's tile
-        acc = tl.dot(h, w.to(h.dtype), acc, input_precision=DOT_PREC)
+        acc = _dot(h, w, acc, DOT_PREC, UPCAST)
     return acc
 
 
@@ -69,6 +79,7 @@ def _lce_fwd_kernel(
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter + bfloat16 only (see _dot)
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -87,7 +98,7 @@ def _lce_fwd_kernel(
         col_ok = cols < v_end
         cols64 = cols.to(tl.int64)
         z = _logits_tile(Hp, Wp, rows64, row_ok, cols64, col_ok, K, stride_hm, BLOCK_M, BLOCK_V, BLOCK_K,
-                         DOT_PREC)
+                         DOT_PREC, UPCAST)
         if HAS_BIAS:
             z += tl.load(Bp + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         zm = tl.where(col_ok[None, :], z, float("-inf"))
@@ -126,6 +137,7 @@ def _lce_dlogits_kernel(
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter + bfloat16 only (see _dot)
 ):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -135,7 +147,8 @@ def _lce_dlogits_kernel(
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = local < C
     cols64 = (v0 + local).to(tl.int64)
-    z = _logits_tile(Hp, Wp, rows64, row_ok, cols64, col_ok, K, stride_hm, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PREC)
+    z = _logits_tile(Hp, Wp, rows64, row_ok, cols64, col_ok, K, stride_hm, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PREC,
+                     UPCAST)
     if HAS_BIAS:
         z += tl.load(Bp + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = tl.load(Yp + rows64, mask=row_ok, other=ignore_index)
@@ -166,6 +179,7 @@ def _mm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter + bfloat16 only (see _dot)
 ):
     pid = tl.program_id(0)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -182,7 +196,7 @@ def _mm_kernel(
         a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         b = tl.load(B + ks[:, None] * stride_bk + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PREC)
+        acc = _dot(a, b, acc, DOT_PREC, UPCAST)
     ok = row_ok[:, None] & col_ok[None, :]
     out = Cp + rows[:, None] * stride_cm + cols[None, :]
     if ACC:
@@ -203,6 +217,10 @@ _TARGET_PROGRAMS = 512  # forward: vocabulary splits until (row tiles x splits) 
 _CHUNK_ELEMS = 1 << 24  # backward: columns per chunk so that M x C stays near this many elements
 _CHUNK_MIN, _CHUNK_MAX = 1024, 16384
 _INTERPRET_CHUNK = 192  # under the interpreter: several chunks (one ragged) per test vocabulary
+
+
+def _upcast(dtype) -> bool:
+    return INTERPRET and dtype == torch.bfloat16
 
 
 def _prec(dtype) -> str:
@@ -258,7 +276,8 @@ def forward(hidden, weight, bias, labels, ignore_index, label_smoothing):
     _lce_fwd_kernel[(cdiv(M, block_m), n_split)](
         hidden, weight, bias if bias is not None else weight, labels, part[0], part[1], part[2], part[3],
         M, V, K, hidden.stride(0), per, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, DOT_PREC=_prec(hidden.dtype), num_warps=warps, num_stages=stages,
+        HAS_BIAS=bias is not None, DOT_PREC=_prec(hidden.dtype), UPCAST=_upcast(hidden.dtype), num_warps=warps,
+        num_stages=stages,
     )
     pm, ps, pzy, pzs = part
     m = pm.amax(0)
@@ -278,7 +297,7 @@ def backward(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoot
     dev = hidden.device
     block_m, block_v, block_k, warps, stages = _tile(hidden.dtype)
     mm_m, mm_n, mm_k, mm_warps, mm_stages = _mm_tile(hidden.dtype)
-    prec = _prec(hidden.dtype)
+    prec, up = _prec(hidden.dtype), _upcast(hidden.dtype)
     C = chunk_columns(M, V)
     dz = torch.empty((M, C), dtype=hidden.dtype, device=dev)
     dh = torch.empty((M, K), dtype=torch.float32, device=dev)
@@ -291,18 +310,19 @@ def backward(dloss, hidden, weight, bias, labels, lse, ignore_index, label_smoot
         _lce_dlogits_kernel[(cdiv(M, block_m), cdiv(c, block_v))](
             hidden, weight, bias if bias is not None else weight, labels, lse, dloss, dzc, M, V, K,
             hidden.stride(0), v0, c, ignore_index, keep, spread, BLOCK_M=block_m, BLOCK_V=block_v,
-            BLOCK_K=block_k, HAS_BIAS=bias is not None, DOT_PREC=prec, num_warps=warps, num_stages=stages,
+            BLOCK_K=block_k, HAS_BIAS=bias is not None, DOT_PREC=prec, UPCAST=up, num_warps=warps,
+            num_stages=stages,
         )
         wc = weight[v0:v0 + c]  # (c, K) contiguous rows
         # dh (+)= dz_c @ W_c
         _mm_kernel[(cdiv(M, mm_m) * cdiv(K, mm_n),)](
             dzc, wc, dh, M, K, c, c, 1, K, K, ACC=i > 0, BLOCK_M=mm_m, BLOCK_N=mm_n, BLOCK_K=mm_k,
-            DOT_PREC=prec, num_warps=mm_warps, num_stages=mm_stages,
+            DOT_PREC=prec, UPCAST=up, num_warps=mm_warps, num_stages=mm_stages,
         )
         # dW_c = dz_c^T @ h
         _mm_kernel[(cdiv(c, mm_m) * cdiv(K, mm_n),)](
             dzc, hidden, dw[v0:v0 + c], c, K, M, 1, c, hidden.stride(0), K, ACC=False, BLOCK_M=mm_m,
-            BLOCK_N=mm_n, BLOCK_K=mm_k, DOT_PREC=prec, num_warps=mm_warps, num_stages=mm_stages,
+            BLOCK_N=mm_n, BLOCK_K=mm_k, DOT_PREC=prec, UPCAST=up, num_warps=mm_warps, num_stages=mm_stages,
         )
         if db is not None:
             torch.sum(dzc, 0, dtype=torch.float32, out=db[v0:v0 + c])
@@ -333,7 +353,7 @@ def aot_specs():
         block_m, block_v, block_k, warps, stages = _TILE[xd]
         tag = f"{str(xd)[6:]},w={str(wd)[6:]},bias={str(bd)[6:] if bd is not None else 'none'}"
         consts = {"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k, "HAS_BIAS": bd is not None,
-                  "DOT_PREC": _prec(xd)}
+                  "DOT_PREC": _prec(xd), "UPCAST": False}
         bp = ptr(bd) if bd is not None else ptr(wd)
         common = {"Hp": ptr(xd), "Wp": ptr(wd), "Bp": bp, "Yp": "*i64"}
         cx = {k: "constexpr" for k in consts}
@@ -353,7 +373,8 @@ def aot_specs():
             mm_m, mm_n, mm_k, warps, stages = _MM[xd]
             for what, bd, cd, acc in (("dh", wd, torch.float32, False), ("dh", wd, torch.float32, True),
                                       ("dw", xd, wd, False)):
-                consts = {"ACC": acc, "BLOCK_M": mm_m, "BLOCK_N": mm_n, "BLOCK_K": mm_k, "DOT_PREC": _prec(xd)}
+                consts = {"ACC": acc, "BLOCK_M": mm_m, "BLOCK_N": mm_n, "BLOCK_K": mm_k, "DOT_PREC": _prec(xd),
+                          "UPCAST": False}
                 specs.append(AOTSpec(
                     name=f"lce_mm_{what}[{str(xd)[6:]},B={str(bd)[6:]},out={str(cd)[6:]},acc={int(acc)}]",
                     fn=_mm_kernel,

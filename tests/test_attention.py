@@ -303,7 +303,7 @@ def test_lse(device, backend, varlen):
     cu = torch.tensor([0, S, S, S + 5], dtype=torch.int32, device=device)
     if varlen:
         q, k, v = (torch.randn(S + 5 + 2, H, D, device=device).to(dtype) for _ in range(3))
-        o, lse = kernels.forward(q, k, v, None, cu, S, scale)
+        o, lse = kernels.forward(q, k, v, None, cu, S, scale, 0.0, None)
         expect = torch.full((H, q.shape[0]), NEG_INF, dtype=torch.float64)
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
             if e > s:
@@ -312,7 +312,7 @@ def test_lse(device, backend, varlen):
     else:
         q, k, v = (torch.randn(3, S, H, D, device=device).to(dtype) for _ in range(3))
         mask = (torch.arange(S)[None, :] < torch.tensor(lens)[:, None]).to(device)
-        o, lse = kernels.forward(q, k, v, mask, None, None, scale)
+        o, lse = kernels.forward(q, k, v, mask, None, None, scale, 0.0, None)
         sc = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
         expect = sc.masked_fill(~mask[:, None, None, :], NEG_INF).logsumexp(-1)  # (B, H, S)
     assert lse.dtype == torch.float32 and lse.shape == expect.shape

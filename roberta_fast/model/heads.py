@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import trusted as ops  # the model checks its inputs once per forward (docs/host_path.md)
+from ..ops.linear_cross_entropy import linear_cross_entropy
 from .config import ACTIVATIONS, EncoderConfig, as_config
 from .encoder import BertModel, RobertaModel
 from .outputs import MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput
@@ -49,6 +50,20 @@ def token_loss(logits, labels, num_classes):
     return F.cross_entropy(logits.view(-1, num_classes), labels.to(logits.device).view(-1))
 
 
+def masked_lm_loss(head, hidden, labels, *, backend=None):
+    """Masked-LM loss without the logits: head.transform (dense + GELU + LayerNorm) on the positions with a label
+    (labels != -100; selecting them reads the labels on the host once), then ops.linear_cross_entropy with the
+    decoder (tied to the word embeddings) and the bias; the mean over those positions, as F.cross_entropy.
+    hidden (B, S, H), labels (B, S) -> scalar. The CUDA C++ backend has no linear_cross_entropy kernel: a model
+    built with backend="cuda" lets this op choose its own."""
+    flat = labels.to(hidden.device).reshape(-1)
+    keep = (flat != -100).nonzero()[:, 0]  # (n,) labelled positions
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)  # (n, H)
+    h = head.transform(rows, backend=backend)
+    return linear_cross_entropy(h, head.decoder.weight, head.decoder.bias, flat.index_select(0, keep),
+                                backend=None if backend == "cuda" else backend)
+
+
 def qa_loss(start_logits, end_logits, start_positions, end_positions):
     """Mean of the start and end cross entropies; positions outside the sequence are ignored."""
     if start_positions is None or end_positions is None:
@@ -83,11 +98,14 @@ class RobertaLMHead(nn.Module):
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
+    def transform(self, x, backend=None):
+        """x (..., hidden) -> LayerNorm(GELU(dense(x))) (..., hidden)."""
+        x = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, "none", backend=backend)
+        return ops.layer_norm(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps, backend=backend)
+
     def forward(self, x, backend=None):
         """x (..., hidden) -> LayerNorm(GELU(dense(x))) @ decoder (..., vocab)."""
-        x = ops.bias_gelu(F.linear(x, self.dense.weight), self.dense.bias, "none", backend=backend)
-        x = ops.layer_norm(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps, backend=backend)
-        return F.linear(x, self.decoder.weight, self.decoder.bias)  # (..., vocab)
+        return F.linear(self.transform(x, backend=backend), self.decoder.weight, self.decoder.bias)  # (..., vocab)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -179,6 +197,11 @@ class _Head(PreTrainedEncoder):
 
 
 class _MaskedLM(_Head):
+    # Training with labels: the head's dense + GELU + LayerNorm on the labelled positions only, the decoder and the
+    # loss through ops.linear_cross_entropy (no (tokens, vocab) logits); `logits` is None then. Set False (or pass
+    # return_logits=True) for transformers' path. docs/pretraining.md.
+    fused_loss = True
+
     def _lm_head(self):
         raise NotImplementedError
 
@@ -206,10 +229,19 @@ class _MaskedLM(_Head):
         head.decoder.bias = head.bias
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, **kwargs):
-        """logits (B, S, vocab); loss: cross entropy over labels (B, S) (-100 = ignored)."""
+                inputs_embeds=None, labels=None, return_logits=None, **kwargs):
+        """logits (B, S, vocab); loss: cross entropy over labels (B, S) (-100 = ignored).
+
+        Fused loss (training mode, labels given, self.fused_loss True, return_logits not True): the loss of
+        `masked_lm_loss`, equal to transformers' (same mean over the labelled positions), computed without the
+        logits, and `logits` is None (the tuple output then starts (loss, ...) and holds no logits). In eval mode,
+        without labels, with return_logits=True or fused_loss False: logits for every position, as transformers.
+        """
         enc, rd = self._encode(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if labels is not None and self.fused_loss and self.training and not return_logits:
+            loss = masked_lm_loss(self._lm_head(), enc.last_hidden_state, labels, backend=self.backend)
+            return self._finish(MaskedLMOutput, rd, loss, (None,), enc)
         logits = self._lm_head()(enc.last_hidden_state, backend=self.backend)  # (B, S, vocab)
         loss = token_loss(logits, labels, self.config.vocab_size)
         return self._finish(MaskedLMOutput, rd, loss, (logits,), enc)

@@ -2,6 +2,11 @@
 
     roberta-fast bench [--quick] [--out DIR] [--only NAME] [--time-budget S] [--device cuda|cpu]
     roberta-fast demo [demo options]        (roberta_fast.demo.main)
+    roberta-fast embed [MODEL_DIR] [--input FILE --output FILE ...]
+                                            (sentence embeddings: roberta_fast.embed.job; without --input the
+                                            main job on the built-in all-MiniLM-L6-v2)
+    roberta-fast finetune [MODEL_DIR] --train FILE [--eval FILE] --task seq-cls|token-cls|qa --output DIR ...
+                                            (fine-tuning: roberta_fast.train; --builtin: the built-in task)
     roberta-fast env                        (versions, GPU, which backends can run here; exit 1 when a
                                             setting such as ROBERTA_FAST_BACKEND is invalid)
     roberta-fast tune [--quick] [--ops ...] [--dtypes ...] [--train] [--show] [--clear] [--device cuda|cpu]
@@ -21,6 +26,7 @@ import sys
 from pathlib import Path
 
 from roberta_fast.benchmarks import run as bench_run
+from roberta_fast.embed import job as embed_job
 
 
 def _needs_interpreter_restart(argv) -> bool:
@@ -153,7 +159,7 @@ def cmd_tune(args, argv) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roberta-fast", description="roberta_fast: a fast BERT-family encoder")
-    sub = p.add_subparsers(dest="cmd", metavar="{bench,demo,env,tune}")
+    sub = p.add_subparsers(dest="cmd", metavar="{bench,demo,embed,env,finetune,tune}")
     sub.required = True
     b = sub.add_parser("bench", help="kernel and encoder benchmarks (JSON, markdown, plots)",
                        description="Benchmarks every op and the encoder against eager PyTorch and the "
@@ -161,7 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_run.add_arguments(b)  # the options live with the harness (its module imports nothing heavy)
     d = sub.add_parser("demo", help="encode sample sentences and check parity with transformers", add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
+    e = sub.add_parser("embed", help="sentence embeddings of a file (text lines, jsonl, csv, parquet) or, without "
+                                     "--input, the main job on the built-in all-MiniLM-L6-v2",
+                       description=embed_job.__doc__.split("\n\n")[0])
+    embed_job.add_arguments(e)  # the options live with the job (roberta_fast/embed/job.py)
     sub.add_parser("env", help="versions, GPU and the backends available here")
+    from roberta_fast.train import cli as train_cli
+
+    f = sub.add_parser("finetune", help="fine-tune a checkpoint: seq-cls, token-cls or qa (docs/finetune.md)",
+                       description=train_cli.__doc__.split("\n\n")[0])
+    train_cli.add_arguments(f)  # the options live with the trainer (roberta_fast/train/cli.py)
     t = sub.add_parser("tune", help="pick the fastest verified backend per op and shape on this GPU and cache it",
                        description="Times every backend (torch, triton, cuda when built) of every op at RoBERTa "
                                    "shapes on this GPU, and the Triton kernels' candidate block configs, checks "
@@ -200,6 +215,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "env":
         return cmd_env()
+    if args.cmd == "embed":
+        return embed_job.run_from_args(args)
+    if args.cmd == "finetune":
+        from roberta_fast.train import cli as train_cli
+
+        return train_cli.run_from_args(args)
     if args.cmd == "tune":
         return cmd_tune(args, argv)
     if args.cmd == "bench":

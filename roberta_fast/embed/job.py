@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="FILE", help=".npy (plus FILE.ids.npy) or .parquet (id, embedding)")
     p.add_argument("--format", default="auto", help="input format: auto (from the name: .jsonl .csv .parquet, else "
                                                     "text lines), text, jsonl, csv, parquet")
-    p.add_argument("--field", default="text", help="the jsonl field / csv or parquet column of the text (default: text)")
+    p.add_argument("--field", default="text", help="the jsonl field / csv or parquet column of the text "
+                                                   "(default: text)")
     p.add_argument("--output-format", default="auto", help="auto (from the name), npy, parquet")
     p.add_argument("--chunk-size", type=int, default=65536, metavar="N",
                    help="records per chunk: the unit of streaming, of resuming and of sharding (default 65536)")
@@ -70,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="L2-normalize (default: the model folder's)")
     p.add_argument("--dtype", default=None, help="float16 / bfloat16 / float32 (default: float16 on a GPU, float32 "
                                                  "on the CPU)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available; torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available; torchrun: "
+                                                  "cuda:LOCAL_RANK)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per token bucket (GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 

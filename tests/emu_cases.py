@@ -388,6 +388,10 @@ CASES = {
                                     check_masked_softmax(BF16, 20000, mask_kind="additive_rows", B=1, H=1, Q=3)),
     "asan_attention": lambda: (check_attention(F16, 32), check_attention(BF16, 128, B=2, S=33)),
     "asan_attention_varlen": lambda: check_attention_varlen(F16, 64, lens=(37, 0, 1, 16)),
+    "asan_dropout": lambda: (check_layer_norm_dropout(F16, 5, 96, 0.2, torch.tensor([7, 1])),
+                             check_layer_norm_dropout(F32, 3, 13, 0.2, torch.tensor([7, 1])),
+                             check_attention_dropout(F16, 32, 0.2, torch.tensor([7, 1]), B=2, S=33, H=1),
+                             check_attention_dropout(BF16, 64, 0.2, torch.tensor([7, 1]), S=40, lens=(17, 0, 23))),
     # planted-bug targets of the dropout kernels: two key tiles and several query blocks per key block
     "attention_dropout_bug": lambda: check_attention_dropout(F16, 64, 0.3, torch.tensor([5, -9]), B=2, S=77, H=1),
     "layer_norm_dropout_bug": lambda: (check_layer_norm_dropout(F16, 9, 96, 0.3, torch.tensor([5, -9])),

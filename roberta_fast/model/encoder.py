@@ -11,11 +11,23 @@ calls F.linear and the fused ops of roberta_fast.ops on them, the bias of a GEMM
 it. One Layer, on `rows` tokens (the T real tokens when packed, B*S on the padded path):
 
     x (rows, hidden)
-      SelfAttention  QKV GEMM (one, fused weight cached) (rows, 3 * hidden)
+      SelfAttention  QKV GEMM (one, fused weight) (rows, 3 * hidden)
                      -> attention (varlen when packed, key padding mask when padded) (rows, hidden)
       SelfOutput     out GEMM (no bias) -> layer_norm(x_bias=out bias, residual=x)       h (rows, hidden)
       Intermediate   FFN1 GEMM (no bias) -> bias_gelu                                    (rows, intermediate)
       Output         FFN2 GEMM (no bias) -> layer_norm(x_bias=FFN2 bias, residual=h)     (rows, hidden)
+
+The fused QKV weight: in inference a concatenated copy, cached (rebuilt when a source changes); in training
+(autograd recording) the query / key / value parameters are moved once into one storage, back to back (each
+keeps its identity, name and values; its .data becomes a slice), and every step reads them as one view of it
+(_joined): no concatenation per step, gradients land in each parameter as slices of one gradient.
+
+Training dropout (train mode, transformers' hidden_dropout_prob and attention_probs_dropout_prob): ONE
+(layers * 3, 2) int64 draw of dropout keys per forward (_dropout_keys), rows handed to the ops: per layer the
+attention probabilities (dropout inside ops.attention / ops.attention_varlen), the attention output and the
+FFN output (layer_norm's fused bias + dropout + residual + LayerNorm). The masks are functions of the keys, so
+gradient checkpointing's recompute draws the same ones. The embeddings' dropout comes after their LayerNorm
+(transformers' order), which the fused op (dropout before the norm) cannot express: F.dropout, once per model.
 
 Padding (roberta_fast.padding): a padded batch is packed once after the embedding lookup (only the ids of
 real tokens are looked up), every GEMM and kernel runs on real tokens only, and the outputs are scattered back
@@ -24,9 +36,9 @@ once at the end. The padded positions of last_hidden_state and of every hidden_s
 ops.attention(key_padding_mask=...) and zeroes the padded positions the same way: both paths return identical
 tensors. The pooler reads position 0 as transformers does (a left-padded row gives tanh(pooler bias) there).
 
-Unfused attention: output_attentions=True, or attention-probs dropout > 0 in train mode, computes
-q k^T, ops.masked_softmax and probs @ v, and returns the probabilities (B, heads, S, S) (after dropout,
-as transformers does; padded query rows are zeros). Eval has no dropout anywhere.
+Unfused attention: output_attentions=True computes q k^T, ops.masked_softmax and probs @ v (in train mode with
+F.dropout on the probabilities), and returns the probabilities (B, heads, S, S) (after dropout, as transformers
+does; padded query rows are zeros). Eval has no dropout anywhere.
 
 Each forward synchronizes with the device once (model/checks.py): the input range checks and the mask
 statistics (real token count, longest sequence) are read back together, after which cuda_graphs=True replays
@@ -146,11 +158,12 @@ class SelfAttention(nn.Module):
     def qkv_weight_bias(self):
         """(3*hidden, hidden) weight and (3*hidden,) bias of the fused QKV GEMM.
 
-        When autograd records (grad mode on and a projection parameter requires grad) or under torch.compile,
-        the fused tensors are built with torch.cat (gradients reach query/key/value). Otherwise they are
-        built once and cached, keyed on the six source tensors' data_ptr and _version (an in-place update,
-        load_state_dict, .to() or a new tensor rebuilds them); the cache keeps the sources alive, so a freed
-        address cannot be reused by a different tensor under the same key.
+        Under torch.compile they are built with torch.cat. When autograd records (grad mode on and a projection
+        parameter requires grad) they are views of the parameters joined into one storage (_joined: moved there
+        once, no copy per step; gradients reach query/key/value). Otherwise they are built once and cached,
+        keyed on the six source tensors' data_ptr and _version (an in-place update, load_state_dict, .to() or a
+        new tensor rebuilds them); the cache keeps the sources alive, so a freed address cannot be reused by a
+        different tensor under the same key.
         """
         if self._qkv_static is not None:
             return self._qkv_static

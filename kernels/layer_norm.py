@@ -1,7 +1,14 @@
-"""Fused bias + residual + LayerNorm over the last dim, forward and backward (Triton).
+"""Fused bias + dropout + residual + LayerNorm over the last dim, forward and backward (Triton).
 
-    h = x + x_bias + residual          (fp32, never stored)
+    h = dropout(x + x_bias) + residual          (fp32, never stored)
     y = (h - mean(h)) * rstd(h) * weight + bias
+
+Dropout (DROPOUT constexpr; off compiles today's no-dropout kernel, bit for bit): element (row, col) is kept
+when a Philox-4x32-10 draw keyed by the 64-bit seed rng[0], counter (col, row, offset lo, offset hi) with
+offset = rng[1], is >= dropout_p as a uniform in [0, 1); kept values are scaled by 1 / (1 - dropout_p). The
+rng tensor is read on the device (no host read: CUDA graphs and torch.compile safe). The backward regenerates
+the same mask (nothing stored) and also writes dL/dh, the residual's gradient (dresidual), when there is a
+residual: one more (M, N) write; dx = dL/dh * mask / (1 - p).
 
 Bytes each pass must move (M rows of N elements, s = sizeof(x.dtype)):
   forward   reads x (+ residual), writes y and 8 B/row of statistics (mean, rstd):

@@ -30,4 +30,5 @@ from .model import (  # noqa: F401
     pool,
 )
 from .model.graphs import CudaGraphs  # noqa: F401
+from .embed import Embedder  # noqa: F401  (sentence embeddings: roberta_fast/embed/, docs/embedding.md)
 from .optimize import optimize  # noqa: F401  (bound after the submodule: the name is the function)

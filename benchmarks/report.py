@@ -41,6 +41,10 @@ ROW_KEYS = {
               "tokens_per_s": _OPT_NUM, "peak_mem_mib": _OPT_NUM, "loss": _OPT_NUM,
               "launches_per_layer": (int, type(None)), "speedup": _OPT_NUM, "speedup_sdpa": _OPT_NUM,
               "error": _OPT_STR},
+    "mlm": {"workload": str, "provider": str, "dtype": str, "batch": int, "seqlen": int, "hidden": int, "vocab": int,
+            "masked": int, "ms_p50": _OPT_NUM, "ms_p90": _OPT_NUM, "peak_mem_mib": _OPT_NUM, "alloc_mib": _OPT_NUM,
+            "largest_mib": _OPT_NUM, "mem_method": str, "loss": _OPT_NUM, "speedup": _OPT_NUM,
+            "mem_ratio": _OPT_NUM, "error": _OPT_STR},
 }
 TOP_KEYS = {"schema": str, "created": str, "mode": str, "quick": bool, "env": dict, "ceilings": dict,
             "rows": list, "notes": list, "elapsed_s": _NUM}
@@ -83,9 +87,9 @@ def validate(doc: dict) -> list[str]:
                 probs.append(f"rows[{i}] ({kind}) misses {k!r}")
             elif not isinstance(r[k], t) and not (t in (_NUM, _OPT_NUM) and r[k] in _NONFINITE):
                 probs.append(f"rows[{i}].{k} has type {type(r[k]).__name__}")
-        if kind in ("kernel", "encoder", "host", "train") and r.get("error") is None:
+        if kind in ("kernel", "encoder", "host", "train", "mlm") and r.get("error") is None:
             ms = {"kernel": r.get("ms"), "encoder": r.get("ms_p50"), "host": r.get("us"),
-                  "train": r.get("ms_p50")}[kind]
+                  "train": r.get("ms_p50"), "mlm": r.get("ms_p50")}[kind]
             if ms is None:
                 probs.append(f"rows[{i}] has neither a time nor an error")
     return probs
@@ -200,6 +204,9 @@ def to_markdown(doc: dict) -> str:
     trows = [r for r in rows if r.get("suite") == "train"]
     if trows:
         lines += _train_md(trows)
+    mrows = [r for r in rows if r.get("suite") == "mlm"]
+    if mrows:
+        lines += _mlm_md(mrows)
     crows = [r for r in rows if r.get("suite") == "check"]
     if crows:
         lines += ["", "## Kernel correctness checks", "",
@@ -230,6 +237,20 @@ def _train_md(trows) -> list[str]:
              _f(r.get("speedup_sdpa"), "{:.2f}x"), r.get("error") or ""] for r in trows]
     lines += _table(["model", "dtype", "workload", "provider", "tokens/s", "p50 ms", "p90 ms", "peak MiB",
                      "launches/layer", "loss", "vs eager", "vs SDPA", "error"], body)
+    return lines
+
+
+def _mlm_md(mrows) -> list[str]:
+    lines = ["", "## Masked-LM head + loss (forward + backward)", "",
+             "transformers' RobertaLMHead on every token + F.cross_entropy against ours (head on the masked rows, "
+             "ops.linear_cross_entropy: no logits tensor). Memory: GPU peak (max_memory_allocated); CPU: bytes of "
+             "every tensor made, counted by a TorchDispatchMode (mem_method).", ""]
+    body = [[r["workload"], r["dtype"], r["provider"], _f(r.get("masked"), "{:,}"), _f(r.get("ms_p50"), "{:.3g}"),
+             _f(r.get("peak_mem_mib"), "{:,.1f}"), _f(r.get("alloc_mib"), "{:,.1f}"),
+             _f(r.get("largest_mib"), "{:,.1f}"), _f(r.get("speedup"), "{:.2f}x"), _f(r.get("mem_ratio"), "{:.1f}x"),
+             r.get("error") or ""] for r in mrows]
+    lines += _table(["workload", "dtype", "provider", "masked", "p50 ms", "peak MiB", "allocated MiB",
+                     "largest MiB", "vs hf", "memory vs hf", "error"], body)
     return lines
 
 

@@ -19,6 +19,9 @@ stub CUDA driver (docs/host_path.md).
 
 train (bench_train): one fine-tuning step (forward + backward + AdamW) against transformers eager, SDPA and (GPU)
 torch.compile of SDPA: tokens/s, peak memory, launches per layer; the CPU run times a small version.
+
+mlm (bench_mlm): the masked-LM head + loss alone (ours: masked rows only + ops.linear_cross_entropy) against
+transformers' head + F.cross_entropy and (GPU) torch.compile of it: time and peak memory (CPU: bytes counted).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 
 CPU_NOTE = ("GPU figures need a GPU: no CUDA device here, so this is the reduced CPU run (torch-backend "
             "timings on small CPU shapes, Triton correctness under the interpreter, FLOP/byte/launch counts).")
-SUITES = ("kernels", "encoder", "layers", "checks", "host", "train")
+SUITES = ("kernels", "encoder", "layers", "checks", "host", "train", "mlm")
 
 
 def _cuda_available() -> bool:
@@ -94,7 +97,7 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
 
     import torch
 
-    from . import bench_encoder, bench_host, bench_ops, bench_train, layers, report
+    from . import bench_encoder, bench_host, bench_mlm, bench_ops, bench_train, layers, report
     from .common import Budget, datasheet_tflops, default_out_dir, environment, measure_ceilings, short_error
 
     dev = torch.device(dev_type)
@@ -187,6 +190,13 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
                                           rep_ms=rep_ms * (1 if dev_type == "cpu" else 3), progress=progress,
                                           notes=notes)
     seconds["train"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    if "mlm" in sel["suites"]:
+        if budget.left() <= 0:
+            notes.append("mlm suite skipped: time budget spent")
+        else:
+            rows += bench_mlm.run_mlm(dev, quick=quick, budget=budget, rep_ms=rep_ms, notes=notes)
+    seconds["mlm"] = time.monotonic() - t0
 
     doc = {
         "schema": report.SCHEMA,

@@ -12,6 +12,7 @@ from roberta_fast import backends, ops
 from roberta_fast.ops.linear_cross_entropy import TorchBackend
 from roberta_fast.testing import assert_rule
 
+
 def _ours_only(cpu, cuda):
     """with_cases' table for the torch and triton backends (the cuda backend has no kernel for this op: it is
     tested to say so, below)."""

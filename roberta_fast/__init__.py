@@ -13,6 +13,7 @@ CUDA graphs: `cuda_graphs=True` (or `CudaGraphs(...)`) on from_pretrained, the m
 
 from . import backends, ops, reference  # noqa: F401
 from ._version import __version__  # noqa: F401
+from .embed import Embedder  # noqa: F401  (sentence embeddings: roberta_fast/embed/, docs/embedding.md)
 from .model import (  # noqa: F401
     BertForMaskedLM,
     BertForQuestionAnswering,
@@ -30,5 +31,4 @@ from .model import (  # noqa: F401
     pool,
 )
 from .model.graphs import CudaGraphs  # noqa: F401
-from .embed import Embedder  # noqa: F401  (sentence embeddings: roberta_fast/embed/, docs/embedding.md)
 from .optimize import optimize  # noqa: F401  (bound after the submodule: the name is the function)

@@ -78,3 +78,39 @@ def test_two_ranks_resume(tmp_path):
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000006")
     run(tmp_path / "cut", 6, "--resume")
     assert _curve(tmp_path / "cut" / "metrics.jsonl") == _curve(tmp_path / "full" / "metrics.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="the model's training QKV join (roberta_fast/model/encoder.py _joined) moves FSDP2's "
+                          "unsharded parameters into its own buffer, which FSDP2 no longer refills: the forward "
+                          "keeps the first step's weights. With _joined replaced by torch.cat this passes "
+                          "(measured: rel. difference 7e-8 over 4 steps, exact resume)", strict=False)
+def test_fsdp_matches_one_process_and_resumes(tmp_path):
+    """--fsdp (FSDP2, one unit per encoder layer) with 2 gloo ranks on CPU: the single-process loss curve, and a
+    resume from its step-2 checkpoint continues it exactly."""
+    model_dir = builtin.make_model_dir(str(tmp_path / "model"), seed=0, hidden=32, layers=2, heads=2)
+    files = builtin.prepare(str(tmp_path / "data"), "seq-cls", n_train=96, n_eval=12, model=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "roberta_fast.cli", "finetune", model_dir, "--train",
+               files["train"], "--output", str(tmp_path / "fsdp"), "--batch-tokens", "128", "--max-steps", "4",
+               "--lr", "1e-3", "--dropout", "0", "--save-every", "2", "--no-progress", "--device", "cpu", "--fsdp",
+               "--keep-checkpoints", "5", *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        assert p.returncode == 0, p.stderr[-4000:]
+        return _curve(tmp_path / "fsdp" / "metrics.jsonl")
+
+    full = run()
+    single = Trainer(TrainArgs(model_dir=model_dir, train=files["train"], task="seq-cls", output=str(tmp_path / "one"),
+                               max_steps=4, lr=1e-3, dropout=0.0, batch_tokens=256, progress=False)).fit()
+    for (step, a), (_, b) in zip(full, single.losses):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: fsdp {a!r}, one process {b!r}"
+    import shutil
+
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-00000004")
+    assert run("--resume") == full
+    from roberta_fast import RobertaForSequenceClassification
+
+    RobertaForSequenceClassification.from_pretrained(str(tmp_path / "fsdp"))  # the gathered output loads

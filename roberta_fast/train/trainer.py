@@ -40,7 +40,7 @@ from . import optim as O
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # the options that decide which examples make each step: a resumed run must keep them
-_PLAN_KEYS = ("task", "seed", "accumulation", "max_steps", "epochs")
+_PLAN_KEYS = ("task", "seed", "accumulation", "max_steps", "epochs", "fsdp")
 
 
 @dataclass
@@ -78,7 +78,7 @@ class TrainArgs:
     resume: bool = False  # continue from the newest complete checkpoint in OUTPUT/checkpoints
     log_every: int = 1
     progress: bool = True
-    fsdp: bool = False  # FullyShardedDataParallel instead of DDP (several processes only)
+    fsdp: bool = False  # FSDP2 (torch.distributed.fsdp.fully_shard, per encoder layer) instead of DDP
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
     backend: str | None = None  # roberta_fast op backend (torch | triton | cuda | None = automatic)
     hf: bool = False  # load the transformers model and roberta_fast.optimize() it instead of ours
@@ -310,12 +310,16 @@ class Trainer:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         if self.args.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-            layer_cls = {type(m) for n, m in model.named_modules() if n.endswith("encoder.layer.0")}
-            return FSDP(model, auto_wrap_policy=ModuleWrapPolicy(layer_cls) if layer_cls else None,
-                        use_orig_params=True, device_id=self.device if self.device.type == "cuda" else None)
+            try:
+                from torch.distributed.fsdp import fully_shard  # FSDP2: torch >= 2.6
+            except ImportError as e:
+                raise ValueError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard): {e}") from None
+            self._plain_cls = type(model)
+            for name, m in model.named_modules():  # one unit per encoder layer, then the rest
+                if name.rsplit(".", 1)[0].endswith("encoder.layer"):
+                    fully_shard(m)
+            fully_shard(model)
+            return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=ids)
@@ -367,10 +371,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         norm = None
         if a.clip > 0:
-            if a.fsdp:
-                norm = self.model.clip_grad_norm_(a.clip)
-            else:
-                norm = torch.nn.utils.clip_grad_norm_(self._params(), a.clip)
+            norm = torch.nn.utils.clip_grad_norm_(self._params(), a.clip)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+                norm = norm.full_tensor()
         skipped = False
         if self.scaler.is_enabled():
             before = self.scaler.get_scale()
@@ -453,13 +456,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def _model_state(self):
-        if self.args.fsdp:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if self.args.fsdp:  # gathered: full tensors on CPU (keyed by parameter name for the optimizer)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-            cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, cfg):
-                return self.model.state_dict(), FSDP.optim_state_dict(self.model, self.optimizer)
+            return get_state_dict(self.model, self.optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.raw.state_dict(), self.optimizer.state_dict()
 
     def save_checkpoint(self, step: int, epoch: int, batch_index: int) -> str | None:
@@ -503,13 +504,10 @@ class Trainer:
         model_sd = ckpt.load(path, "model.pt")
         opt_sd = ckpt.load(path, "optimizer.pt")
         if a.fsdp:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-                self.model.load_state_dict(model_sd)
-                self.optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, self.optimizer, opt_sd))
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=opt_sd,
+                           options=StateDictOptions(full_state_dict=True))
         else:
             self.raw.load_state_dict(model_sd)
             self.optimizer.load_state_dict(opt_sd)
@@ -633,16 +631,16 @@ class Trainer:
     def save_pretrained(self, path):
         """config.json + model.safetensors (transformers' layout) + the tokenizer files, loadable by
         transformers' AutoModelFor... and by roberta_fast's classes."""
-        if self.args.fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            ctx = FSDP.summon_full_params(self.model, writeback=False, rank0_only=True, offload_to_cpu=True)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx:
+        model = self.raw
+        if self.args.fsdp:  # gather the full weights into a plain copy of the model on rank 0
+            full, _ = self._model_state()
             if self.is_main:
-                os.makedirs(path, exist_ok=True)
-                self.raw.save_pretrained(path)
+                with torch.device("meta"):
+                    model = self._plain_cls(self.raw.config)
+                model.load_state_dict(full, assign=True)
+        if self.is_main:
+            os.makedirs(path, exist_ok=True)
+            model.save_pretrained(path)
         if not self.is_main:
             return
         src = self.args.model_dir

@@ -45,6 +45,9 @@ ROW_KEYS = {
             "masked": int, "ms_p50": _OPT_NUM, "ms_p90": _OPT_NUM, "peak_mem_mib": _OPT_NUM, "alloc_mib": _OPT_NUM,
             "largest_mib": _OPT_NUM, "mem_method": str, "loss": _OPT_NUM, "speedup": _OPT_NUM,
             "mem_ratio": _OPT_NUM, "error": _OPT_STR},
+    "embed": {"model": str, "dtype": str, "workload": str, "provider": str, "texts": int, "real_tokens": int,
+              "ms_p50": _OPT_NUM, "sentences_per_s": _OPT_NUM, "tokens_per_s": _OPT_NUM, "speedup_st": _OPT_NUM,
+              "speedup_sdpa": _OPT_NUM, "min_cos": _OPT_NUM, "error": _OPT_STR},
 }
 TOP_KEYS = {"schema": str, "created": str, "mode": str, "quick": bool, "env": dict, "ceilings": dict,
             "rows": list, "notes": list, "elapsed_s": _NUM}
@@ -87,9 +90,9 @@ def validate(doc: dict) -> list[str]:
                 probs.append(f"rows[{i}] ({kind}) misses {k!r}")
             elif not isinstance(r[k], t) and not (t in (_NUM, _OPT_NUM) and r[k] in _NONFINITE):
                 probs.append(f"rows[{i}].{k} has type {type(r[k]).__name__}")
-        if kind in ("kernel", "encoder", "host", "train", "mlm") and r.get("error") is None:
+        if kind in ("kernel", "encoder", "host", "train", "mlm", "embed") and r.get("error") is None:
             ms = {"kernel": r.get("ms"), "encoder": r.get("ms_p50"), "host": r.get("us"),
-                  "train": r.get("ms_p50"), "mlm": r.get("ms_p50")}[kind]
+                  "train": r.get("ms_p50"), "mlm": r.get("ms_p50"), "embed": r.get("ms_p50")}[kind]
             if ms is None:
                 probs.append(f"rows[{i}] has neither a time nor an error")
     return probs
@@ -207,6 +210,9 @@ def to_markdown(doc: dict) -> str:
     mrows = [r for r in rows if r.get("suite") == "mlm"]
     if mrows:
         lines += _mlm_md(mrows)
+    embrows = [r for r in rows if r.get("suite") == "embed"]
+    if embrows:
+        lines += _embed_md(embrows)
     crows = [r for r in rows if r.get("suite") == "check"]
     if crows:
         lines += ["", "## Kernel correctness checks", "",
@@ -237,6 +243,20 @@ def _train_md(trows) -> list[str]:
              _f(r.get("speedup_sdpa"), "{:.2f}x"), r.get("error") or ""] for r in trows]
     lines += _table(["model", "dtype", "workload", "provider", "tokens/s", "p50 ms", "p90 ms", "peak MiB",
                      "launches/layer", "loss", "vs eager", "vs SDPA", "error"], body)
+    return lines
+
+
+def _embed_md(rows) -> list[str]:
+    lines = ["", "## Embedding a mixed-length corpus (benchmarks/bench_embed.py)", "",
+             "Texts/s and real tokens/s (after truncation) of encode() with all-MiniLM-L6-v2, pooled and "
+             "normalized: roberta_fast.Embedder (rf), sentence-transformers encode() (st), transformers SDPA with "
+             "the same pooling (hf_sdpa); min cos: against st's embeddings.", ""]
+    body = [[r["model"], r["dtype"], r["workload"], r["provider"], _f(r.get("sentences_per_s"), "{:,.1f}"),
+             _f(r.get("tokens_per_s"), "{:,.0f}"), _f(r.get("ms_p50"), "{:,.0f}"), _f(r.get("speedup_st"), "{:.2f}x"),
+             _f(r.get("speedup_sdpa"), "{:.2f}x"), _f(r.get("min_cos"), "{:.7f}"), r.get("error") or ""]
+            for r in rows]
+    lines += _table(["model", "dtype", "corpus", "provider", "texts/s", "tokens/s", "p50 ms", "vs st", "vs hf_sdpa",
+                     "min cos", "error"], body)
     return lines
 
 

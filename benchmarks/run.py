@@ -10,8 +10,8 @@ perf_counter, Triton checked for correctness under TRITON_INTERPRET=1 on tiny sh
 roberta-base encoder on the CPU, and the FLOP / byte / launch counts. Its first output line says that
 GPU figures need a GPU.
 
---only takes a comma-separated list of: kernels, encoder, layers, checks, host, train, an op name (layer_norm,
-bias_gelu, masked_softmax, attention, attention_varlen) or a model name (roberta-base, roberta-large).
+--only takes a comma-separated list of: kernels, encoder, layers, checks, host, train, mlm, embed, an op name
+(layer_norm, bias_gelu, masked_softmax, attention, attention_varlen) or a model name (roberta-base, roberta-large).
 
 host (bench_host): the host time of the GPU path per op and per roberta-base forward beside plain PyTorch ops and
 transformers eager / SDPA, with Python-call and launch counts; without a GPU it runs in a child process over a
@@ -19,6 +19,9 @@ stub CUDA driver (docs/host_path.md).
 
 train (bench_train): one fine-tuning step (forward + backward + AdamW) against transformers eager, SDPA and (GPU)
 torch.compile of SDPA: tokens/s, peak memory, launches per layer; the CPU run times a small version.
+
+embed (bench_embed): texts/s and real tokens/s of encoding a mixed-length corpus with all-MiniLM-L6-v2: ours
+against sentence-transformers' encode() and transformers SDPA with the same pooling (fp16 on a GPU, fp32 on the CPU).
 
 mlm (bench_mlm): the masked-LM head + loss alone (ours: masked rows only + ops.linear_cross_entropy) against
 transformers' head + F.cross_entropy and (GPU) torch.compile of it: time and peak memory (CPU: bytes counted).
@@ -35,7 +38,7 @@ from pathlib import Path
 
 CPU_NOTE = ("GPU figures need a GPU: no CUDA device here, so this is the reduced CPU run (torch-backend "
             "timings on small CPU shapes, Triton correctness under the interpreter, FLOP/byte/launch counts).")
-SUITES = ("kernels", "encoder", "layers", "checks", "host", "train", "mlm")
+SUITES = ("kernels", "encoder", "layers", "checks", "host", "train", "mlm", "embed")
 
 
 def _cuda_available() -> bool:
@@ -97,7 +100,7 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
 
     import torch
 
-    from . import bench_encoder, bench_host, bench_mlm, bench_ops, bench_train, layers, report
+    from . import bench_embed, bench_encoder, bench_host, bench_mlm, bench_ops, bench_train, layers, report
     from .common import Budget, datasheet_tflops, default_out_dir, environment, measure_ceilings, short_error
 
     dev = torch.device(dev_type)
@@ -197,6 +200,13 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
         else:
             rows += bench_mlm.run_mlm(dev, quick=quick, budget=budget, rep_ms=rep_ms, notes=notes)
     seconds["mlm"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    if "embed" in sel["suites"]:
+        if budget.left() <= 0:
+            notes.append("embed suite skipped: time budget spent")
+        else:
+            rows += bench_embed.run_embed(device=dev, quick=quick, budget=budget, progress=progress, notes=notes)
+    seconds["embed"] = time.monotonic() - t0
 
     doc = {
         "schema": report.SCHEMA,
@@ -254,7 +264,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output directory (default bench_out/<date>_<gpu>)")
     p.add_argument("--only", metavar="NAME", default=None,
-                   help="comma-separated: kernels, encoder, layers, checks, host, train, an op or a model name")
+                   help="comma-separated: kernels, encoder, layers, checks, host, train, mlm, embed, an op or a "
+                        "model name")
     p.add_argument("--time-budget", metavar="SECONDS", type=float, default=None,
                    help="skip (and say so) what would start after this many seconds")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")

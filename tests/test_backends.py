@@ -321,7 +321,7 @@ LAYERS = [
     ["roberta_fast.tuned", "roberta_fast.backends"],
     ["roberta_fast.ops", "roberta_fast.padding"],
     ["roberta_fast.model", "roberta_fast.testing"],
-    ["roberta_fast.optimize"],
+    ["roberta_fast.optimize", "roberta_fast.embed"],  # embed: Embedder, the embed job (model + tokenizer)
     ["roberta_fast.tuning", "roberta_fast.demo", "roberta_fast.benchmarks"],
     ["roberta_fast"],
     ["roberta_fast.cli"],

@@ -345,6 +345,47 @@ def test_cli_runs(tiny, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_sigkill_mid_run_then_resume(tiny, tmp_path):
+    """A CLI run killed with SIGKILL once it has logged step 9 (maybe while writing a checkpoint), then resumed
+    with --resume, gives the loss curve of an uninterrupted run (both in fresh processes, one thread, CPU fp32)."""
+    import signal
+    import time
+
+    model_dir, files = tiny
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "roberta_fast.cli", "finetune", model_dir, "--train", files["seq-cls"]["train"],
+                "--output", str(out), "--max-steps", "24", "--batch-tokens", "128", "--lr", "1e-3", "--save-every",
+                "2", "--no-progress", "--device", "cpu", "--keep-checkpoints", "3", *extra]
+
+    def curve(out):
+        return [(r["step"], r["loss"]) for r in map(json.loads, open(out / "metrics.jsonl")) if r["type"] == "train"]
+
+    p = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cmd(cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (cut / "metrics.jsonl").exists() and len(curve(cut)) >= 9:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(curve(cut)) < 24
+    p = subprocess.run(cmd(cut, "--resume"), capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stderr
+    assert curve(cut) == curve(tmp_path / "full")
+
+
+@pytest.mark.slow
 def test_builtin_task_reaches_high_accuracy(tmp_path):
     """`roberta-fast finetune --builtin` end to end in a fresh process (CPU, one thread): the tiny RoBERTa learns
     the built-in sentiment-word task (roberta_fast/train/builtin.py says what it learns and why it is learnable)

@@ -88,7 +88,9 @@ def run_from_args(args) -> int:
     if args.builtin:
         kw.update(builtin.DEFAULTS)
         if train is None or model_dir is None:
-            paths = builtin.prepare(os.path.join(args.output, "builtin"), args.task, model=model_dir is None)
+            rank = int(os.environ.get("RANK", "0"))  # under torchrun each rank writes its own (identical) copy
+            folder = os.path.join(args.output, "builtin" if rank == 0 else f"builtin-rank{rank}")
+            paths = builtin.prepare(folder, args.task, model=model_dir is None)
             model_dir = model_dir or paths["model_dir"]
             if train is None:
                 train, ev = paths["train"], ev or paths["eval"]
@@ -113,6 +115,8 @@ def run_from_args(args) -> int:
         result = Trainer(targs).fit()
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
+        return 0
     if result.eval:
         last = result.eval[-1]
         shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if isinstance(v, float))

@@ -59,7 +59,11 @@ def check_task(task: str) -> str:
 def load_tokenizer(model_dir):
     """The folder's tokenizer.json as a tokenizers.Tokenizer, with its saved padding turned off (batches are
     padded here) and its truncation removed (set per task by `tokenize`)."""
-    from tokenizers import Tokenizer
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise DataError("the trainer reads tokenizer.json with the `tokenizers` package: pip install tokenizers "
+                        "(or roberta_fast[hf])") from None
 
     path = os.path.join(os.fspath(model_dir), "tokenizer.json")
     if not os.path.isfile(path):

@@ -180,8 +180,8 @@ def test_p0_is_the_no_dropout_op_bit_for_bit(device, backend, grad):
                            backend=backend)
         p0 = _ours(lb, 0.0, _rng(1, 2, device), backend)
         assert torch.equal(plain, p0)
-        t = trusted.layer_norm(lb["x"], lb["weight"], lb["bias"], 1e-5, lb["residual"], lb["x_bias"], None, backend,
-                               0.0, None)
+        t = trusted.layer_norm(lb["x"], lb["weight"], lb["bias"], 1e-5, lb["residual"], lb["x_bias"], None, 0.0,
+                               None, backend)
         assert torch.equal(plain, t)
     if grad:
         dy = torch.randn(plain.shape, device=device).to(plain.dtype)
@@ -199,7 +199,7 @@ def test_leading_dims_and_trusted_entry(device, backend):
     w, b = torch.randn(48, device=device), torch.randn(48, device=device)
     rng = _rng(11, 0, device)
     y = layer_norm(x, w, b, 1e-5, residual=r, dropout_p=0.4, rng=rng, backend=backend)
-    t = trusted.layer_norm(x, w, b, 1e-5, r, None, None, backend, 0.4, rng)
+    t = trusted.layer_norm(x, w, b, 1e-5, r, None, None, 0.4, rng, backend)
     assert y.shape == x.shape and torch.equal(y, t)
     flat = layer_norm(x.reshape(10, 48), w, b, 1e-5, residual=r.reshape(10, 48), dropout_p=0.4, rng=rng,
                       backend=backend)

@@ -80,8 +80,8 @@ def _psig(t):
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def layer_norm_trusted(x, weight, bias, eps, residual=None, x_bias=None, out_dtype=None, backend=None, dropout_p=0.0,
-                       rng=None):
+def layer_norm_trusted(x, weight, bias, eps, residual=None, x_bias=None, out_dtype=None, dropout_p=0.0, rng=None,
+                       backend=None):
     """layer_norm without the argument checks, for callers that guarantee them (the model, once per forward):
     the same arguments and result as `layer_norm`, which must accept them (shapes, dtypes, one device, eps a
     float >= 0, dropout_p in [0, 1), rng None or int64 (2,)). Bad arguments here give undefined errors instead

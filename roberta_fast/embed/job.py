@@ -188,14 +188,14 @@ def run_job(args) -> int:
     done, skipped, encoded, truncated, shown, stopped, num_chunks = [], 0, 0, 0, [0], False, 0
     for k, recs in eio.chunked(eio.read_records(args.input, fmt, args.field), args.chunk_size):
         num_chunks = k + 1
-        if k % world != rank or stopped:
+        if k % world != rank:
             continue
         if store.has(k):
             skipped += 1
             continue
         if args.max_chunks is not None and len(done) >= args.max_chunks:
-            stopped = True
-            continue
+            stopped = True  # no merge in this run: the rest of the input need not be read
+            break
         bad = [r for r in recs if r.error]
         if bad and args.bad_lines == "error":
             r = bad[0]

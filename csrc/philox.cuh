@@ -69,10 +69,6 @@ __device__ __forceinline__ Philox4 dropout_bits(const DropoutRng& r, uint64_t po
   return philox4x32_10(Philox4{static_cast<uint32_t>(pos), static_cast<uint32_t>(pos >> 32), r.o0, r.o1}, r.k0, r.k1);
 }
 
-__device__ __forceinline__ uint32_t philox_word(const Philox4& b, int i) {
-  return i == 0 ? b.x : i == 1 ? b.y : i == 2 ? b.z : b.w;
-}
-
 // Keep decisions of the VEC consecutive elements from flat index lin0 (groups of 4 flat indices). For
 // VEC a multiple of 4 the caller guarantees lin0 % 4 == 0 (one Philox call per 4 elements); otherwise
 // one call per element, taking its word: the same decisions either way.
@@ -91,7 +87,10 @@ __device__ __forceinline__ void dropout_keep_flat(const DropoutRng& r, uint64_t 
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       const uint64_t lin = lin0 + i;
-      keep[i] = philox_word(dropout_bits(r, lin / 4), static_cast<int>(lin % 4)) >= r.threshold;
+      const Philox4 b = dropout_bits(r, lin >> 2);
+      const uint32_t sel = static_cast<uint32_t>(lin) & 3u;  // (a selection ptxas keeps in registers)
+      const uint32_t lo = (sel & 1u) ? b.y : b.x, hi = (sel & 1u) ? b.w : b.z;
+      keep[i] = ((sel & 2u) ? hi : lo) >= r.threshold;
     }
   }
 }

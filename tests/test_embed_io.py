@@ -169,3 +169,15 @@ def test_cli_entry_point(tmp_path):
     assert cli.main(["embed", str(tmp_path), "--input", str(tmp_path / "in.txt"), "--output",
                      str(tmp_path / "o.npy"), "--quiet"]) == 0
     assert np.load(tmp_path / "o.npy").shape == (1, 384)
+
+
+def test_main_job(capsys):
+    """`roberta-fast embed` without --input: the built-in sentences, the most similar pairs, parity with
+    sentence-transformers checked (exit 0 when it holds)."""
+    pytest.importorskip("sentence_transformers")
+    assert job.main([]) == 0
+    out = capsys.readouterr().out
+    assert "all-MiniLM-L6-v2" in out and "encoded 12 built-in sentences" in out
+    assert "most similar pairs" in out and "'A man is eating food.' ~ 'A man is eating a piece of bread.'" in out
+    assert "parity with sentence-transformers" in out and "(OK: >= 0.99999 in float32)" in out
+    assert job.main(["--output", "x.npy"]) == 2  # --output without --input

@@ -363,9 +363,10 @@ class Embedder:
                     ids = b.input_ids.to(device, non_blocking=True)
                     mask = b.attention_mask.to(device, non_blocking=True)
                     h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (n, S, hidden)
-                    emb = pool(h, mask, self.pooling, normalize=self.normalize)  # (n, hidden)
+                    # pooled and normalized in float32 (one rounding of fp16/bf16 states, none after)
+                    emb = pool(h.float(), mask, self.pooling, normalize=self.normalize)  # (n, hidden) float32
                     index = torch.from_numpy(b.index)
-                    out.index_copy_(0, index.to(device, non_blocking=True), emb.float())
+                    out.index_copy_(0, index.to(device, non_blocking=True), emb)
                     if bar is not None:
                         bar.update(len(b.index))
         finally:

@@ -166,6 +166,9 @@ def _swap(enc, roberta: bool, backend, padding_free: bool):
     if after.keys() != before.keys() or any(after[k] is not before[k] for k in before):
         changed = sorted(k for k in before if after.get(k) is not before[k]) + sorted(after.keys() - before.keys())
         raise RuntimeError(f"roberta_fast.optimize: parameters not shared after the swap: {changed[:8]}")
+    for m in enc.encoder.modules():  # the QKV parameters back to back in one storage (same objects): training
+        if hasattr(m, "join_qkv"):  # reads them as one view, no concatenation per step (model/encoder.py)
+            m.join_qkv()
     enc._roberta_fast = {"config": cfg, "roberta": roberta, "backend": backend, "padding_free": bool(padding_free)}
     enc.forward = functools.partial(_fast_forward, enc)  # picklable, unlike a bound method
 

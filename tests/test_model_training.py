@@ -95,8 +95,10 @@ def test_qkv_joined_once_not_concatenated_per_step():
     ours = RobertaModel(cfg).train()
     sa = ours.encoder.layer[0].attention.self
     srcs = sa.qkv_sources()
+    assert enc_mod._adjacent(srcs[:3]) and enc_mod._adjacent(srcs[3:])  # joined at construction
+    ours.to(torch.float64).to(torch.float32)  # .to() gives each its own storage: joined again
     ids, mask, w = _batch()
-    _loss(ours, ids, mask, w).backward()  # first step: the parameters are moved into one storage
+    _loss(ours, ids, mask, w).backward()
     assert all(a is b for a, b in zip(srcs, sa.qkv_sources()))
     assert enc_mod._adjacent(srcs[:3]) and enc_mod._adjacent(srcs[3:])
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -18,9 +18,10 @@ it. One Layer, on `rows` tokens (the T real tokens when packed, B*S on the padde
       Output         FFN2 GEMM (no bias) -> layer_norm(x_bias=FFN2 bias, residual=h)     (rows, hidden)
 
 The fused QKV weight: in inference a concatenated copy, cached (rebuilt when a source changes); in training
-(autograd recording) the query / key / value parameters are moved once into one storage, back to back (each
-keeps its identity, name and values; its .data becomes a slice), and every step reads them as one view of it
-(_joined): no concatenation per step, gradients land in each parameter as slices of one gradient.
+(autograd recording) the query / key / value parameters lie back to back in one storage (SelfAttention.join_qkv,
+at construction, .to(), to_empty(), load_state_dict and optimize(); each keeps its identity, name and values, its
+.data a slice), and every step reads them as one view of it (_joined): no concatenation per step, gradients land
+in each parameter as slices of one gradient. Parameters managed by something else (FSDP2) are concatenated.
 
 Training dropout (train mode, transformers' hidden_dropout_prob and attention_probs_dropout_prob): ONE
 (layers * 3, 2) int64 draw of dropout keys per forward (_dropout_keys), rows handed to the ops: per layer the
@@ -117,6 +118,8 @@ class SelfAttention(nn.Module):
         self.dropout_p = cfg.attention_probs_dropout_prob
         self._qkv_cache = None
         self._qkv_static = None  # set by model/graphs.py while a graph forward runs: the fused copies it owns
+        self.join_qkv()
+        self.register_load_state_dict_post_hook(_rejoin_after_load)  # load_state_dict(assign=True): new tensors
 
     def forward(self, x, layout: Layout, *, need_probs=False, backend=None, rng=None):
         """x (rows, hidden) -> context (rows, hidden), probabilities (B, heads, S, S) or None. rng: the (2,) int64
@@ -159,11 +162,11 @@ class SelfAttention(nn.Module):
         """(3*hidden, hidden) weight and (3*hidden,) bias of the fused QKV GEMM.
 
         Under torch.compile they are built with torch.cat. When autograd records (grad mode on and a projection
-        parameter requires grad) they are views of the parameters joined into one storage (_joined: moved there
-        once, no copy per step; gradients reach query/key/value). Otherwise they are built once and cached,
-        keyed on the six source tensors' data_ptr and _version (an in-place update, load_state_dict, .to() or a
-        new tensor rebuilds them); the cache keeps the sources alive, so a freed address cannot be reused by a
-        different tensor under the same key.
+        parameter requires grad) they are one view of the parameters when join_qkv put them in one storage
+        (_joined: no copy per step; gradients reach query/key/value), else torch.cat. Otherwise they are built
+        once and cached, keyed on the six source tensors' data_ptr and _version (an in-place update,
+        load_state_dict, .to() or a new tensor rebuilds them); the cache keeps the sources alive, so a freed
+        address cannot be reused by a different tensor under the same key.
         """
         if self._qkv_static is not None:
             return self._qkv_static
@@ -188,7 +191,25 @@ class SelfAttention(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._qkv_cache = None  # .to() / .half() / .cuda(): drop the stale copy now, not at the next forward
         graphs.structure_changed()  # parameters may be new objects: graph caches look again
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        self.join_qkv()  # .to() / to_empty() gave each parameter its own storage: join them again
+        return out
+
+    def join_qkv(self):
+        """Move the query / key / value weights (and biases) into one storage, back to back, so that training
+        reads them as one view (_joined) instead of concatenating per step. Each parameter keeps its identity,
+        name and values (its .data becomes a slice). Done here (construction, .to(), to_empty(), load_state_dict,
+        roberta_fast.optimize), never in a forward: parameters that are not plain standalone tensors (meta, a
+        slice of someone else's buffer, DTensors or FSDP2's unsharded parameters swapped in around a forward)
+        are left alone and the forward concatenates them."""
+        srcs = self.qkv_sources()
+        for ts in (srcs[:3], srcs[3:]):
+            if _adjacent(ts) or not _joinable(ts):
+                continue
+            with torch.no_grad():
+                buf = torch.cat([t.detach() for t in ts])
+                for t, part in zip(ts, buf.split([t.shape[0] for t in ts])):
+                    t.data = part
 
 
 class _DenseAddNorm(nn.Module):
@@ -321,10 +342,19 @@ def _dropout_keys(layers, device):
     return torch.randint(-2**63, 2**63 - 1, (len(layers) * 3, 2), dtype=torch.int64, device=device)
 
 
-def _owns_storage(t) -> bool:
-    """t is the whole of its storage (contiguous, offset 0): a parameter that may be moved into a joined one."""
-    return t.storage_offset() == 0 and t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * \
-        t.element_size()
+def _rejoin_after_load(module, _incompatible_keys):
+    module.join_qkv()
+
+
+def _joinable(ts) -> bool:
+    """Plain tensors of one dtype and device (not meta), each the whole of its own storage: safe to move."""
+    t0 = ts[0]
+    for t in ts:
+        if type(t.detach()) is not torch.Tensor or t.is_meta or t.dtype != t0.dtype or t.device != t0.device or \
+                t.shape[1:] != t0.shape[1:] or t.storage_offset() != 0 or not t.is_contiguous() or \
+                t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            return False
+    return True
 
 
 def _adjacent(ts) -> bool:
@@ -359,21 +389,9 @@ class _Join(torch.autograd.Function):
 
 
 def _joined(ts):
-    """torch.cat(ts) for the training forward without a copy per step: the parameters are moved once into one
-    storage (each keeps its identity, name and values: its .data becomes a slice of the joined buffer; an
-    optimizer holding it is unaffected), after which every call returns a view of that buffer. Parameters that
-    are not standalone (a slice of someone else's flat buffer, e.g. FSDP's) or that differ in dtype or device
-    are concatenated as before."""
-    if not _adjacent(ts):
-        t0 = ts[0]
-        if not all(_owns_storage(t) and t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == t0.shape[1:]
-                   for t in ts):
-            return torch.cat(ts)
-        with torch.no_grad():
-            buf = torch.cat([t.detach() for t in ts])
-            for t, part in zip(ts, buf.split([t.shape[0] for t in ts])):
-                t.data = part
-    return _Join.apply(*ts)
+    """torch.cat(ts) for the training forward without a copy per step: a view of the parameters when they lie
+    back to back in one storage (SelfAttention.join_qkv put them there), else torch.cat. Never moves them."""
+    return _Join.apply(*ts) if _adjacent(ts) else torch.cat(ts)
 
 
 def _no_autocast(x):

@@ -35,6 +35,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -130,6 +131,7 @@ def read_jsonl(path: str, field: str) -> Iterator[Record]:
 
 
 def read_csv(path: str, field: str) -> Iterator[Record]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # one text may be long; the tokenizer truncates it
     with open(path, "rb") as fb:
         f = io.TextIOWrapper(fb, encoding="utf-8", errors="surrogateescape", newline="")
         reader = csv.reader(f)
@@ -142,7 +144,15 @@ def read_csv(path: str, field: str) -> Iterator[Record]:
                                   "name it with --field")
         col = header.index(field)
         start = reader.line_num + 1
-        for n, row in enumerate(reader, 1):
+        n = 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:  # malformed quoting, a field past the size limit: the file cannot be read on
+                raise EmbedInputError(f"{path}: line {reader.line_num}: {e}") from e
+            n += 1
             line, start = start, reader.line_num + 1
             if col >= len(row):
                 yield Record(n, None, f"missing field {field!r} (the row has {len(row)} fields)", line)

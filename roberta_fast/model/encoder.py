@@ -360,8 +360,8 @@ def _joinable(ts) -> bool:
 def _adjacent(ts) -> bool:
     """ts are consecutive contiguous blocks of one storage, in order (what _joined made)."""
     t0 = ts[0]
-    if not t0.is_contiguous():
-        return False
+    if any(type(t.detach()) is not torch.Tensor or t.is_meta for t in ts) or not t0.is_contiguous():
+        return False  # DTensors (FSDP2's sharded parameters), meta tensors: no storage of their own to look at
     end = t0.storage_offset() + t0.numel()
     ptr = t0.untyped_storage().data_ptr()
     for t in ts[1:]:

@@ -152,6 +152,49 @@ def _report_bad(bad, shown: list[int], path: str, rank: int, world: int):
         shown[0] += 1
 
 
+def _prefetched(iterable, depth: int = 1):
+    """Iterate `iterable` in a background thread, at most `depth` items ahead: the next chunk is read and parsed
+    while this one is encoded. Its exceptions are raised here, in order."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # noqa: BLE001  (re-raised by the consumer)
+            put((end, e))
+
+    th = threading.Thread(target=work, name="roberta_fast-embed-read", daemon=True)
+    th.start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        th.join()
+
+
 def run_job(args) -> int:
     """Embed args.input into args.output (see the module docstring). Raises EmbedInputError for user errors."""
     if not args.output:
@@ -186,7 +229,8 @@ def run_job(args) -> int:
     _barrier(world)
     t0 = time.perf_counter()
     done, skipped, encoded, truncated, shown, stopped, num_chunks = [], 0, 0, 0, [0], False, 0
-    for k, recs in eio.chunked(eio.read_records(args.input, fmt, args.field), args.chunk_size):
+    records = eio.read_records(args.input, fmt, args.field)  # errors while reading are raised in this thread
+    for k, recs in _prefetched(eio.chunked(records, args.chunk_size)):  # the next chunk is read meanwhile
         num_chunks = k + 1
         if k % world != rank:
             continue

@@ -19,9 +19,10 @@ it. One Layer, on `rows` tokens (the T real tokens when packed, B*S on the padde
 
 The fused QKV weight: in inference a concatenated copy, cached (rebuilt when a source changes); in training
 (autograd recording) the query / key / value parameters lie back to back in one storage (SelfAttention.join_qkv,
-at construction, .to(), to_empty(), load_state_dict and optimize(); each keeps its identity, name and values, its
-.data a slice), and every step reads them as one view of it (_joined): no concatenation per step, gradients land
-in each parameter as slices of one gradient. Parameters managed by something else (FSDP2) are concatenated.
+at construction, .to(), to_empty(), load_state_dict, deepcopy and optimize(); each keeps its identity, name and
+values, its .data a slice), and every step reads them as one view of it (_joined): no concatenation per step,
+gradients land in each parameter as slices of one gradient. Parameters managed by something else (FSDP2) are
+concatenated.
 
 Training dropout (train mode, transformers' hidden_dropout_prob and attention_probs_dropout_prob): ONE
 (layers * 3, 2) int64 draw of dropout keys per forward (_dropout_keys), rows handed to the ops: per layer the
@@ -194,6 +195,10 @@ class SelfAttention(nn.Module):
         out = super()._apply(fn, *args, **kwargs)
         self.join_qkv()  # .to() / to_empty() gave each parameter its own storage: join them again
         return out
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.join_qkv()  # copy.deepcopy / unpickling copied each parameter on its own: join them again
 
     def join_qkv(self):
         """Move the query / key / value weights (and biases) into one storage, back to back, so that training

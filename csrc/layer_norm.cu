@@ -58,8 +58,11 @@ void ln_fwd(const LayerNormFwdParams& p, cudaStream_t stream) {
     const size_t smem = L::kRows * p.N * sizeof(float);
     with_dropout(p.dropout_p, [&](auto dr) {
       constexpr bool DR = decltype(dr)::value;
-      if (smem <= kSmemBudget) {
-        RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_fwd_kernel<T, VEC, WARPS, true, DR>)(p);
+      // the scalar (unaligned) dropout path recomputes h instead of caching it: its cached instances made
+      // ptxas spill a few bytes on sm_80 (the build fails on any spill), and it is the rare fallback
+      constexpr bool kCacheOk = !(DR && VEC == 1);
+      if (kCacheOk && smem <= kSmemBudget) {
+        RF_LAUNCH(grid, L::kThreads, smem, stream, layer_norm_fwd_kernel<T, VEC, WARPS, kCacheOk, DR>)(p);
       } else {
         RF_LAUNCH(grid, L::kThreads, 0, stream, layer_norm_fwd_kernel<T, VEC, WARPS, false, DR>)(p);
       }

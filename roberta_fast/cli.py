@@ -7,6 +7,9 @@
                                             main job on the built-in all-MiniLM-L6-v2)
     roberta-fast finetune [MODEL_DIR] --train FILE [--eval FILE] --task seq-cls|token-cls|qa --output DIR ...
                                             (fine-tuning: roberta_fast.train; --builtin: the built-in task)
+    roberta-fast pretrain [--corpus DIR] --output DIR [--max-steps N] [--resume] ...
+                                            (MLM pretraining from scratch: roberta_fast.pretrain; without
+                                            --corpus the built-in corpus and the tiny model)
     roberta-fast env                        (versions, GPU, which backends can run here; exit 1 when a
                                             setting such as ROBERTA_FAST_BACKEND is invalid)
     roberta-fast tune [--quick] [--ops ...] [--dtypes ...] [--train] [--show] [--clear] [--device cuda|cpu]
@@ -159,7 +162,7 @@ def cmd_tune(args, argv) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roberta-fast", description="roberta_fast: a fast BERT-family encoder")
-    sub = p.add_subparsers(dest="cmd", metavar="{bench,demo,embed,env,finetune,tune}")
+    sub = p.add_subparsers(dest="cmd", metavar="{bench,demo,embed,env,finetune,pretrain,tune}")
     sub.required = True
     b = sub.add_parser("bench", help="kernel and encoder benchmarks (JSON, markdown, plots)",
                        description="Benchmarks every op and the encoder against eager PyTorch and the "
@@ -177,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="fine-tune a checkpoint: seq-cls, token-cls or qa (docs/finetune.md)",
                        description=train_cli.__doc__.split("\n\n")[0])
     train_cli.add_arguments(f)  # the options live with the trainer (roberta_fast/train/cli.py)
+    from roberta_fast.pretrain import cli as pretrain_cli
+
+    pt = sub.add_parser("pretrain", help="MLM pretraining from scratch on a folder of text files or the built-in "
+                                         "corpus (docs/pretraining.md)",
+                        description=pretrain_cli.__doc__.split("\n\n")[0])
+    pretrain_cli.add_arguments(pt)  # the options live with the loop (roberta_fast/pretrain/cli.py)
     t = sub.add_parser("tune", help="pick the fastest verified backend per op and shape on this GPU and cache it",
                        description="Times every backend (torch, triton, cuda when built) of every op at RoBERTa "
                                    "shapes on this GPU, and the Triton kernels' candidate block configs, checks "
@@ -221,6 +230,10 @@ def main(argv=None) -> int:
         from roberta_fast.train import cli as train_cli
 
         return train_cli.run_from_args(args)
+    if args.cmd == "pretrain":
+        from roberta_fast.pretrain import cli as pretrain_cli
+
+        return pretrain_cli.run_from_args(args)
     if args.cmd == "tune":
         return cmd_tune(args, argv)
     if args.cmd == "bench":

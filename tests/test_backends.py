@@ -320,9 +320,10 @@ LAYERS = [
     ["roberta_fast.kernels", "roberta_fast.cuda_ops", "roberta_fast.reference", "roberta_fast.flops"],
     ["roberta_fast.tuned", "roberta_fast.backends"],
     ["roberta_fast.ops", "roberta_fast.padding"],
-    ["roberta_fast.model", "roberta_fast.testing"],
+    ["roberta_fast.model", "roberta_fast.testing", "roberta_fast.data"],  # data: MLM masking, packing (torch only)
     ["roberta_fast.optimize", "roberta_fast.embed"],  # embed: Embedder, the embed job (model + tokenizer)
-    ["roberta_fast.tuning", "roberta_fast.demo", "roberta_fast.benchmarks"],
+    ["roberta_fast.tuning", "roberta_fast.demo", "roberta_fast.benchmarks", "roberta_fast.train"],  # train: finetune
+    ["roberta_fast.pretrain"],  # MLM pretraining: on data, model and train's optimizer/checkpoints/process group
     ["roberta_fast"],
     ["roberta_fast.cli"],
 ]

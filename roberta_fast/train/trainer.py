@@ -142,6 +142,9 @@ class _Dist:
             dist.destroy_process_group()
 
 
+Dist = _Dist  # the process group of a run (torchrun's environment); roberta_fast.pretrain uses it too
+
+
 def seed_all(seed: int):
     import numpy as np
 

@@ -437,15 +437,13 @@ def _model_config(device):
 
 
 def measure_forward(device, dtype, stub, *, rounds: int, backends_to_run=("triton", "cuda")) -> list[dict]:
-    """roberta-base forward, batch 1 x 128 tokens, inference: transformers eager and SDPA, roberta_fast as the
-    model calls the ops today, and with the model switched to roberta_fast.ops.trusted (patched in place)."""
+    """roberta-base forward, batch 1 x 128 tokens, inference: transformers eager and SDPA, roberta_fast per kernel
+    backend (its encoder's inference path: docs/host_path.md)."""
     import copy
 
     from transformers import AutoModel
 
     from roberta_fast import backends
-    from roberta_fast.model import encoder as encoder_mod
-    from roberta_fast.ops import trusted
     from roberta_fast.optimize import optimize
 
     cfg = _model_config(device)
@@ -462,20 +460,12 @@ def measure_forward(device, dtype, stub, *, rounds: int, backends_to_run=("trito
         models[f"transformers {impl}"] = (m.to(device=device, dtype=dtype), None)
     for be in backends_to_run:
         models[f"roberta_fast ({be})"] = (optimize(copy.deepcopy(ref)).to(device=device, dtype=dtype), be)
-        models[f"roberta_fast ({be}), model on ops.trusted"] = (models[f"roberta_fast ({be})"][0], be, "trusted")
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     rows = []
 
-    def fwd(model, switched):
+    def fwd(model):
         def run():
             with torch.inference_mode():
-                if switched:
-                    saved = encoder_mod.ops
-                    encoder_mod.ops = trusted
-                    try:
-                        return model(input_ids=ids, attention_mask=mask)
-                    finally:
-                        encoder_mod.ops = saved
                 return model(input_ids=ids, attention_mask=mask)
         return run
 
@@ -487,7 +477,7 @@ def measure_forward(device, dtype, stub, *, rounds: int, backends_to_run=("trito
         for name, spec in models.items():
             if spec[1] != be:
                 continue
-            fn = fwd(spec[0], len(spec) > 2)
+            fn = fwd(spec[0])
             try:
                 fn()
                 fn()

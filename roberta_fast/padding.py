@@ -143,3 +143,11 @@ class Layout:
         if self.mask is not None:
             x = x.masked_fill(~self.mask.view(*self.mask.shape, *([1] * (x.dim() - 2))), 0)
         return x
+
+
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """The rows of hidden (..., H) whose label (same leading shape) is not ignore_index, and those labels:
+    ((n, H), (n,)), in order. Finding them reads the labels on the host once (their count sizes the result)."""
+    flat = labels.to(hidden.device).reshape(-1)
+    keep = (flat != ignore_index).nonzero()[:, 0]  # (n,)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), flat.index_select(0, keep)

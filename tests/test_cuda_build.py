@@ -128,7 +128,8 @@ def test_resource_usage_no_local_memory(so_path, cuobjdump):
 def test_attention_uses_tensor_cores(so_path, cuobjdump):
     res = _run([cuobjdump, "-res-usage", str(so_path)])
     kernels = sorted(set(re.findall(r"Function (\S*attention_(?:fwd|bwd)_kernel\S*):", res)))
-    assert len(kernels) == 12, kernels  # forward, backward x fp16, bf16 x head_dim 32, 64, 128
+    # forward, backward x fp16, bf16 x head_dim 32, 64, 128 x without / with dropout
+    assert len(kernels) == 24, kernels
     sass = _run([cuobjdump, "-sass", "-fun", ",".join(kernels), str(so_path)])
     found = set()
     for section in sass.split("\narch = ")[1:]:  # one section per cubin
@@ -160,23 +161,23 @@ def test_bad_arguments_raise_value_error(C):
     with pytest.raises(ValueError, match="unsupported dtype code 99"):
         C.layer_norm_fwd(x=0, x_stride=8, residual=0, res_stride=0, x_bias=0, x_bias_f32=False, weight=0,
                          weight_f32=False, bias=0, bias_f32=False, y=0, mean=0, rstd=0, M=1, N=8, eps=1e-5,
-                         dtype=99, stream=0)
+                         dtype=99, dropout_p=0.0, rng=0, stream=0)
     z3 = (0, 0, 0)
     with pytest.raises(ValueError, match="head_dim must be 32, 64 or 128, got 48"):
         C.attention_fwd(q=0, q_strides=z3, k=0, k_strides=z3, v=0, v_strides=z3, o=0, o_strides=z3, lse=0,
                         lse_batch_stride=0, lse_head_stride=0, key_padding_mask=0, mask_batch_stride=0,
                         cu_seqlens=0, total_rows=0, batch=1, heads=1, seqlen=8, head_dim=48, scale=1.0,
-                        dtype=0, stream=0)
+                        dtype=0, dropout_p=0.0, rng=0, stream=0)
     with pytest.raises(ValueError, match="fp16 or bf16 only"):
         C.attention_fwd(q=0, q_strides=z3, k=0, k_strides=z3, v=0, v_strides=z3, o=0, o_strides=z3, lse=0,
                         lse_batch_stride=0, lse_head_stride=0, key_padding_mask=0, mask_batch_stride=0,
                         cu_seqlens=0, total_rows=0, batch=1, heads=1, seqlen=8, head_dim=64, scale=1.0,
-                        dtype=2, stream=0)
+                        dtype=2, dropout_p=0.0, rng=0, stream=0)
     with pytest.raises(ValueError, match="16-byte aligned"):
         C.attention_fwd(q=2, q_strides=z3, k=0, k_strides=z3, v=0, v_strides=z3, o=0, o_strides=z3, lse=0,
                         lse_batch_stride=0, lse_head_stride=0, key_padding_mask=0, mask_batch_stride=0,
                         cu_seqlens=0, total_rows=0, batch=1, heads=1, seqlen=8, head_dim=64, scale=1.0,
-                        dtype=0, stream=0)
+                        dtype=0, dropout_p=0.0, rng=0, stream=0)
 
 
 @pytest.mark.skipif(HAS_CUDA or Path("/dev/nvidiactl").exists(),

@@ -186,6 +186,8 @@ def test_trusted_entry_points_take_the_public_signatures():
     import inspect
 
     for op in trusted.__all__:
+        if op.startswith("bind_"):
+            continue
         pub = inspect.signature(getattr(ops, op)).parameters
         tr = inspect.signature(getattr(trusted, op)).parameters
         assert list(pub) == list(tr), op
@@ -262,3 +264,131 @@ def test_cached_launches_pick_the_kernel_tritons_binder_picks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1].split()
     assert last[0] == "OK" and int(last[1]) == 4 * (3 * 6 + 2) and int(last[2]) > 4, proc.stdout
+
+
+# ----------------------------------------------------------------------------------- the model's inference path
+
+
+def _tiny_pair(padding_free=True, layers=3, act="gelu"):
+    import copy
+
+    import transformers
+
+    import roberta_fast
+
+    cfg = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=40, pad_token_id=1, hidden_act=act)
+    torch.manual_seed(0)
+    hf = transformers.AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    ours = roberta_fast.optimize(copy.deepcopy(hf), padding_free=padding_free).eval()
+    ids = torch.randint(3, 100, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    ids[1, 10:] = 1
+    return hf, ours, ids, mask
+
+
+@pytest.fixture
+def spy_fast(monkeypatch):
+    from roberta_fast.model import encoder
+
+    calls = []
+    real = encoder._inference_layers
+    monkeypatch.setattr(encoder, "_inference_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("padding_free", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_inference_path_equals_the_module_path_bit_for_bit(monkeypatch, spy_fast, backend, padding_free, act):
+    """In inference the encoder runs its layers without their module calls (Encoder._inference_plan): the same ops
+    on the same arguments, so the same bits as the module path (forced here by a forward pre-hook)."""
+    monkeypatch.setenv("ROBERTA_FAST_BACKEND", backend)
+    backends.reset()
+    hf, ours, ids, mask = _tiny_pair(padding_free, act=act)
+    with torch.inference_mode():
+        fast = ours(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert spy_fast == [1]
+    handle = ours.encoder.layer[1].register_forward_pre_hook(lambda *a: None)
+    with torch.inference_mode():
+        slow = ours(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    handle.remove()
+    assert spy_fast == [1], "a forward hook must send the forward through the modules"
+    assert torch.equal(fast.last_hidden_state, slow.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(fast.hidden_states, slow.hidden_states))
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(fast.last_hidden_state[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_inference_path_only_where_nothing_else_is_asked(spy_fast):
+    hf, ours, ids, mask = _tiny_pair()
+    run = lambda **kw: ours(input_ids=ids, attention_mask=mask, **kw)  # noqa: E731
+    with torch.no_grad():
+        run()
+        assert len(spy_fast) == 1, "no_grad in eval mode takes it"
+        run(output_attentions=True)
+        ours.train()
+        run()
+        ours.eval()
+        ours.encoder.layer[2].attention.self.train()  # one module in train mode: its dropout must run
+        run()
+        ours.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run()  # autocast: the ops take their entry points (bind_* say None), the layers still skip modules
+    assert len(spy_fast) == 2
+    run()  # grad mode on: the module path (autograd records)
+    assert len(spy_fast) == 2
+    global_hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        global_hook.remove()
+    assert len(spy_fast) == 2, "a global forward hook must send the forward through the modules"
+    import copy
+
+    layer = ours.encoder.layer[0]
+    replacement = copy.copy(layer.intermediate)
+    replacement.__class__ = type("MyIntermediate", (type(layer.intermediate),), {})
+    layer.intermediate = replacement  # a replaced module (a subclass): the plan is looked up again and says no
+    with torch.no_grad():
+        run()
+    assert len(spy_fast) == 2
+
+
+def test_bind_functions_say_none_where_the_entry_points_must_run(monkeypatch):
+    x, w, b = _ln_args()
+    assert trusted.bind_layer_norm(x, w, b, None, None) is None  # grad mode on
+    with torch.no_grad():
+        monkeypatch.setenv("ROBERTA_FAST_BACKEND", "torch")
+        backends.reset()
+        assert trusted.bind_layer_norm(x, w, b, None, None) is None  # the torch backend has no kernel to bind
+        assert trusted.bind_bias_gelu(x, b, "none") is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert trusted.bind_layer_norm(x, w, b, None, None) is None
+        assert trusted.bind_layer_norm(x.t(), w, b, None, None) is None  # not contiguous rows
+
+
+@needs_triton
+def test_bound_ops_equal_the_trusted_entry_points(monkeypatch):
+    monkeypatch.setenv("ROBERTA_FAST_BACKEND", "triton")
+    backends.reset()
+    x, w, b = _ln_args(M=5, N=32)
+    r, xb = torch.randn_like(x), torch.randn_like(w)
+    qkv = torch.randn(9, 3, 2, 16)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with torch.inference_mode():
+        ln = trusted.bind_layer_norm(x, w, b, r, xb)
+        assert torch.equal(ln(x, w, b, 1e-5, r, xb), trusted.layer_norm(x, w, b, 1e-5, residual=r, x_bias=xb))
+        gelu = trusted.bind_bias_gelu(x, xb, "tanh")
+        assert torch.equal(gelu(x, xb, "tanh"), trusted.bias_gelu(x, xb, "tanh"))
+        att = trusted.bind_attention_varlen(q, k, v, cu, 5)
+        assert torch.equal(att(q, k, v, cu, 5, 0.25), trusted.attention_varlen(q, k, v, cu, 5))
+        pq, pk, pv = (t.reshape(1, 9, 2, 16) for t in (q, k, v))
+        kpm = torch.ones(1, 9, dtype=torch.bool)
+        att = trusted.bind_attention(pq, pk, pv, kpm)
+        assert torch.equal(att(pq, pk, pv, kpm, 0.25), trusted.attention(pq, pk, pv, key_padding_mask=kpm))

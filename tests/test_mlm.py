@@ -95,11 +95,16 @@ def test_loss_and_gradients_equal_transformers(tmp_path, family, fused):
 
 
 def test_logits_contract(tmp_path):
-    """Fused: logits None (loss only) in training with labels; logits as transformers' with return_logits=True,
-    in eval mode, without labels, or with fused_loss False."""
+    """Default (fused_loss False): logits in training too, as transformers. Fused: logits None (loss only) in
+    training with labels; logits as transformers' with return_logits=True, in eval mode, or without labels."""
     hf, ours, cfg = _models("roberta", tmp_path)
     inputs, am, labels = _masked_batch(cfg)
+    assert ours.fused_loss is False
+    default = ours(input_ids=inputs, attention_mask=am, labels=labels)
+    assert default.logits.shape == (*inputs.shape, VOCAB)
+    ours.fused_loss = True
     fused = ours(input_ids=inputs, attention_mask=am, labels=labels)
+    torch.testing.assert_close(default.loss, fused.loss, rtol=1e-5, atol=1e-6)
     assert fused.logits is None and fused.loss.dim() == 0
     tup = ours(input_ids=inputs, attention_mask=am, labels=labels, return_dict=False)
     assert len(tup) == 1 and torch.equal(tup[0], fused.loss)

@@ -518,7 +518,9 @@ def test_gradients_match_transformers(padding_free):
     assert ours.encoder.layer[0].attention.self._qkv_cache is None, "training must not use the cached QKV"
 
 
-def test_qkv_cache_rebuilds_when_weights_change():
+def test_qkv_inference_reads_views_of_the_joined_parameters():
+    """join_qkv put query / key / value back to back: inference reads one view of them (no copy), so an update
+    that bumps no version counter (torch's fused AdamW, p.data.mul_) is seen at once."""
     cfg = hf_config("roberta")
     hf = make_hf(transformers.RobertaModel, cfg)
     ours = RobertaModel(cfg).eval()
@@ -526,16 +528,14 @@ def test_qkv_cache_rebuilds_when_weights_change():
     ids, mask = make_batch(3, 6, 1)
     sa = ours.encoder.layer[0].attention.self
     run(ours, ids, mask)
-    cached = sa._qkv_cache[1]
-    run(ours, ids, mask)
-    assert sa._qkv_cache[1] is cached, "the fused QKV weight must be built once"
-    with torch.no_grad():
-        for m in (hf, ours):
-            m.encoder.layer[0].attention.self.key.weight.mul_(1.5)  # in place: same data_ptr, new _version
-            m.encoder.layer[1].attention.self.value.bias.add_(0.3)
+    w, b = sa.qkv_weight_bias()
+    assert w.data_ptr() == sa.query.weight.data_ptr() and b.data_ptr() == sa.query.bias.data_ptr()
+    assert sa._qkv_cache is None, "joined parameters need no concatenated copy"
+    for m in (hf, ours):
+        m.encoder.layer[0].attention.self.key.weight.data.mul_(1.5)  # no version bump, like a fused optimizer
+        m.encoder.layer[1].attention.self.value.bias.data.add_(0.3)
     torch.testing.assert_close(real(run(ours, ids, mask).last_hidden_state, mask),
                                real(run(hf, ids, mask).last_hidden_state, mask), rtol=1e-5, atol=1e-5)
-    assert sa._qkv_cache[1] is not cached
     ours.load_state_dict(randomize_(copy.deepcopy(hf), seed=9).state_dict())
     hf.load_state_dict(ours.state_dict())
     torch.testing.assert_close(real(run(ours, ids, mask).last_hidden_state, mask),
@@ -543,6 +543,28 @@ def test_qkv_cache_rebuilds_when_weights_change():
     with torch.inference_mode():
         torch.testing.assert_close(ours(ids, attention_mask=mask).last_hidden_state,
                                    run(ours, ids, mask).last_hidden_state)
+
+
+def test_qkv_cache_rebuilds_when_weights_change():
+    """Parameters that are not joined (here: key given its own storage) are concatenated once and cached, keyed
+    on their data_ptr and version counters."""
+    cfg = hf_config("roberta")
+    hf = make_hf(transformers.RobertaModel, cfg)
+    ours = RobertaModel(cfg).eval()
+    ours.load_state_dict(hf.state_dict())
+    sa = ours.encoder.layer[0].attention.self
+    sa.key.weight.data = sa.key.weight.data.clone()  # no longer adjacent to query / value
+    ids, mask = make_batch(3, 6, 1)
+    run(ours, ids, mask)
+    cached = sa._qkv_cache[1]
+    run(ours, ids, mask)
+    assert sa._qkv_cache[1] is cached, "the fused QKV weight must be built once"
+    with torch.no_grad():
+        for m in (hf, ours):
+            m.encoder.layer[0].attention.self.key.weight.mul_(1.5)  # in place: same data_ptr, new _version
+    torch.testing.assert_close(real(run(ours, ids, mask).last_hidden_state, mask),
+                               real(run(hf, ids, mask).last_hidden_state, mask), rtol=1e-5, atol=1e-5)
+    assert sa._qkv_cache[1] is not cached
 
 
 # ----------------------------------------------------------------------------------------- pooling, padding

@@ -176,6 +176,16 @@ class SelfAttention(nn.Module):
             return torch.cat(srcs[:3]), torch.cat(srcs[3:])
         if torch.is_grad_enabled() and any(t.requires_grad for t in srcs):  # training: no copy per step
             return _joined(srcs[:3]), _joined(srcs[3:])
+        ptrs = (srcs[0].data_ptr(), srcs[1].data_ptr(), srcs[2].data_ptr(), srcs[3].data_ptr(), srcs[4].data_ptr(),
+                srcs[5].data_ptr())
+        view = self.__dict__.get("_qkv_view")
+        if view is not None and view[0] == ptrs:
+            return view[1], view[2]
+        if _adjacent(srcs[:3]) and _adjacent(srcs[3:]):  # joined (join_qkv): views of the parameters, never stale
+            with torch.inference_mode(False), torch.no_grad():
+                w, b = _view_joined(srcs[:3]), _view_joined(srcs[3:])
+            self.__dict__["_qkv_view"] = (ptrs, w, b)
+            return w, b
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in srcs)
         key += (torch.is_inference_mode_enabled(),)
         cache = self._qkv_cache
@@ -191,6 +201,7 @@ class SelfAttention(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._qkv_cache = None  # .to() / .half() / .cuda(): drop the stale copy now, not at the next forward
+        self.__dict__.pop("_qkv_view", None)
         graphs.structure_changed()  # parameters may be new objects: graph caches look again
         out = super()._apply(fn, *args, **kwargs)
         self.join_qkv()  # .to() / to_empty() gave each parameter its own storage: join them again
@@ -313,6 +324,9 @@ class Encoder(nn.Module):
         their probabilities [(B, heads, S, S)] or None."""
         hidden = [h] if output_hidden_states else None
         probs = [] if output_attentions else None
+        plan = None if output_attentions else self._inference_plan()
+        if plan is not None:  # inference: the layers' math without their module calls (_inference_layers)
+            return _inference_layers(plan, h, layout, backend, hidden), hidden, probs
         rng = _dropout_keys(self.layer, h.device)  # (layers * 3, 2) int64 or None: one draw per forward
         for i, layer in enumerate(self.layer):
             r = None if rng is None else rng[3 * i: 3 * i + 3]  # (3, 2)
@@ -325,6 +339,107 @@ class Encoder(nn.Module):
             if probs is not None:
                 probs.append(p)
         return h, hidden, probs
+
+
+    def _inference_plan(self):
+        """Per layer, the modules the inference path reads (_inference_layers), when this forward may skip the
+        module calls: no autograd recording, not under torch.compile, every layer made of exactly our modules, in
+        eval mode, without forward hooks (global or on any of them). Else None (the module path). The module
+        lists are cached and looked up again when a parameter or submodule is registered anywhere (the
+        registration hooks of model/graphs.py); parameters are read from the modules at every call."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]:
+            return None
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or cached[0] != graphs.generation():
+            graphs.install_hooks()
+            cached = (graphs.generation(), _plan(self.layer))
+            self.__dict__["_plan_cache"] = cached
+        plan = cached[1]
+        if plan is None:
+            return None
+        for m in plan[1]:  # every module of every layer
+            if m.training or m._forward_hooks or m._forward_pre_hooks:
+                return None
+        return plan[0]
+
+
+def _plan(layers):
+    """([per layer: (self-attention, attention-output dense, its LayerNorm, intermediate dense, approximate,
+    output dense, its LayerNorm)], every module of the layers), or None when a layer holds another module type."""
+    plan, mods = [], []
+    for layer in layers:
+        if type(layer) is not Layer:
+            return None
+        att, inter, out = (layer._modules.get(n) for n in ("attention", "intermediate", "output"))
+        sa, so = (att._modules.get(n) for n in ("self", "output")) if type(att) is Attention else (None, None)
+        if (type(sa) is not SelfAttention or type(so) is not SelfOutput or type(inter) is not Intermediate
+                or type(out) is not Output):
+            return None
+        subs = (so.dense, so.LayerNorm, inter.dense, out.dense, out.LayerNorm)
+        if any(type(m) not in (nn.Linear, nn.LayerNorm) for m in subs):
+            return None
+        plan.append((sa, so.dense, so.LayerNorm, inter.dense, inter.approximate, out.dense, out.LayerNorm))
+        mods += [layer, att, sa, so, inter, out, *subs]
+    return plan, tuple(mods)
+
+
+_GLOBAL_HOOKS = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _inference_layers(plan, h, layout: Layout, backend, hidden):
+    """The encoder's layers in inference, the same math and ops as Layer.forward in eval mode (identical results)
+    without the nn.Module calls: each module's parameters read from its _parameters, and every fused op bound
+    once for the forward (ops.trusted.bind_*: the backend chosen once, its kernel called directly; None where
+    the op must take its entry point, e.g. the torch backend). hidden: a list that gets every layer's output,
+    or None. Returns the last output (rows, hidden)."""
+    rows = h.shape[0]
+    attn_fn = ln_fn = gelu_fn = bound = None
+    packed = layout.is_packed
+    for sa, o_dense, ln1, f1, approximate, f2, ln2 in plan:
+        w, b = sa.qkv_weight_bias()  # (3 * hidden, hidden), (3 * hidden,)
+        heads, head_dim = sa.num_heads, sa.head_dim
+        q, k, v = F.linear(h, w, b).view(rows, 3, heads, head_dim).unbind(1)  # (rows, heads, head_dim)
+        if packed:
+            if bound is None:
+                attn_fn = ops.bind_attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, backend)
+            ctx = (attn_fn(q, k, v, layout.cu_seqlens, layout.max_seqlen, head_dim ** -0.5) if attn_fn is not None
+                   else sa._fused(q, k, v, layout, backend))  # (rows, heads, head_dim)
+        else:
+            qp, kp, vp = (t.view(layout.batch, layout.seqlen, heads, head_dim) for t in (q, k, v))
+            if bound is None:
+                attn_fn = ops.bind_attention(qp, kp, vp, layout.mask, backend)
+            ctx = (attn_fn(qp, kp, vp, layout.mask, head_dim ** -0.5) if attn_fn is not None
+                   else sa._fused(q, k, v, layout, backend))  # (B, S, heads, head_dim)
+        p = o_dense._parameters
+        y = F.linear(ctx.reshape(rows, heads * head_dim), p["weight"])  # (rows, hidden)
+        lp = ln1._parameters
+        if bound is None:
+            ln_fn = ops.bind_layer_norm(y, lp["weight"], lp["bias"], h, p["bias"], backend)
+        if ln_fn is not None:
+            a = ln_fn(y, lp["weight"], lp["bias"], ln1.eps, h, p["bias"])
+        else:
+            a = ops.layer_norm(y, lp["weight"], lp["bias"], ln1.eps, residual=h, x_bias=p["bias"], out_dtype=h.dtype,
+                               backend=backend)
+        p = f1._parameters
+        if approximate is None:  # ReLU
+            inter = F.relu(F.linear(a, p["weight"], p["bias"]))
+        else:
+            y = F.linear(a, p["weight"])  # (rows, intermediate)
+            if bound is None:
+                gelu_fn = ops.bind_bias_gelu(y, p["bias"], approximate, backend)
+            inter = (gelu_fn(y, p["bias"], approximate) if gelu_fn is not None
+                     else ops.bias_gelu(y, p["bias"], approximate, backend=backend))
+        p, lp = f2._parameters, ln2._parameters
+        y = F.linear(inter, p["weight"])  # (rows, hidden)
+        if ln_fn is not None:
+            h = ln_fn(y, lp["weight"], lp["bias"], ln2.eps, a, p["bias"])
+        else:
+            h = ops.layer_norm(y, lp["weight"], lp["bias"], ln2.eps, residual=a, x_bias=p["bias"], out_dtype=a.dtype,
+                               backend=backend)
+        bound = True
+        if hidden is not None:
+            hidden.append(h)
+    return h
 
 
 class Pooler(nn.Module):
@@ -377,6 +492,13 @@ def _adjacent(ts) -> bool:
     return True
 
 
+def _view_joined(ts):
+    """The concatenation of tensors that lie back to back in one storage (_adjacent), as one view of it."""
+    t0 = ts[0]
+    shape = (sum(t.shape[0] for t in ts), *t0.shape[1:])
+    return t0.detach().as_strided(shape, t0.stride(), t0.storage_offset())
+
+
 class _Join(torch.autograd.Function):
     """The concatenation of parameters that already lie back to back in one storage, as a view (no copy);
     the backward hands each its slice of the gradient (views too)."""
@@ -384,9 +506,7 @@ class _Join(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *ts):
         ctx.sizes = [t.shape[0] for t in ts]
-        t0 = ts[0]
-        shape = (sum(ctx.sizes), *t0.shape[1:])
-        return t0.detach().as_strided(shape, t0.stride(), t0.storage_offset())
+        return _view_joined(ts)
 
     @staticmethod
     def backward(ctx, g):

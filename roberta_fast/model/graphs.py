@@ -227,6 +227,17 @@ def structure_changed(*_args):
     _GENERATION[0] += 1
 
 
+def generation() -> int:
+    """The registration counter: changes whenever a parameter or submodule is registered anywhere (once
+    install_hooks() ran) or one of our attention modules converts (.to(), .half(), ...)."""
+    return _GENERATION[0]
+
+
+def install_hooks():
+    """Count registrations from now on (torch.nn's global registration hooks; installed once per process)."""
+    _install_hooks()
+
+
 def _install_hooks():
     if not _HOOKS:
         _HOOKS.append(torch.nn.modules.module.register_module_parameter_registration_hook(structure_changed))

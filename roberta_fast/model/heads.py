@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..ops import trusted as ops  # the model checks its inputs once per forward (docs/host_path.md)
 from ..ops.linear_cross_entropy import linear_cross_entropy
+from ..padding import labelled_rows
 from .config import ACTIVATIONS, EncoderConfig, as_config
 from .encoder import BertModel, RobertaModel
 from .outputs import MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput
@@ -56,11 +57,9 @@ def masked_lm_loss(head, hidden, labels, *, backend=None):
     decoder (tied to the word embeddings) and the bias; the mean over those positions, as F.cross_entropy.
     hidden (B, S, H), labels (B, S) -> scalar. The CUDA C++ backend has no linear_cross_entropy kernel: a model
     built with backend="cuda" lets this op choose its own."""
-    flat = labels.to(hidden.device).reshape(-1)
-    keep = (flat != -100).nonzero()[:, 0]  # (n,) labelled positions
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)  # (n, H)
+    rows, targets = labelled_rows(hidden, labels)  # (n, H), (n,): the labelled positions
     h = head.transform(rows, backend=backend)
-    return linear_cross_entropy(h, head.decoder.weight, head.decoder.bias, flat.index_select(0, keep),
+    return linear_cross_entropy(h, head.decoder.weight, head.decoder.bias, targets,
                                 backend=None if backend == "cuda" else backend)
 
 
@@ -197,10 +196,11 @@ class _Head(PreTrainedEncoder):
 
 
 class _MaskedLM(_Head):
-    # Training with labels: the head's dense + GELU + LayerNorm on the labelled positions only, the decoder and the
-    # loss through ops.linear_cross_entropy (no (tokens, vocab) logits); `logits` is None then. Set False (or pass
-    # return_logits=True) for transformers' path. docs/pretraining.md.
-    fused_loss = True
+    # model.fused_loss = True (roberta-fast pretrain sets it): training with labels runs the head's dense + GELU +
+    # LayerNorm on the labelled positions only, the decoder and the loss through ops.linear_cross_entropy (no
+    # (tokens, vocab) logits), and `logits` is None then. Off by default: transformers' contract (logits in every
+    # mode). docs/pretraining.md.
+    fused_loss = False
 
     def _lm_head(self):
         raise NotImplementedError

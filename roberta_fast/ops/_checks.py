@@ -80,3 +80,11 @@ def check_dropout(op: str, dropout_p, rng, x):
         raise ValueError(f"{op}: rng must have shape (2,) (seed, offset), got {tuple(rng.shape)}")
     if rng.device != x.device:
         raise ValueError(f"{op}: rng must be on x's device ({x.device}), got {rng.device}")
+
+
+def bindable(x) -> bool:
+    """A caller may bind an op's inference path once for many calls of one signature (the model's layers, once
+    per forward; ops.trusted.bind_*): no autograd recording, not under torch.compile, no autocast, nothing that
+    would see the op (direct_call_ok)."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and direct_call_ok(x)
+            and not torch.is_autocast_enabled(x.device.type))

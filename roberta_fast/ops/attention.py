@@ -18,7 +18,7 @@ import torch
 from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
 from ..tuned import round_log2
-from ._checks import check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
+from ._checks import bindable, check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
 
 _OP = "attention"
 _OPV = "attention_varlen"
@@ -462,3 +462,59 @@ def _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend
     cu_seqlens = cu_seqlens if cu_seqlens.is_contiguous() else cu_seqlens.contiguous()
     o, _ = _vfwd(q, k, v, cu_seqlens, int(max_seqlen), scale, b, dropout_p, rng)
     return o
+
+
+def bind_varlen_inference(q, k, v, cu_seqlens, max_seqlen, backend=None):
+    """For many inference calls of ONE signature (see layer_norm.bind_inference): q, k, v (T, H, D) with unit last
+    stride (views of one QKV), cu_seqlens int32 contiguous, one max_seqlen, no dropout. Returns
+    fn(q, k, v, cu_seqlens, max_seqlen, scale) -> o, the kernel backend's forward_inference called directly, or
+    None where such calls must take attention_varlen_trusted."""
+    if not bindable(q) or q.numel() == 0 or not cu_seqlens.is_contiguous():
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    T, H, D = q.shape
+    scale = D ** -0.5
+
+    def unsupported(b):
+        return _kernel(b).unsupported(q, k, v, None, cu_seqlens, max_seqlen, scale)
+
+    sig = (q.dtype, k.dtype, v.dtype, H, D, _seq_class(max_seqlen), round_log2(T))
+    _, mod = backends.choose(_OPV, backend, q.device, sig, "fwd", unsupported=unsupported,
+                             tune_key=(T, max_seqlen, H, D, q.dtype))
+    if mod is None:
+        return None
+    fwd = mod.forward_inference
+
+    def attention_varlen_bound(q, k, v, cu_seqlens, max_seqlen, scale):
+        return fwd(q, k, v, None, cu_seqlens, max_seqlen, scale, 0.0, None)
+
+    return attention_varlen_bound
+
+
+def bind_inference(q, k, v, key_padding_mask=None, backend=None):
+    """attention's binding (see bind_varlen_inference): q, k, v (B, S, H, D) with unit last stride, key_padding_mask
+    bool (B, S) contiguous or None. Returns fn(q, k, v, key_padding_mask, scale) -> o, or None."""
+    if not bindable(q) or q.numel() == 0:
+        return None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    if key_padding_mask is not None and not key_padding_mask.is_contiguous():
+        return None
+    B, S, H, D = q.shape
+    scale = D ** -0.5
+
+    def unsupported(b):
+        return _kernel(b).unsupported(q, k, v, key_padding_mask, None, None, scale)
+
+    sig = (q.dtype, k.dtype, v.dtype, H, D, _seq_class(S), round_log2(B * S), key_padding_mask is not None)
+    _, mod = backends.choose(_OP, backend, q.device, sig, "fwd", unsupported=unsupported,
+                             tune_key=(B, S, H, D, q.dtype, key_padding_mask is not None))
+    if mod is None:
+        return None
+    fwd = mod.forward_inference
+
+    def attention_bound(q, k, v, key_padding_mask, scale):
+        return fwd(q, k, v, key_padding_mask, None, None, scale, 0.0, None)
+
+    return attention_bound

@@ -7,7 +7,15 @@ import torch
 from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
 from ..tuned import round_log2
-from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
+from ._checks import (
+    bindable,
+    check_param_dtype,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    direct_call_ok,
+    train_mode,
+)
 
 _OP = "bias_gelu"
 _APPROX = ("none", "tanh")
@@ -151,3 +159,21 @@ def _run_traced(x, bias, approximate, backend):
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     return _fwd(x2, bias, approximate, b).view(x.shape)
+
+
+def bind_inference(x, bias, approximate="none", backend=None):
+    """For many inference calls of ONE signature (see layer_norm.bind_inference): x (M, N) contiguous rows, bias
+    contiguous or None. Returns fn(x, bias, approximate) -> y, the kernel backend's forward called directly, or
+    None where such calls must take bias_gelu_trusted."""
+    if not bindable(x) or x.dim() != 2 or not x.is_contiguous() or x.shape[0] == 0:
+        return None
+    if bias is not None and not bias.is_contiguous():
+        return None
+    M, N = x.shape
+
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(x, bias, approximate)
+
+    sig = (x.dtype, N, round_log2(M), None if bias is None else bias.dtype, approximate)
+    _, mod = backends.choose(_OP, backend, x.device, sig, "fwd", unsupported=unsupported, tune_key=(M, N, x.dtype))
+    return None if mod is None else mod.forward

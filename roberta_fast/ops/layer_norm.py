@@ -18,6 +18,7 @@ from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
 from ..tuned import round_log2
 from ._checks import (
+    bindable,
     check_dropout,
     check_param_dtype,
     check_same_device,
@@ -260,3 +261,35 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bind_inference(x, weight, bias, residual=None, x_bias=None, backend=None):
+    """For many inference calls of ONE signature (the encoder's layers, bound once per forward: docs/host_path.md):
+    the backend chosen once for x (M, N) contiguous rows, residual (M, N) contiguous rows of x's dtype or None and
+    contiguous parameters like these, without dropout. Returns fn(x, weight, bias, eps, residual, x_bias) -> y, the
+    kernel backend's forward_inference called directly, or None where such calls must take layer_norm_trusted
+    (autograd, torch.compile, autocast, a dispatch mode, the torch backend, empty or other input). The caller
+    guarantees that every later call has the signature of this one (shapes, dtypes, devices, which are None)."""
+    if not bindable(x) or x.dim() != 2 or not x.is_contiguous() or x.shape[0] == 0:
+        return None
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape
+                                 or not residual.is_contiguous()):
+        return None
+    if any(p is not None and not p.is_contiguous() for p in (weight, bias, x_bias)):
+        return None
+    M, N = x.shape
+
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(x, weight, bias, 0.0, residual, x_bias)
+
+    sig = (x.dtype, N, round_log2(M), None if weight is None else weight.dtype,
+           None if bias is None else bias.dtype, None if x_bias is None else x_bias.dtype, residual is None)
+    _, mod = backends.choose(_OP, backend, x.device, sig, "fwd", unsupported=unsupported, tune_key=(M, N, x.dtype))
+    if mod is None:
+        return None
+    fwd = mod.forward_inference
+
+    def layer_norm_bound(x, weight, bias, eps, residual, x_bias):
+        return fwd(x, weight, bias, eps, residual, x_bias, 0.0, None)
+
+    return layer_norm_bound

@@ -199,6 +199,7 @@ class Pretrainer:
         self.config = self._config()
         seed_all(a.seed)  # the same initialization on every rank (DDP broadcasts rank 0's anyway)
         model = RobertaForMaskedLM(self.config, backend=a.backend)
+        model.fused_loss = True  # the masked-only head + ops.linear_cross_entropy (off by default: logits as HF)
         model.to(self.device)
         self.raw = model
         self.model = model

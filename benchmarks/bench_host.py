@@ -354,6 +354,32 @@ def _call(op_fn, case):
     return lambda: op_fn(*case["args"], **case["kwargs"])
 
 
+def _bound_call(op: str, case):
+    """The call as the model's inference path makes it: the op bound once (ops.trusted.bind_*, under
+    inference_mode), then its backend's inference function called directly. None for an op the model does not
+    bind (masked_softmax: only output_attentions uses it) or where binding says no."""
+    from roberta_fast.ops import trusted
+
+    a, kw = case["args"], case["kwargs"]
+    with torch.inference_mode():
+        if op == "layer_norm":
+            x, w, b, eps = a
+            fn = trusted.bind_layer_norm(x, w, b, kw.get("residual"), kw.get("x_bias"))
+            return fn and (lambda: fn(x, w, b, eps, kw.get("residual"), kw.get("x_bias")))
+        if op == "bias_gelu":
+            fn = trusted.bind_bias_gelu(a[0], a[1], "none")
+            return fn and (lambda: fn(a[0], a[1], "none"))
+        if op == "attention_varlen":
+            q, k, v, cu, ms = a
+            fn = trusted.bind_attention_varlen(q, k, v, cu, ms)
+            return fn and (lambda: fn(q, k, v, cu, ms, q.shape[-1] ** -0.5))
+        if op == "attention":
+            q, k, v = a
+            fn = trusted.bind_attention(q, k, v, kw.get("key_padding_mask"))
+            return fn and (lambda: fn(q, k, v, kw.get("key_padding_mask"), q.shape[-1] ** -0.5))
+    return None
+
+
 def _env_rec(stub: bool) -> dict:
     import triton
 
@@ -391,16 +417,18 @@ def measure_ops(device, dtype, stub, *, rounds: int, backends_to_run=("triton", 
                 rows.append(_row("op", name, f"roberta_fast ({be})", label,
                                  error=f"skipped: the automatic choice here is {chosen[name]!r}"))
                 continue
-            ready[name] = (pub, tr, case)
+            ready[name] = (pub, tr, case, _bound_call(op, case))
         # one table per grad mode, the whole table timed inside it (no context manager per call); each table
         # has its own unit, F.layer_norm, timed in the same rounds
         for how, mode in (("inference_mode", torch.inference_mode), ("no_grad", torch.no_grad)):
             fns = dict(base) if (be == backends_to_run[0] and how == "inference_mode") else {
                 "F.layer_norm": base["F.layer_norm"]}
-            for name, (pub, tr, case) in ready.items():
+            for name, (pub, tr, case, bound) in ready.items():
                 fns[f"{name}|{how}"] = _call(pub, case)
                 if how == "inference_mode" and tr is not None:
                     fns[f"{name}|trusted, {how}"] = _call(tr, case)
+                if how == "inference_mode" and bound is not None:
+                    fns[f"{name}|bound (the model's inference path), {how}"] = bound
             with mode():
                 res = time_interleaved(fns, rounds=rounds, sync=sync)
             unit = res["F.layer_norm"][0]

@@ -38,6 +38,7 @@ sequence (row * stride, < 2**31 elements) are int32.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -569,8 +570,14 @@ def _config(kernel: str, q, key_padding_mask, cu_seqlens, max_seqlen: int) -> At
                               (B, max_seqlen, H, D, q.dtype, key_padding_mask is not None))
         if cfg is not None:
             return cfg
-    return attention_config(kernel, q.shape[-1], q.dtype, max_seqlen)
+    key = (kernel, q.shape[-1], q.dtype, max_seqlen if max_seqlen <= 1024 else 1025)
+    cfg = _DEFAULT_CFG.get(key)
+    if cfg is None:  # (max_seqlen classes past 1024 share one entry: every bucket's top is <= 1024 or None)
+        cfg = _DEFAULT_CFG[key] = attention_config(kernel, q.shape[-1], q.dtype, max_seqlen)
+    return cfg
 
+
+_DEFAULT_CFG: dict = {}  # (kernel, head_dim, dtype, max_seqlen or 1025) -> attention_config's answer
 
 # ------------------------------------------------------------------------------------- host side
 
@@ -684,16 +691,30 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p
     n_blocks = max(cdiv(S, cfg.block_m), 1)
     if n_bh * n_blocks == 0:
         return o, lse
-    ints = (*sizes, n_blocks, int(cu_seqlens is not None), *strides, *mask_strides)
+    ints = (*sizes, n_blocks, int(cu_seqlens is not None))
+    fixed = (*strides, *mask_strides)  # the same for every call of one layout: its key part is memoized
+    fixed_key = _FIXED_KEYS.get(fixed)
+    if fixed_key is None:
+        if len(_FIXED_KEYS) > 4096:
+            _FIXED_KEYS.clear()
+        fixed_key = _FIXED_KEYS[fixed] = ints_key(fixed)
     dropout, rng, p, drop_scale = _dropout_args(dev, dropout_p, rng)
     # what fixes Triton's specialization (kernels/_launch.py); o and lse are fresh, aligned allocations
     key = (q.dtype, k.dtype, v.dtype, D, cfg, q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,
-           mask.data_ptr() & 15, cu.data_ptr() & 15, rng.data_ptr() & 15, dropout, ints_key(ints))
-    _FWD(key, (n_bh * n_blocks,),
-         (q, k, v, o, lse, mask, cu, rng, *ints[:6], float(scale) * LOG2E, p, drop_scale, *ints[6:]),
-         dict(HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_upcast(q.dtype), DROPOUT=dropout,
-              num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+           mask.data_ptr() & 15, cu.data_ptr() & 15, rng.data_ptr() & 15, dropout, ints_key(ints), fixed_key)
+    _FWD(key, (n_bh * n_blocks,), (q, k, v, o, lse, mask, cu, rng, *ints, float(scale) * LOG2E, p, drop_scale, *fixed),
+         _fwd_meta(D, cfg, _upcast(q.dtype), dropout))
     return o, lse
+
+
+_FIXED_KEYS: dict = {}  # a layout's strides -> their part of the launch key (ints_key)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_meta(head_dim: int, cfg: AttnConfig, upcast: bool, dropout: bool) -> dict:
+    """The forward's constexprs and launch options (one dict per config, read only on a key's first launch)."""
+    return dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=upcast, DROPOUT=dropout,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng):

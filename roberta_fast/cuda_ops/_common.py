@@ -89,3 +89,17 @@ def unsupported_dtype(op: str, name: str, t, dtypes) -> str | None:
         return (f"backend 'cuda' {op} supports {name} dtypes ({', '.join(map(dtype_name, dtypes))}), "
                 f"got {dtype_name(t.dtype)}")
     return None
+
+
+def dropout_rng(rng, dropout_p, like):
+    """The (seed, offset) int64 pair the dropout kernels read on the device, contiguous (keep it alive over the
+    launch), or None when dropout_p is 0 (the kernels without dropout run then). Checks shape, dtype and
+    device only, never the values (no host read: CUDA graphs and torch.compile stay possible)."""
+    if not dropout_p:
+        return None
+    if rng is None:
+        raise ValueError("rng: dropout_p > 0 needs an int64 (seed, offset) tensor, got None")
+    if rng.dtype != torch.int64 or rng.numel() != 2 or rng.device != like.device:
+        raise ValueError(f"rng must be an int64 tensor of 2 elements (seed, offset) on {like.device}, got "
+                         f"{dtype_name(rng.dtype)} of shape {tuple(rng.shape)} on {rng.device}")
+    return rng.contiguous()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import dtype_name, stats_scratch
-from ._common import device_guard, dtype_code, lib, ptr, stream
+from ._common import device_guard, dropout_rng, dtype_code, lib, ptr, stream
 
 DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (32, 64, 128)
@@ -35,18 +35,6 @@ def unsupported(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
     return None
 
 
-def _dropout_rng(rng, dropout_p, like):
-    """The (seed, offset) int64 pair the dropout kernels read on the device, contiguous (keep it alive over the
-    launch), or None when dropout_p is 0 (the kernels without dropout run then). Checks shape, dtype and
-    device only, never the values (no host read: CUDA graphs and torch.compile stay possible)."""
-    if not dropout_p:
-        return None
-    if rng is None:
-        raise ValueError("rng: dropout_p > 0 needs an int64 (seed, offset) tensor, got None")
-    if rng.dtype != torch.int64 or rng.numel() != 2 or rng.device != like.device:
-        raise ValueError(f"rng must be an int64 tensor of 2 elements (seed, offset) on {like.device}, got "
-                         f"{dtype_name(rng.dtype)} of shape {tuple(rng.shape)} on {rng.device}")
-    return rng.contiguous()
 
 
 def _aligned(t):
@@ -97,7 +85,7 @@ def forward_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, 
 
 
 def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, scratch_lse):
-    rng = _dropout_rng(rng, dropout_p, q)
+    rng = dropout_rng(rng, dropout_p, q)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     D = L["head_dim"]
@@ -127,7 +115,7 @@ def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scal
     dropout_p and rng: the forward's (the kernel regenerates its mask).
     Returns dq, dk, dv contiguous in q's layout and dtype (varlen rows past cu_seqlens[-1]: zeros).
     delta = rowsum(do * o) and the fp32 -> q.dtype cast of dq are plain torch ops around one kernel."""
-    rng = _dropout_rng(rng, dropout_p, q)
+    rng = dropout_rng(rng, dropout_p, q)
     q, k, v, do = _aligned(q), _aligned(k), _aligned(v), _aligned(do.to(q.dtype))
     L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
     D = L["head_dim"]

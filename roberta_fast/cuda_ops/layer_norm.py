@@ -13,8 +13,19 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import FLOAT_DTYPES, dtype_name, stats_scratch
-from ._common import col_parts, device_guard, dtype_code, is_f32, lib, param, ptr, stream, unsupported_dtype
+from .._utils import FLOAT_DTYPES, stats_scratch
+from ._common import (
+    col_parts,
+    device_guard,
+    dropout_rng,
+    dtype_code,
+    is_f32,
+    lib,
+    param,
+    ptr,
+    stream,
+    unsupported_dtype,
+)
 
 
 def unsupported(x, weight, bias, eps, residual, x_bias):
@@ -22,18 +33,6 @@ def unsupported(x, weight, bias, eps, residual, x_bias):
     return unsupported_dtype("layer_norm", "x", x, FLOAT_DTYPES)
 
 
-def _dropout_rng(rng, dropout_p, like):
-    """The (seed, offset) int64 pair the dropout kernels read on the device, contiguous (keep it alive over the
-    launch), or None when dropout_p is 0 (the kernels without dropout run then). Checks shape, dtype and
-    device only, never the values (no host read: CUDA graphs and torch.compile stay possible)."""
-    if not dropout_p:
-        return None
-    if rng is None:
-        raise ValueError("rng: dropout_p > 0 needs an int64 (seed, offset) tensor, got None")
-    if rng.dtype != torch.int64 or rng.numel() != 2 or rng.device != like.device:
-        raise ValueError(f"rng must be an int64 tensor of 2 elements (seed, offset) on {like.device}, got "
-                         f"{dtype_name(rng.dtype)} of shape {tuple(rng.shape)} on {rng.device}")
-    return rng.contiguous()
 
 
 def forward(x, weight, bias, eps, residual, x_bias, dropout_p, rng):
@@ -58,7 +57,7 @@ def forward_inference(x, weight, bias, eps, residual, x_bias, dropout_p, rng):
 
 
 def _launch_fwd(x, weight, bias, eps, residual, x_bias, dropout_p, rng, y, mean, rstd):
-    rng = _dropout_rng(rng, dropout_p, x)
+    rng = dropout_rng(rng, dropout_p, x)
     weight, bias, x_bias = param(weight), param(bias), param(x_bias)
     M, N = x.shape
     mod = lib(x)
@@ -78,7 +77,7 @@ def backward(dy, x, weight, bias, mean, rstd, residual, x_bias, dropout_p, rng):
     parameter's dtype (None where the parameter is None) and dresidual: dL/dh (h = dropout(x + x_bias) +
     residual, x.dtype) when dropout_p > 0 and residual is given, else None (the residual's gradient is
     dx then). With dropout dx = dh * mask / (1 - p) and dx_bias sums that dx over rows."""
-    rng = _dropout_rng(rng, dropout_p, x)
+    rng = dropout_rng(rng, dropout_p, x)
     weight, x_bias = param(weight), param(x_bias)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     M, N = x.shape

@@ -691,8 +691,10 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p
     n_blocks = max(cdiv(S, cfg.block_m), 1)
     if n_bh * n_blocks == 0:
         return o, lse
-    ints = (*sizes, n_blocks, int(cu_seqlens is not None))
-    fixed = (*strides, *mask_strides)  # the same for every call of one layout: its key part is memoized
+    ints = (*sizes, n_blocks, int(cu_seqlens is not None), strides[-1])
+    # the strides but the last (lse's per-head stride: T when packed) are the same for every call of one layout:
+    # their part of the launch key is memoized
+    fixed = (*strides[:-1], *mask_strides)
     fixed_key = _FIXED_KEYS.get(fixed)
     if fixed_key is None:
         if len(_FIXED_KEYS) > 4096:
@@ -702,8 +704,8 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p
     # what fixes Triton's specialization (kernels/_launch.py); o and lse are fresh, aligned allocations
     key = (q.dtype, k.dtype, v.dtype, D, cfg, q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15,
            mask.data_ptr() & 15, cu.data_ptr() & 15, rng.data_ptr() & 15, dropout, ints_key(ints), fixed_key)
-    _FWD(key, (n_bh * n_blocks,), (q, k, v, o, lse, mask, cu, rng, *ints, float(scale) * LOG2E, p, drop_scale, *fixed),
-         _fwd_meta(D, cfg, _upcast(q.dtype), dropout))
+    _FWD(key, (n_bh * n_blocks,), (q, k, v, o, lse, mask, cu, rng, *ints[:6], float(scale) * LOG2E, p, drop_scale,
+                                   *strides, *mask_strides), _fwd_meta(D, cfg, _upcast(q.dtype), dropout))
     return o, lse
 
 

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser):
                    "tokenizer.json), metrics.jsonl, checkpoints/")
     g = p.add_argument_group("model and tokenizer")
     g.add_argument("--model", metavar="PRESET|CONFIG",
-                   help="tiny (default: hidden 64, 2 layers, vocabulary 2048, sequences of 128), base (roberta-base's "
+                   help="tiny (default: hidden 128, 2 layers, vocabulary 1024, sequences of 128), base (roberta-base's "
                         "shape) or a config.json whose encoder shape to use")
     g.add_argument("--tokenizer", metavar="PATH",
                    help="reuse this tokenizer.json (or a folder with one); default: train byte-level BPE on the corpus")
@@ -37,10 +37,10 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--dropout", type=float, help="hidden and attention dropout (tiny: 0, base: 0.1)")
     g.add_argument("--backend", choices=("torch", "triton", "cuda"), help="op backend (default: automatic)")
     g = p.add_argument_group("schedule")
-    g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (tiny: 300, base: 100000)")
+    g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (tiny: 1000, base: 100000)")
     g.add_argument("--batch-tokens", type=int, metavar="N", help="tokens per device and micro-batch (tiny: 2048)")
     g.add_argument("--accumulation", type=int, metavar="K", help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (tiny: 2e-3, base: 6e-4)")
+    g.add_argument("--lr", type=float, help="peak learning rate (tiny: 1e-3, base: 6e-4)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices (default 0.01)")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: --warmup-ratio of the steps)")
     g.add_argument("--warmup-ratio", type=float, help="default 0.06")

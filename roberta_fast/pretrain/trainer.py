@@ -40,9 +40,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 # model presets: the encoder's shape and the run's defaults that go with it
 PRESETS = {
-    # ~0.6 M parameters: learns the built-in corpus's local statistics in a few hundred CPU steps
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
-             "vocab_size": 2048, "max_seqlen": 128, "batch_tokens": 2048, "lr": 2e-3, "max_steps": 300,
+    # 0.5 M parameters. On the built-in corpus it reaches the unigram level in ~150 steps and starts to read the
+    # context after a few hundred (docs/pretraining.md has the figures): 1000 steps are a few CPU minutes
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
+             "vocab_size": 1024, "max_seqlen": 128, "batch_tokens": 2048, "lr": 1e-3, "max_steps": 1000,
              "dropout": 0.0},
     # roberta-base's shape (125 M parameters with a 50,265 vocabulary); RoBERTa's peak lr for a batch of 8k x 512
     "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -254,7 +255,8 @@ class Pretrainer:
         a, ids = self.args, self.ids
         if a.model in PRESETS:
             p = PRESETS[a.model]
-            shape = {k: p[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+            shape = {k: p[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                       "initializer_range") if k in p}
         else:
             with open(a.model, encoding="utf-8") as f:
                 d = json.load(f)

@@ -712,6 +712,58 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p
 _FIXED_KEYS: dict = {}  # a layout's strides -> their part of the launch key (ints_key)
 
 
+def bind_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """forward_inference for many calls of ONE signature (roberta_fast.ops' bind_*: the encoder's layers in one
+    forward): every shape, stride, int argument, config and launch-key part but the data pointers' alignment is
+    computed here once. Returns fn(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale) -> o, the same
+    launch as forward_inference's (the same launch keys, so the same compiled kernel), for arguments that differ
+    from these only in their data (addresses)."""
+    if INTERPRET:  # no cached launches under the interpreter: the plain host function
+        return lambda q, k, v, m, cu, ms, sc: forward_inference(q, k, v, m, cu, ms, sc, 0.0, None)
+    dev = q.device
+    if cu_seqlens is not None:
+        T, H, D = q.shape
+        n_seq, S = cu_seqlens.shape[0] - 1, int(max_seqlen)
+        sizes = (n_seq, H, S, T)
+        strides = (0, *q.stride()[:2], 0, *k.stride()[:2], 0, *v.stride()[:2], 0, H * D, D, 0, T)
+        n_lse, n_bh = H * T, (n_seq + 1) * H
+    else:
+        B, S, H, D = q.shape
+        sizes = (B, H, S, B * S)
+        strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], S * H * D, H * D, D, H * S, S)
+        n_lse, n_bh = B * H * S, B * H
+    mask_strides = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
+    cfg = _config("fwd", q, key_padding_mask, cu_seqlens, S)
+    n_blocks = max(cdiv(S, cfg.block_m), 1)
+    shape, dtype = q.shape, q.dtype
+    if n_bh * n_blocks == 0:
+        return lambda q, k, v, m, cu, ms, sc: forward_inference(q, k, v, m, cu, ms, sc, 0.0, None)
+    lse = stats_scratch(dev, n_lse)
+    ints = (*sizes, n_blocks, int(cu_seqlens is not None), strides[-1])
+    fixed = (*strides[:-1], *mask_strides)
+    fixed_key = _FIXED_KEYS.get(fixed)
+    if fixed_key is None:
+        fixed_key = _FIXED_KEYS[fixed] = ints_key(fixed)
+    _, rng, p, drop_scale = _dropout_args(dev, 0.0, None)
+    head = (q.dtype, k.dtype, v.dtype, D, cfg)
+    tail = (rng.data_ptr() & 15, False, ints_key(ints), fixed_key)
+    grid = (n_bh * n_blocks,)
+    lead, rest = ints[:6], (p, drop_scale, *strides, *mask_strides)
+    meta = _fwd_meta(D, cfg, _upcast(q.dtype), False)
+    no_mask, no_cu = _dummy(dev, torch.bool, True), _dummy(dev, torch.int32, 0)
+
+    def attention_fwd_bound(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+        o = torch.empty(shape, dtype=dtype, device=dev)
+        mask = no_mask if key_padding_mask is None else key_padding_mask
+        cu = no_cu if cu_seqlens is None else cu_seqlens
+        key = (*head, q.data_ptr() & 15, k.data_ptr() & 15, v.data_ptr() & 15, mask.data_ptr() & 15,
+               cu.data_ptr() & 15, *tail)
+        _FWD(key, grid, (q, k, v, o, lse, mask, cu, rng, *lead, float(scale) * LOG2E, *rest), meta)
+        return o
+
+    return attention_fwd_bound
+
+
 @functools.lru_cache(maxsize=256)
 def _fwd_meta(head_dim: int, cfg: AttnConfig, upcast: bool, dropout: bool) -> dict:
     """The forward's constexprs and launch options (one dict per config, read only on a key's first launch)."""

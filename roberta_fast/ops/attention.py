@@ -484,6 +484,13 @@ def bind_varlen_inference(q, k, v, cu_seqlens, max_seqlen, backend=None):
                              tune_key=(T, max_seqlen, H, D, q.dtype))
     if mod is None:
         return None
+    if hasattr(mod, "bind_inference"):  # the backend fixes everything but the addresses once (kernels/attention.py)
+        bound = mod.bind_inference(q, k, v, None, cu_seqlens, max_seqlen, scale)
+
+        def attention_varlen_bound(q, k, v, cu_seqlens, max_seqlen, scale):
+            return bound(q, k, v, None, cu_seqlens, max_seqlen, scale)
+
+        return attention_varlen_bound
     fwd = mod.forward_inference
 
     def attention_varlen_bound(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -512,9 +519,10 @@ def bind_inference(q, k, v, key_padding_mask=None, backend=None):
                              tune_key=(B, S, H, D, q.dtype, key_padding_mask is not None))
     if mod is None:
         return None
-    fwd = mod.forward_inference
+    fwd = mod.bind_inference(q, k, v, key_padding_mask, None, None, scale) if hasattr(mod, "bind_inference") else (
+        lambda q, k, v, m, cu, ms, sc: mod.forward_inference(q, k, v, m, cu, ms, sc, 0.0, None))
 
     def attention_bound(q, k, v, key_padding_mask, scale):
-        return fwd(q, k, v, key_padding_mask, None, None, scale, 0.0, None)
+        return fwd(q, k, v, key_padding_mask, None, None, scale)
 
     return attention_bound

@@ -283,26 +283,10 @@ TINY_WIDTHS = {"vocab_size": 100, "hidden_size": 32, "num_attention_heads": 2, "
 
 def count_step_ops(fn) -> Counter:
     """The launching ops (aten and custom, views excluded) that fn dispatches, autograd on: the backward's ops
-    count too (benchmarks/layers.py's counter, without its no_grad)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    count too (benchmarks/layers.py's counter)."""
+    from .layers import count_ops
 
-    from .layers import VIEW_OPS, _op_name
-
-    class _Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = _op_name(func)
-            if name not in VIEW_OPS:
-                self.ops[name] += 1
-            return func(*args, **(kwargs or {}))
-
-    mode = _Count()
-    with mode:
-        fn()
-    return mode.ops
+    return count_ops(fn, grad=True)
 
 
 def _tiny_fwd_bwd(prov: str, layers: int):

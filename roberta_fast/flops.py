@@ -34,6 +34,11 @@ eager list is what transformers 4.4x/5.x run (eager attention, bias folded into 
 roberta_fast's layer (DESIGN.md): QKV GEMM (bias in the addmm), attention (one kernel), out GEMM
 (no bias), bias+residual+LayerNorm, FFN1 GEMM (no bias), bias+GELU, FFN2 GEMM (no bias),
 bias+residual+LayerNorm = 8 launches, 4 of them GEMMs.
+
+With GEMM epilogues (ops.linear, issue 16; impl "roberta_fast_epilogue"): QKV GEMM (bias), attention,
+out GEMM + bias + residual, LayerNorm, FFN1 GEMM + bias + GELU, FFN2 GEMM + bias + residual, LayerNorm
+= 7 launches, 4 of them GEMMs; the (tokens, intermediate) FFN tensor is written once (FFN1) and read once
+(FFN2) instead of written, read and written again by bias+GELU, then read.
 """
 
 from __future__ import annotations
@@ -185,9 +190,10 @@ class Kernel:
         return asdict(self)
 
 
-def _gemm(name, m, k, n, e, *, bias=False, batch=1) -> Kernel:
-    """(batch x) (m, k) @ (k, n): reads both operands (+ bias), writes the (m, n) result once."""
-    byts = batch * (m * k + k * n + m * n) * e + (n * e if bias else 0)
+def _gemm(name, m, k, n, e, *, bias=False, batch=1, residual=False) -> Kernel:
+    """(batch x) (m, k) @ (k, n): reads both operands (+ bias, + an (m, n) residual added in the epilogue),
+    writes the (m, n) result once."""
+    byts = batch * (m * k + k * n + m * n) * e + (n * e if bias else 0) + (batch * m * n * e if residual else 0)
     return Kernel(name, "gemm", byts, 2 * batch * m * n * k)
 
 
@@ -196,9 +202,11 @@ def layer_kernels(impl: str, *, batch: int, seqlen: int, hidden: int, heads: int
     """The kernels one encoder layer launches in inference, with their bytes and FLOPs.
 
     impl: "hf_eager" (transformers' RobertaLayer, eager attention, on the padded (batch, seqlen)
-    layout), "roberta_fast" (padding-free: real tokens only) or "roberta_fast_padded" (fused kernels
-    on the padded layout, attention with a key padding mask). seqlens: the real lengths (default all
-    `seqlen`). See the module docstring for the lists.
+    layout), "roberta_fast" (padding-free: real tokens only), "roberta_fast_padded" (fused kernels
+    on the padded layout, attention with a key padding mask) or "roberta_fast_epilogue" (padding-free, the
+    GEMMs with fused epilogues of ops.linear: FFN1 + bias + GELU, the two output projections + bias +
+    residual, each LayerNorm alone; the FFN intermediate written once by FFN1 and read once by FFN2).
+    seqlens: the real lengths (default all `seqlen`). See the module docstring for the lists.
     """
     e, h, i, nh = dtype_bytes, hidden, intermediate, heads
     d = h // nh
@@ -251,7 +259,21 @@ def layer_kernels(impl: str, *, batch: int, seqlen: int, hidden: int, heads: int
             _gemm("mm FFN2", t, i, h, e),
             Kernel("layer_norm(+bias +residual)", "memory", ln),
         ]
-    raise ValueError(f"impl must be 'hf_eager', 'roberta_fast' or 'roberta_fast_padded', got {impl!r}")
+    if impl == "roberta_fast_epilogue":
+        t = sum(lens)
+        ln = layer_norm_bytes(t, h, e, residual=False, x_bias=False, stats=True)
+        return [
+            _gemm("addmm QKV", t, h, 3 * h, e, bias=True),
+            Kernel("attention_varlen", "attention", attention_bytes(t, nh, d, e, mask_bytes=4 * (batch + 1)),
+                   attention_flops(lens, nh, d)),
+            _gemm("linear attention out (+bias +residual)", t, h, h, e, bias=True, residual=True),
+            Kernel("layer_norm", "memory", ln),
+            _gemm("linear FFN1 (+bias +GELU)", t, h, i, e, bias=True),
+            _gemm("linear FFN2 (+bias +residual)", t, i, h, e, bias=True, residual=True),
+            Kernel("layer_norm", "memory", ln),
+        ]
+    raise ValueError("impl must be 'hf_eager', 'roberta_fast', 'roberta_fast_padded' or 'roberta_fast_epilogue', "
+                     f"got {impl!r}")
 
 
 def layer_summary(kernels: list[Kernel]) -> dict:

@@ -119,6 +119,24 @@ def test_layer_kernels_ours_by_hand():
         flops.layer_kernels("roberta_fast", **SMALL, seqlens=[5, 1])
 
 
+def test_layer_kernels_epilogue_by_hand():
+    """GEMM epilogues (issue 16): 7 launches; the FFN intermediate is written once (FFN1) and read once (FFN2),
+    against the fused-elementwise layer's write, read + write (bias_gelu), read."""
+    ks = flops.layer_kernels("roberta_fast_epilogue", **SMALL)
+    s = flops.layer_summary(ks)
+    assert (s["launches"], s["gemm_launches"], s["non_gemm_launches"]) == (7, 4, 3)
+    t, h, i, e = 8, 8, 16, 2
+    by = {k.name: k for k in ks}
+    assert by["linear FFN1 (+bias +GELU)"].bytes == (t * h + h * i + t * i) * e + i * e
+    assert by["linear FFN2 (+bias +residual)"].bytes == (t * i + i * h + t * h) * e + h * e + t * h * e
+    ours = flops.layer_summary(flops.layer_kernels("roberta_fast", **SMALL))
+    # the intermediate round trip through bias_gelu (read + write t x i) is gone; LayerNorm no longer reads
+    # the residual and bias (the epilogues do: + t x h residual reads, bias reads move into the GEMMs)
+    assert ours["total_bytes"] - s["total_bytes"] == 2 * t * i * e
+    cfg = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16}
+    assert s["flops"] == flops.encoder_flops(cfg, [4, 4])
+
+
 def test_eager_layer_measured_matches_the_analytic_list():
     """The aten ops one transformers eager layer dispatches are exactly the kernels flops.py lists."""
     measured = layers._per_layer(lambda n: layers._tiny_models(n, torch.device("cpu"), torch.float32),

@@ -1,0 +1,210 @@
+"""LSH self-attention (Reformer-style, non-causal) in plain PyTorch: the hashing, sorting and chunking every
+backend shares, and the chunked attention of the "torch" backend (the test oracle in float64).
+
+One call, per sequence and head (docs/lsh_attention.md):
+  1. n_buckets = ceil(S / bucket_size), rounded up to an even number (at least 2), where S is the padded length
+     (padded inputs) or max_seqlen (varlen inputs, which run as a padded batch with a key padding mask).
+  2. Per hash round r, random rotations R_r (head_dim, n_buckets / 2) per head, drawn from a CPU
+     torch.Generator seeded with `seed` (identical on every device); bucket(x) = argmax([x R_r, -x R_r]),
+     computed in float32 from the input's values (so a float64 oracle hashes exactly as the float16 call does).
+     Padding tokens get the bucket n_buckets: they sort after every real token.
+  3. Queries and keys are sorted by (bucket, position) (a stable sort within a bucket). With k=None (shared QK,
+     Reformer's choice) keys are the L2-normalised queries and share their sort; otherwise keys are hashed and
+     sorted on their own, with v following k.
+  4. The sorted sequence is cut into chunks of bucket_size (the tail padded with masked slots); the queries of
+     chunk c attend to the keys of chunks c - 1 and c (Reformer's look-one-back; chunk 0 looks at itself only,
+     there is no wrap-around, so one chunk covering the sequence is exactly full attention). With shared QK a
+     token's score with itself is replaced by SELF_SCORE (-1e5): it attends to itself only when it has no
+     other key.
+  5. Each round gives (o_r, lse_r) per query; rounds are combined as sum_r softmax_r(lse_r) o_r. A (query, key)
+     pair found in several rounds counts once per round (no de-duplication, unlike Reformer's optional
+     correction): the combination is the attention over the multiset union of the rounds' keys. Identical
+     rounds (one bucket covering all) give full attention exactly.
+A query row that sees no real key gives zeros (lse -inf); padded query rows give zeros.
+
+The hashing and sorting (`plan`, `unsort_combine`) run in torch for every backend; only the chunked attention
+(`chunk_attention`) has a Triton kernel (kernels/lsh_attention.py). Memory is linear in S: per round the
+scores are (S / C) chunks of C x 2C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+SELF_SCORE = -1e5  # the scaled score of a token with itself under shared QK (Reformer's self-mask value)
+
+
+def n_buckets(seqlen: int, bucket_size: int) -> int:
+    """ceil(seqlen / bucket_size) rounded up to even, at least 2 (argmax over [xR, -xR] needs an even count)."""
+    n = max(1, -(-seqlen // bucket_size))
+    return n + (n % 2)
+
+
+def rotations(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: int, device) -> torch.Tensor:
+    """(num_hashes, heads, head_dim, buckets // 2) float32 Gaussian rotations drawn on the CPU from `seed`, then
+    moved to `device`: the same values on every device."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    r = torch.randn((num_hashes, heads, head_dim, buckets // 2), generator=g, dtype=torch.float32)
+    return r.to(device)
+
+
+def hash_buckets(x: torch.Tensor, rot: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """x (B, H, S, D), rot (R, H, D, nb / 2), valid bool (B, S) or None -> buckets int64 (R, B, H, S) in
+    [0, nb); invalid (padding) tokens get nb."""
+    xr = torch.einsum("bhsd,rhdn->rbhsn", x.detach().float(), rot)
+    b = torch.cat([xr, -xr], dim=-1).argmax(dim=-1)
+    if valid is not None:
+        b = torch.where(valid[None, :, None, :], b, rot.shape[-1] * 2)
+    return b
+
+
+class Plan(NamedTuple):
+    """The sorted, chunked layout of one call: N = num_hashes * B * H rows of L = n_chunks * C slots."""
+
+    qs: torch.Tensor  # (N, L, D) sorted queries (0 in padding slots and padded-query slots)
+    ks: torch.Tensor  # (N, L, D) sorted keys (0 where kvalid is False)
+    vs: torch.Tensor  # (N, L, D) sorted values (0 where kvalid is False)
+    kvalid: torch.Tensor  # (N, L) bool: a real key in that slot
+    inv: torch.Tensor  # (R, B, H, S) int64: the slot of each query position (the inverse of the query sort)
+    chunk: int
+    shared: bool
+
+
+def plan(q, k, v, key_padding_mask, bucket_size: int, num_hashes: int, seed: int) -> Plan:
+    """Hash, sort and chunk. q, v (B, S, H, D); k (B, S, H, D) or None (shared QK: keys are q / |q|);
+    key_padding_mask bool (B, S) or None. Differentiable in q, k, v (gathers)."""
+    B, S, H, D = q.shape
+    R, C = num_hashes, bucket_size
+    shared = k is None
+    nb = n_buckets(S, C)
+    rot = rotations(seed, R, H, D, nb, q.device)
+    qh, vh = q.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+    kh = torch.nn.functional.normalize(qh, dim=-1) if shared else k.transpose(1, 2)
+    pos = torch.arange(S, device=q.device)
+    qb = hash_buckets(qh, rot, key_padding_mask)  # (R, B, H, S)
+    qperm = torch.argsort(qb * S + pos, dim=-1)  # keys unique: the sort is by (bucket, position)
+    kperm = qperm if shared else torch.argsort(hash_buckets(kh, rot, key_padding_mask) * S + pos, dim=-1)
+    n_chunks = max(1, -(-S // C))
+    L = n_chunks * C
+
+    def gather(x, perm):  # x (B, H, S, D), perm (R, B, H, S) -> (R * B * H, L, D), zero tail
+        idx = perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1])
+        y = torch.gather(x.unsqueeze(0).expand(R, *x.shape), 3, idx).reshape(R * B * H, S, x.shape[-1])
+        return torch.nn.functional.pad(y, (0, 0, 0, L - S)) if L > S else y
+
+    valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    vfull = valid[:, None, :].expand(B, H, S)
+    kvalid = torch.gather(vfull.unsqueeze(0).expand(R, B, H, S), 3, kperm).reshape(R * B * H, S)
+    qvalid = kvalid if shared else torch.gather(vfull.unsqueeze(0).expand(R, B, H, S), 3, qperm).reshape(-1, S)
+    if L > S:
+        kvalid = torch.nn.functional.pad(kvalid, (0, L - S), value=False)
+        qvalid = torch.nn.functional.pad(qvalid, (0, L - S), value=False)
+    qs = gather(qh, qperm)
+    ks, vs = gather(kh, kperm), gather(vh, kperm)
+    # what a padding token holds (NaN, inf) never reaches a real row, in the forward or the backward
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    qs = torch.where(qvalid[..., None], qs, zero)
+    ks, vs = (torch.where(kvalid[..., None], t, zero) for t in (ks, vs))
+    inv = torch.argsort(qperm, dim=-1)
+    return Plan(qs, ks, vs, kvalid, inv, C, shared)
+
+
+def chunk_attention(qs, ks, vs, kvalid, chunk: int, scale: float, shared: bool, *, same_dtype: bool = False):
+    """The chunked attention on the sorted layout: (o (N, L, D) in qs' dtype, lse (N, L) float32 or float64).
+    Chunk c's queries attend to the valid keys of chunks c - 1 and c. Math in float32 (float64 for float64);
+    same_dtype=True computes the scores and p @ v in qs' dtype (the tests' eager-PyTorch yardstick)."""
+    N, L, D = qs.shape
+    nc = L // chunk
+    acc = qs.dtype if same_dtype else (torch.float64 if qs.dtype == torch.float64 else torch.float32)
+    qc, kc, vc = (t.to(acc).reshape(N, nc, chunk, D) for t in (qs, ks, vs))
+    ok = kvalid.reshape(N, nc, chunk)
+
+    def with_prev(t, fill):  # (N, nc, C, ...) -> (N, nc, 2C, ...): [chunk c - 1, chunk c]
+        prev = torch.cat([torch.full_like(t[:, :1], fill), t[:, :-1]], dim=1)
+        return torch.cat([prev, t], dim=2)
+
+    kk, vv, okk = with_prev(kc, 0), with_prev(vc, 0), with_prev(ok, False)
+    s = torch.matmul(qc, kk.transpose(-1, -2)).to(torch.float64 if acc == torch.float64 else torch.float32)
+    s = s * scale  # (N, nc, C, 2C)
+    if shared:
+        eye = torch.eye(chunk, dtype=torch.bool, device=s.device)
+        self_mask = torch.cat([torch.zeros_like(eye), eye], dim=1)  # (C, 2C): the own-chunk diagonal
+        s = s.masked_fill(self_mask, SELF_SCORE)
+    s = s.masked_fill(~okk[:, :, None, :], -math.inf)
+    lse = torch.logsumexp(s, dim=-1)  # (N, nc, C); -inf for a row without a valid key
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # exp(-inf) = 0 on dead rows
+    o = torch.matmul(p.to(acc), vv)
+    return o.reshape(N, L, D).to(qs.dtype), lse.reshape(N, L)
+
+
+def unsort_combine(o, lse, p: Plan, key_padding_mask, shape) -> torch.Tensor:
+    """o (N, L, D), lse (N, L) on the sorted layout -> (B, S, H, D): back to positions, rounds combined by
+    softmax over their lse (rows where every round has lse -inf, and padded query rows, give zeros)."""
+    B, S, H, D = shape
+    R = p.inv.shape[0]
+    o = o[:, :S].reshape(R, B, H, S, D)
+    lse = lse[:, :S].reshape(R, B, H, S)
+    o = torch.gather(o, 3, p.inv.unsqueeze(-1).expand(R, B, H, S, D))
+    lse = torch.gather(lse, 3, p.inv)
+    if R == 1:
+        out = o[0]
+        dead = torch.isinf(lse[0])
+    else:
+        m = lse.max(dim=0).values
+        dead = torch.isinf(m)
+        w = torch.exp(lse - torch.where(dead, 0.0, m)[None])  # (R, B, H, S); dead rows: all 0
+        w = w / torch.where(dead, 1.0, w.sum(dim=0))[None]
+        out = (w[..., None].to(o.dtype if o.dtype == torch.float64 else torch.float32) * o).sum(dim=0)
+    keep = ~dead
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, :]
+    out = torch.where(keep[..., None], out, 0.0)
+    return out.transpose(1, 2).to(o.dtype)  # (B, S, H, D)
+
+
+def lsh_attention(q, k, v, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0, scale=None,
+                  chunk_fn=None):
+    """The whole op on padded inputs (B, S, H, D) (k may be None); chunk_fn(qs, ks, vs, kvalid, C, scale,
+    shared) -> (o, lse) is the chunked attention (default: `chunk_attention`, this file's torch version)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    p = plan(q, k, v, key_padding_mask, bucket_size, num_hashes, seed)
+    fn = chunk_fn or chunk_attention
+    o, lse = fn(p.qs, p.ks, p.vs, p.kvalid, p.chunk, scale, p.shared)
+    return unsort_combine(o, lse, p, key_padding_mask, q.shape)
+
+
+def to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    """(T, H, D) packed -> ((B, max_seqlen, H, D) padded with zeros, mask bool (B, max_seqlen), index (T',) of
+    the packed rows in the flattened padded batch), T' = cu_seqlens[-1]."""
+    B = cu_seqlens.numel() - 1
+    starts = cu_seqlens[:-1].long()
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    ar = torch.arange(max_seqlen, device=x.device)
+    mask = ar[None, :] < lens[:, None]  # (B, S)
+    flat = (torch.arange(B, device=x.device)[:, None] * max_seqlen + ar[None, :])[mask]  # (T',)
+    src = (starts[:, None] + ar[None, :])[mask]
+    out = x.new_zeros((B * max_seqlen, *x.shape[1:]))
+    out = out.index_copy(0, flat, x.index_select(0, src))
+    return out.view(B, max_seqlen, *x.shape[1:]), mask, flat
+
+
+def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size=64, num_hashes=2, seed=0, scale=None,
+                         chunk_fn=None):
+    """The op on packed inputs (T, H, D): run as a padded batch (B, max_seqlen) with the key padding mask, so
+    each sequence is hashed, sorted and chunked on its own (n_buckets from max_seqlen). Rows past
+    cu_seqlens[-1] are zeros."""
+    T = q.shape[0]
+    B = cu_seqlens.numel() - 1
+    if B == 0 or max_seqlen == 0:
+        return q.new_zeros(q.shape) + 0 * (q.sum() + v.sum() + (0 if k is None else k.sum()))
+    qp, mask, flat = to_padded(q, cu_seqlens, max_seqlen)
+    kp = None if k is None else to_padded(k, cu_seqlens, max_seqlen)[0]
+    vp = to_padded(v, cu_seqlens, max_seqlen)[0]
+    o = lsh_attention(qp, kp, vp, mask, bucket_size, num_hashes, seed, scale, chunk_fn)
+    rows = o.reshape(-1, *o.shape[2:]).index_select(0, flat)
+    n = rows.shape[0]
+    return rows if n == T else torch.cat([rows, rows.new_zeros((T - n, *rows.shape[1:]))])

@@ -41,6 +41,9 @@ from . import cuda_ops, tuned
 from ._utils import dtype_name
 
 BACKENDS = ("torch", "triton", "cuda")
+# Backends some ops have besides BACKENDS: linear's "cublaslt" (torch._addmm_activation, cuBLASLt's bias+GELU
+# epilogue; roberta_fast/ops/linear.py registers its module with `register_implementation`).
+OP_BACKENDS = {"linear": ("cublaslt",)}
 # Device types whose tensors the registry treats as GPU tensors (the automatic choice tries the default order
 # below). "cuda" only; the host-overhead benchmark adds "cpu" in its own process, where a stub CUDA driver
 # stands in for the GPU (benchmarks/bench_host.py, docs/host_path.md).
@@ -56,6 +59,9 @@ GPU_DEVICE_TYPES = {"cuda"}
 # order for the call's bucket wins over this table.
 DEFAULT_ORDERS = (
     (("attention", "attention_varlen"), (9, 0), (10, 0), ("triton", "cuda")),
+    # linear: cuBLAS + separate elementwise ("torch") on every GPU until a tuning measured Triton's and
+    # cuBLASLt's epilogues there (docs/tuning.md, "linear: three backends")
+    (("linear",), (0, 0), (100, 0), ("torch",)),
 )
 GENERAL_ORDER = ("cuda", "triton")
 
@@ -114,6 +120,8 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run any call on `device`, or None when it can."""
     if backend == "torch":
         return None
+    if backend == "cublaslt":  # torch._addmm_activation: any device (ops/linear.py gives CPU the same semantics)
+        return None
     if backend == "triton":
         err = triton_import_error()
         if err is not None:
@@ -158,6 +166,12 @@ def _missing(backend: str, device: torch.device) -> bool:
 _IMPLS: dict = {}  # (backend, op) -> module, filled on first use
 
 
+def register_implementation(backend: str, op: str, module):
+    """An op file hands the registry a backend module it defines itself (linear's "cublaslt" and its "cuda"
+    stub, roberta_fast/ops/linear.py), so that the registry never imports upwards."""
+    _IMPLS[(backend, op)] = module
+
+
 def implementation(backend: str, op: str):
     """The module that implements `op` on a kernel backend: roberta_fast.kernels.<op> ("triton") or
     roberta_fast.cuda_ops.<op> ("cuda"). Imported on first use (the package needs neither), with import
@@ -170,18 +184,20 @@ def implementation(backend: str, op: str):
 
 def _import_implementation(backend: str, op: str):
     if backend == "triton":
-        from .kernels import attention, bias_gelu, layer_norm, linear_cross_entropy, masked_softmax
+        from .kernels import attention, bias_gelu, layer_norm, linear, linear_cross_entropy, masked_softmax
 
         _connect_kernels()
     elif backend == "cuda":
         from .cuda_ops import attention, bias_gelu, layer_norm, masked_softmax
 
         linear_cross_entropy = NoCudaLinearCrossEntropy  # no CUDA C++ kernel: it says why
+        linear = None  # registered by roberta_fast/ops/linear.py (NoCudaLinear)
     else:
         raise ValueError(f"no kernel module for backend {backend!r}")
     mods = {"layer_norm": layer_norm, "bias_gelu": bias_gelu, "masked_softmax": masked_softmax,
-            "attention": attention, "attention_varlen": attention, "linear_cross_entropy": linear_cross_entropy}
-    if op not in mods:
+            "attention": attention, "attention_varlen": attention, "linear_cross_entropy": linear_cross_entropy,
+            "linear": linear}
+    if op not in mods or mods[op] is None:
         raise ValueError(f"unknown op {op!r}: expected one of {tuple(mods)}")
     return mods[op]
 
@@ -254,8 +270,9 @@ def resolve(op: str, backend: str | None, device: torch.device, *, unsupported=N
         if env and env != "auto":
             backend, named, source = env, True, "ROBERTA_FAST_BACKEND"
     if named:
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"{op}: {source} must be one of {BACKENDS} or None, got {backend!r}")
+        allowed = BACKENDS + OP_BACKENDS.get(op, ())
+        if not isinstance(backend, str) or backend not in allowed:
+            raise ValueError(f"{op}: {source} must be one of {allowed} or None, got {backend!r}")
         why = why_unavailable(backend, device)
         if why is not None and _missing(backend, device):
             raise BackendUnavailableError(f"{op}: {why}")

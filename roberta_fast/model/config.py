@@ -42,9 +42,20 @@ class EncoderConfig:
     output_attentions: bool = False
     output_hidden_states: bool = False
     return_dict: bool = True
+    # self-attention: "full" (exact; what RoBERTa and BERT use) or "lsh" (opt-in Reformer-style LSH attention,
+    # ops.lsh_attention, for long inputs; docs/lsh_attention.md). Written to config.json only when "lsh".
+    attention: str = "full"
+    lsh_bucket_size: int = 64
+    lsh_num_hashes: int = 2
 
     def __post_init__(self):
         check_model_type(self.model_type)
+        if self.attention not in ("full", "lsh"):
+            raise ValueError(f"attention must be 'full' or 'lsh', got {self.attention!r}")
+        for name in ("lsh_bucket_size", "lsh_num_hashes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                              f"({self.num_attention_heads})")
@@ -91,6 +102,9 @@ class EncoderConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["attention"] == "full":  # the default: config.json stays what it was before the LSH option
+            for name in ("attention", "lsh_bucket_size", "lsh_num_hashes"):
+                d.pop(name)
         if d["id2label"] is None:
             d.pop("id2label")
         else:

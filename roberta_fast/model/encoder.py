@@ -117,6 +117,8 @@ class SelfAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
         self.dropout_p = cfg.attention_probs_dropout_prob
+        # opt-in LSH attention (config attention="lsh"): (bucket_size, num_hashes), else None (exact attention)
+        self.lsh = (cfg.lsh_bucket_size, cfg.lsh_num_hashes) if cfg.attention == "lsh" else None
         self._qkv_cache = None
         self._qkv_static = None  # set by model/graphs.py while a graph forward runs: the fused copies it owns
         self.join_qkv()
@@ -128,6 +130,11 @@ class SelfAttention(nn.Module):
         w, b = self.qkv_weight_bias()  # (3 * hidden, hidden), (3 * hidden,)
         qkv = F.linear(x, w, b)  # (rows, 3 * hidden)
         q, k, v = qkv.view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)  # (rows, heads, head_dim)
+        if getattr(self, "lsh", None) is not None:  # no probabilities to return, no dropout on them
+            if need_probs:
+                raise ValueError("output_attentions is not available with attention='lsh' (LSH attention never "
+                                 "forms the S x S probabilities); use attention='full' to inspect them")
+            return self._lsh(q, k, v, layout, backend).reshape(x.shape[0], w.shape[1]), None  # (rows, hidden)
         dropout_p = self.dropout_p if self.training else 0.0
         if need_probs or (dropout_p > 0 and not _FUSED_ATTENTION_DROPOUT):
             ctx, probs = self._unfused(q, k, v, layout, dropout_p, backend)
@@ -145,6 +152,19 @@ class SelfAttention(nn.Module):
                                             **drop)  # (T, heads, head_dim)
             q, k, v = (t.view(layout.batch, layout.seqlen, *t.shape[1:]) for t in (q, k, v))  # (B, S, heads, d)
             return ops.attention(q, k, v, key_padding_mask=layout.mask, backend=backend, **drop)  # (B, S, heads, d)
+
+    def _lsh(self, q, k, v, layout: Layout, backend):
+        """ops.lsh_attention_varlen on packed rows, else ops.lsh_attention with the key padding mask (separate
+        query and key projections, seed 0 in every layer: deterministic); autocast off."""
+        from ..ops.lsh_attention import lsh_attention, lsh_attention_varlen  # the checked ops (opt-in path)
+
+        bucket_size, num_hashes = self.lsh
+        kw = {"bucket_size": bucket_size, "num_hashes": num_hashes, "backend": backend}
+        with _no_autocast(q):
+            if layout.is_packed:
+                return lsh_attention_varlen(q, k, v, layout.cu_seqlens, int(layout.max_seqlen), **kw)
+            q, k, v = (t.view(layout.batch, layout.seqlen, *t.shape[1:]) for t in (q, k, v))  # (B, S, heads, d)
+            return lsh_attention(q, k, v, key_padding_mask=layout.mask, **kw)  # (B, S, heads, d)
 
     def _unfused(self, q, k, v, layout: Layout, dropout_p, backend):
         """The (B, heads, S, S) probabilities materialized through ops.masked_softmax."""
@@ -373,7 +393,7 @@ def _plan(layers):
         att, inter, out = (layer._modules.get(n) for n in ("attention", "intermediate", "output"))
         sa, so = (att._modules.get(n) for n in ("self", "output")) if type(att) is Attention else (None, None)
         if (type(sa) is not SelfAttention or type(so) is not SelfOutput or type(inter) is not Intermediate
-                or type(out) is not Output):
+                or type(out) is not Output or getattr(sa, "lsh", None) is not None):  # lsh: the module path
             return None
         subs = (so.dense, so.LayerNorm, inter.dense, out.dense, out.LayerNorm)
         if any(type(m) not in (nn.Linear, nn.LayerNorm) for m in subs):

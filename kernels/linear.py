@@ -1,15 +1,241 @@
-"""linear's Triton backend (placeholder while the fused-epilogue GEMM is written): says it cannot take calls,
-so the automatic choice skips it and a named call raises with the reason."""
+"""linear: Y = act(X W^T + b) [+ residual], one tiled GEMM with the elementwise work in its epilogue.
 
-_REASON = "backend 'triton' has no linear kernel yet (kernels/linear.py is being written); use backend='torch'"
+    pre = X W^T + b        X (M, K), W (N, K): fp32 accumulator tile, bias added in registers
+    Y   = act(pre) + R     act none / exact-erf GELU / tanh GELU, residual R (M, N) read in the epilogue
+    backward: dZ = dY * gelu'(pre)  (pre saved by the training forward),
+              dX = dZ W,  dW = dZ^T X,  db = sum_rows dZ,  dR = dY
+
+FLOPs 2 M N K per GEMM (the backward has two). Bytes: the forward reads X and W (once per tile row / column,
+L2 permitting: GROUP_M swizzle), R when given, and writes Y once (and pre in training); the separate ops it
+replaces write the (M, N) product, then read and write it again per elementwise op.
+
+`_linear_kernel` is one tile loop for all three GEMMs: C = epilogue(A B) with A (M, K) and B (K, N) given
+by strides, so X W^T (B = W^T: strides (1, stride_wn)), dZ W and dZ^T X are the same kernel with different
+strides and no epilogue. fp16 / bf16 tiles go to tl.dot (HMMA on sm_80; wgmma / HGMMA on sm_90 with 4+ warps
+and 3+ stages, checked ahead of time by tests/test_compile_targets.py); fp32 takes the ieee dot (no TF32, as
+torch's default matmul). Plain tl.load tiles: TMA descriptors (tl.make_tensor_descriptor) are not used, so
+one code path serves Triton 3.6 and 3.9. `_dgelu_kernel` makes dZ (one read of dY and pre, one write).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import AOTSpec, ptr
+from ._launch import INTERPRET, cdiv
+from .bias_gelu import _gelu, _gelu_grad
+
+ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+@triton.jit
+def _linear_kernel(
+    A,  # (M, K) strides (stride_am, stride_ak)
+    B,  # (K, N) strides (stride_bk, stride_bn)
+    BIAS,  # (N,) contiguous (unused unless HAS_BIAS)
+    R,  # (M, N) residual, row stride stride_rm, unit column stride (unused unless HAS_RES)
+    C,  # (M, N) output, row stride stride_cm, unit column stride
+    PRE,  # (M, N) pre-activation, C's strides (written only when SAVE_PRE)
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_rm,
+    stride_cm,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,  # 0 none, 1 exact-erf GELU, 2 tanh GELU
+    HAS_RES: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row tiles per group: consecutive programs share B's column tiles in L2
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter + bfloat16 only: tl.dot on float32 copies of the tiles
+):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < M
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    a_ptr = A + rows[:, None] * stride_am + ks[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_ptr = B + ks[:, None] * stride_bk + cols[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (ks + k0) < K
+        a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptr += BLOCK_K * stride_ak
+        b_ptr += BLOCK_K * stride_bk
+
+    # the epilogue, in registers
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if SAVE_PRE:
+        tl.store(PRE + rows[:, None] * stride_cm + cols[None, :], acc.to(PRE.dtype.element_ty), mask=ok)
+    if ACT != 0:
+        acc = _gelu(acc, ACT - 1)
+    if HAS_RES:
+        acc += tl.load(R + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(C + rows[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dgelu_kernel(
+    DY,  # (n,) flat, contiguous
+    PRE,  # (n,) flat, contiguous
+    DZ,  # (n,) flat output, dy's dtype
+    n,
+    TANH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+    h = tl.load(PRE + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DZ + offs, (dy * _gelu_grad(h, TANH)).to(DZ.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- tuning (one place)
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per shape bucket, pruned by hand to what the
+# bucket can use (smem per stage = (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes in fp16: 48 KB for 128 x 256 x 64,
+# 3 stages = 144 KB, under sm_80's 163 KB and sm_90's 227 KB). Not yet measured on a GPU: the tuner's
+# backend choice keeps "torch" until it has timed these (docs/tuning.md).
+CONFIGS = {
+    "large": (128, 256, 64, 8, 8, 3),  # M >= 2048 and N >= 2048 (FFN1 at >= 2k tokens)
+    "medium": (128, 128, 64, 8, 4, 4),  # M >= 512 (out-proj, FFN2)
+    "small": (64, 128, 64, 8, 4, 3),  # fewer tokens: more programs per SM
+    "fp32": (64, 64, 32, 8, 4, 3),  # ieee fp32 dot
+}
+CONFIG_INTERPRET = (16, 32, 32, 2, 4, 1)  # the interpreter: small tiles, several per test input
+DGELU_BLOCK = 1024
+
+
+def bucket(M: int, N: int, dtype) -> str:
+    """The config bucket of a GEMM of M rows and N columns."""
+    if dtype == torch.float32:
+        return "fp32"
+    if M >= 2048 and N >= 2048:
+        return "large"
+    return "medium" if M >= 512 else "small"
+
+
+def config(M: int, N: int, dtype):
+    return CONFIG_INTERPRET if INTERPRET else CONFIGS[bucket(M, N, dtype)]
+
+
+def _prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored by fp16 / bf16 dots
+
+
+def _gemm(a, b, c, *, bias=None, act=0, residual=None, pre=None):
+    """c (M, N) = epilogue(a @ b); a (M, K) and b (K, N) any strides; c, pre, residual unit column stride."""
+    M, K = a.shape
+    N = b.shape[1]
+    bm, bn, bk, gm, warps, stages = config(M, N, a.dtype)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
+    _linear_kernel[grid](
+        a, b, bias if bias is not None else c, residual if residual is not None else c, c,
+        pre if pre is not None else c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        residual.stride(0) if residual is not None else 0, c.stride(0),
+        HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_PRE=pre is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, DOT_PREC=_prec(a.dtype),
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
+    )
+    return c
+
+
+# ----------------------------------------------------------------------------- host functions
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported(x, weight, bias, activation, residual):
-    return _REASON
+    """Why this kernel cannot take the call, or None (any M, N, K; x's dtype; parameters in x's dtype)."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"backend 'triton' linear supports float16, bfloat16 and float32, got {x.dtype}"
+    return None
 
 
-def forward(*args):
-    raise NotImplementedError(_REASON)
+def forward_inference(x, weight, bias, activation, residual):
+    """x (M, K) rows, weight (N, K), bias (N,) or None contiguous, x's dtype; residual (M, N) contiguous or None;
+    activation "none" | "gelu" | "gelu_tanh" -> y (M, N) x.dtype."""
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    return _gemm(x, weight.t(), y, bias=bias, act=ACT_CODES[activation], residual=residual)
 
 
-forward_inference = backward = forward
+def forward(x, weight, bias, activation, residual, save_pre):
+    """-> (y (M, N), pre (M, N) x.dtype when save_pre and an activation is set, else an empty tensor)."""
+    M, N = x.shape[0], weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    keep = save_pre and activation != "none"
+    pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if keep else x.new_empty(0)
+    _gemm(x, weight.t(), y, bias=bias, act=ACT_CODES[activation], residual=residual, pre=pre if keep else None)
+    return y, pre
+
+
+def backward(dy, x, weight, bias, pre, activation):
+    """dy (M, N) contiguous -> (dx (M, K), dw (N, K), db (N,) or None), x's dtype; db summed in fp32."""
+    if activation != "none":
+        dz = torch.empty_like(dy)
+        n = dy.numel()
+        _dgelu_kernel[(cdiv(n, DGELU_BLOCK),)](dy, pre, dz, n, TANH=activation == "gelu_tanh", BLOCK=DGELU_BLOCK)
+    else:
+        dz = dy
+    M, K = x.shape
+    N = weight.shape[0]
+    dx = _gemm(dz, weight, torch.empty((M, K), dtype=x.dtype, device=x.device))  # (M, N) @ (N, K)
+    dw = _gemm(dz.t(), x, torch.empty((N, K), dtype=weight.dtype, device=x.device))  # (N, M) @ (M, K)
+    db = None if bias is None else dz.sum(0, dtype=torch.float32).to(bias.dtype)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- ahead-of-time specs
+
+
+def aot_specs():
+    """Two representative GEMM specializations (the compile check already takes minutes): FFN1's (fp16, bias,
+    exact GELU, pre saved, the "large" tile) and an output projection's (bf16, bias + residual, the "medium"
+    tile); plus the backward's dZ kernel."""
+    specs = []
+    for name, dt, cfg, consts in (
+        ("linear_ffn1[fp16,bias,gelu,save_pre]", torch.float16, CONFIGS["large"],
+         {"HAS_BIAS": True, "ACT": 1, "HAS_RES": False, "SAVE_PRE": True}),
+        ("linear_proj[bf16,bias,residual]", torch.bfloat16, CONFIGS["medium"],
+         {"HAS_BIAS": True, "ACT": 0, "HAS_RES": True, "SAVE_PRE": False}),
+    ):
+        bm, bn, bk, gm, warps, stages = cfg
+        consts = {**consts, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "DOT_PREC": _prec(dt),
+                  "UPCAST": False}
+        p = ptr(dt)
+        sig = {"A": p, "B": p, "BIAS": p, "R": p, "C": p, "PRE": p, "M": "i32", "N": "i32", "K": "i32",
+               "stride_am": "i64", "stride_ak": "constexpr", "stride_bk": "constexpr", "stride_bn": "i64",
+               "stride_rm": "i64", "stride_cm": "i64", **{k: "constexpr" for k in consts}}
+        specs.append(AOTSpec(name=f"{name}[{bm}x{bn}x{bk}]", fn=_linear_kernel, signature=sig,
+                             constexprs={**consts, "stride_ak": 1, "stride_bk": 1}, num_warps=warps,
+                             num_stages=stages, uses_mma=True,
+                             aligned=("A", "B", "C", "K", "stride_am", "stride_bn", "stride_cm")))
+    specs.append(AOTSpec(name="linear_dgelu[fp16,erf]", fn=_dgelu_kernel,
+                         signature={"DY": "*fp16", "PRE": "*fp16", "DZ": "*fp16", "n": "i32", "TANH": "constexpr",
+                                    "BLOCK": "constexpr"},
+                         constexprs={"TANH": False, "BLOCK": DGELU_BLOCK}, num_warps=4, num_stages=1))
+    return specs

@@ -1,0 +1,333 @@
+"""lsh_attention / lsh_attention_varlen (Reformer-style LSH attention, opt-in) and the model's attention="lsh".
+
+Reference properties on the torch backend (float64 where exactness is claimed): one chunk covering the
+sequence is full attention; results depend on the seed only; padded keys never reach a real row; packed
+sequences never mix; gradients match float64 autograd. The Triton chunked attention (under the interpreter on
+CPU) against the float64 reference with the 2x rule (roberta_fast.testing), the yardstick being the same
+algorithm with its matmuls in the dtype under test. The hashing is done in float32 from the inputs' values,
+so the oracle sorts exactly as the call under test does. Sizes are small (the interpreter is slow).
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+from roberta_fast import backends, lsh, reference
+from roberta_fast.ops import lsh_attention, lsh_attention_varlen
+from roberta_fast.testing import assert_rule
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+DEV = "cuda" if HAS_CUDA else "cpu"
+TRITON = pytest.mark.skipif(not backends.can_run("triton", torch.device(DEV)),
+                            reason="triton cannot run here (no GPU and no TRITON_INTERPRET=1)")
+
+
+def _qkv(B, S, H, D, dtype=F32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, S, H, D, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+def _mask(B, S, lens, device="cpu"):
+    return torch.arange(S, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+
+
+def _full64(q, k, v, mask, shared=False):
+    """Full attention in float64 with the op's conventions (padded query rows zero; shared QK: normalised
+    keys, a token's score with itself SELF_SCORE)."""
+    q, k, v = (t.double() for t in (q, q if shared else k, v))
+    if shared:
+        k = torch.nn.functional.normalize(q, dim=-1)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    if shared:
+        s = s.masked_fill(torch.eye(q.shape[1], dtype=torch.bool), lsh.SELF_SCORE)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], -math.inf)
+    o = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+    return o if mask is None else torch.where(mask[:, :, None, None], o, 0.0)
+
+
+def _same_dtype_chunks(qs, ks, vs, kvalid, chunk, scale, shared):
+    return lsh.chunk_attention(qs, ks, vs, kvalid, chunk, scale, shared, same_dtype=True)
+
+
+# --------------------------------------------------------------------------------- reference properties
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_bucket_is_full_attention(shared):
+    q, k, v = _qkv(2, 37, 3, 16, F64)
+    mask = _mask(2, 37, [37, 21])
+    for bucket in (37, 64):
+        out = lsh.lsh_attention(q, None if shared else k, v, mask, bucket_size=bucket, num_hashes=3)
+        torch.testing.assert_close(out, _full64(q, k, v, mask, shared), rtol=0, atol=1e-12)
+    if not shared:  # and ops.attention agrees (its padded query rows attend; ours are zeros)
+        ref = reference.attention_math(q, k, v, mask)
+        torch.testing.assert_close(out[mask], ref[mask], rtol=0, atol=1e-12)
+
+
+def test_op_one_bucket_matches_ops_attention():
+    from roberta_fast.ops import attention
+
+    q, k, v = _qkv(2, 30, 2, 16, F32)
+    out = lsh_attention(q, k, v, bucket_size=32, backend="torch")
+    torch.testing.assert_close(out, attention(q, k, v, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+def test_seed_determines_the_result():
+    q, k, v = _qkv(1, 64, 2, 16, F64)
+    a = lsh.lsh_attention(q, k, v, None, bucket_size=8, num_hashes=2, seed=3)
+    b = lsh.lsh_attention(q, k, v, None, bucket_size=8, num_hashes=2, seed=3)
+    c = lsh.lsh_attention(q, k, v, None, bucket_size=8, num_hashes=2, seed=4)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # the rotations are drawn on the CPU: the same values whatever the device
+    assert torch.equal(lsh.rotations(5, 2, 3, 16, 8, "cpu"), lsh.rotations(5, 2, 3, 16, 8, "cpu"))
+
+
+def test_more_hashes_and_bigger_buckets_approximate_better():
+    """On keys made to cluster (each query near a few keys), the error against full attention shrinks as the
+    chunks grow; random inputs are the worst case and are only required to stay finite."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(8, 16, generator=g)
+    idx = torch.randint(0, 8, (1, 128, 1), generator=g)
+    q = (centers[idx.squeeze(-1)] * 3 + 0.1 * torch.randn(1, 128, 16, generator=g)).unsqueeze(2).double()
+    v = torch.randn(1, 128, 1, 16, generator=g).double()
+    full = _full64(q, q, v, None)
+    errs = [((lsh.lsh_attention(q, q, v, None, bucket_size=c, num_hashes=4) - full).norm() / full.norm()).item()
+            for c in (8, 32, 128)]
+    assert errs[2] < 1e-12 and errs[1] <= errs[0], errs
+
+
+def test_padded_keys_are_never_attended():
+    q, k, v = _qkv(2, 40, 2, 16, F64)
+    mask = _mask(2, 40, [40, 23])
+    out = lsh.lsh_attention(q, k, v, mask, bucket_size=8, num_hashes=2)
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[1, 23:] = float("nan")
+    out2 = lsh.lsh_attention(q2, k2, v2, mask, bucket_size=8, num_hashes=2)
+    assert torch.equal(out, out2)
+    assert torch.all(out2[1, 23:] == 0)
+    # and a sequence without a real key gives zeros
+    none = lsh.lsh_attention(q, k, v, torch.zeros(2, 40, dtype=torch.bool), bucket_size=8)
+    assert torch.all(none == 0)
+
+
+def test_varlen_never_mixes_sequences_and_equals_padded():
+    lens = [19, 0, 40, 7]
+    T, S = sum(lens), max(lens)
+    q, k, v = (t[0] for t in _qkv(1, T + 3, 2, 16, F64))  # 3 rows past cu_seqlens[-1]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    out = lsh.lsh_attention_varlen(q, k, v, cu, S, bucket_size=8, num_hashes=2)
+    assert torch.all(out[T:] == 0)
+    # the same as the padded batch with its key padding mask
+    qp, mask, flat = lsh.to_padded(q, cu, S)
+    kp, vp = lsh.to_padded(k, cu, S)[0], lsh.to_padded(v, cu, S)[0]
+    padded = lsh.lsh_attention(qp, kp, vp, mask, bucket_size=8, num_hashes=2)
+    torch.testing.assert_close(out[:T], padded.reshape(-1, 2, 16)[flat], rtol=0, atol=0)
+    # changing another sequence leaves this one alone
+    k2, v2 = k.clone(), v.clone()
+    k2[19:59] += 5.0
+    v2[19:59] -= 3.0
+    out2 = lsh.lsh_attention_varlen(q, k2, v2, cu, S, bucket_size=8, num_hashes=2)
+    assert torch.equal(out[:19], out2[:19]) and torch.equal(out[59:T], out2[59:T])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradients_match_float64(shared):
+    q, k, v = _qkv(2, 33, 2, 16, F32, seed=1)
+    mask = _mask(2, 33, [33, 20])
+    do = torch.randn(2, 33, 2, 16, generator=torch.Generator().manual_seed(2))
+
+    def grads(dtype, fn):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        out = fn(leaves[0], None if shared else leaves[1], leaves[2])
+        out.backward(do.to(dtype))
+        return out, [t.grad for t in leaves]
+
+    kw = dict(bucket_size=8, num_hashes=2)
+    ours, g = grads(F32, lambda a, b, c: lsh_attention(a, b, c, key_padding_mask=mask, backend="torch", **kw))
+    ref, g64 = grads(F64, lambda a, b, c: lsh.lsh_attention(a, b, c, mask, **kw))
+    same, gs = grads(F32, lambda a, b, c: lsh.lsh_attention(a, b, c, mask, chunk_fn=_same_dtype_chunks, **kw))
+    assert_rule(ours, ref, same)
+    for name, a, r, s in zip("qkv", g, g64, gs):
+        if shared and name == "k":
+            assert a is None
+            continue
+        assert torch.isfinite(a).all()
+        assert_rule(a, r, s, name=f"d{name}")
+
+
+# ------------------------------------------------------------------------------ triton vs the reference
+
+
+def _check_triton(dtype, shared, mask_lens=None, varlen=False, grads=False):
+    B, S, H, D, C = 2, 45, 2, 16, 8
+    q, k, v = _qkv(B, S, H, D, dtype, seed=3, device=DEV)
+    kw = dict(bucket_size=C, num_hashes=2, seed=1)
+    do = torch.randn(B, S, H, D, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
+    mask = None if mask_lens is None else _mask(B, S, mask_lens, DEV)
+    if varlen:
+        lens = [S, 17]
+        cu = torch.tensor([0, S, S + 17], dtype=torch.int32, device=DEV)
+        q, k, v, do = (t.reshape(B * S, H, D)[: S + 17] for t in (q, k, v, do))
+
+    def run(fn, dt):
+        leaves = [t.detach().to(dt).clone().requires_grad_(grads) for t in (q, k, v)]
+        kk = None if shared else leaves[1]
+        if varlen:
+            out = fn(leaves[0], kk, leaves[2], cu, max(lens))
+        else:
+            out = fn(leaves[0], kk, leaves[2], mask)
+        if grads:
+            out.backward(do.to(dt))
+            return out, [t.grad for t in leaves]
+        return out, []
+
+    if varlen:
+        ours = run(lambda a, b, c, cu, ms: lsh_attention_varlen(a, b, c, cu, ms, backend="triton", **kw), dtype)
+        ref = run(lambda a, b, c, cu, ms: lsh.lsh_attention_varlen(a, b, c, cu, ms, **kw), F64)
+        same = run(lambda a, b, c, cu, ms: lsh.lsh_attention_varlen(a, b, c, cu, ms, chunk_fn=_same_dtype_chunks,
+                                                                    **kw), dtype)
+    else:
+        ours = run(lambda a, b, c, m: lsh_attention(a, b, c, key_padding_mask=m, backend="triton", **kw), dtype)
+        ref = run(lambda a, b, c, m: lsh.lsh_attention(a, b, c, m, **kw), F64)
+        same = run(lambda a, b, c, m: lsh.lsh_attention(a, b, c, m, chunk_fn=_same_dtype_chunks, **kw), dtype)
+    assert ours[0].dtype == dtype
+    assert_rule(ours[0], ref[0], same[0])
+    for name, a, r, s in zip("qkv", ours[1], ref[1], same[1]):
+        if a is not None:
+            assert_rule(a, r, s, name=f"d{name}")
+
+
+@TRITON
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_triton_forward_matches_reference(dtype):
+    _check_triton(dtype, shared=False, mask_lens=[45, 30])
+
+
+@TRITON
+def test_triton_shared_qk_and_gradients():
+    _check_triton(F16, shared=True, mask_lens=[45, 30], grads=True)
+
+
+@TRITON
+def test_triton_varlen_and_gradients():
+    _check_triton(F32, shared=False, varlen=True, grads=True)
+
+
+@TRITON
+def test_triton_one_bucket_is_full_attention():
+    q, k, v = _qkv(1, 20, 2, 16, F32, device=DEV)
+    out = lsh_attention(q, k, v, bucket_size=20, backend="triton")
+    torch.testing.assert_close(out.cpu().double(), _full64(q.cpu(), k.cpu(), v.cpu(), None), rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = _qkv(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="bucket_size must be >= 1"):
+        lsh_attention(q, k, v, bucket_size=0)
+    with pytest.raises(ValueError, match="num_hashes must be >= 1"):
+        lsh_attention(q, k, v, num_hashes=0)
+    with pytest.raises(TypeError, match="bucket_size must be a Python int"):
+        lsh_attention(q, k, v, bucket_size=8.0)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        lsh_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="k must have shape"):
+        lsh_attention(q, k[:, :4], v)
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        lsh_attention(q, k, v.half())
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        lsh_attention(q, k, v, key_padding_mask=torch.ones(1, 7, dtype=torch.bool))
+    if backends.can_run("cuda", q.device):
+        with pytest.raises(ValueError, match="no CUDA C\\+\\+ kernel"):
+            lsh_attention(q, k, v, backend="cuda")
+    cu = torch.tensor([0, 5, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen = 4 is smaller"):
+        lsh_attention_varlen(q[0], k[0], v[0], cu, 4)
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
+        lsh_attention_varlen(q[0], k[0], v[0], cu.long(), 5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=TRITON)])
+def test_fused_qkv_views_and_odd_sizes(backend):
+    """q, k, v as views into one (B, S, 3, H, D) buffer, odd S / head_dim / bucket_size: the contiguous result."""
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 13, 3, 1, 24, generator=g).to(DEV)
+    q, k, v = qkv.unbind(2)
+    kw = dict(bucket_size=5, num_hashes=3, backend=backend)
+    out = lsh_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, lsh_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kw))
+    ref = lsh.lsh_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), None, 5, 3)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=0, atol=1e-5)
+
+
+def test_empty_input():
+    q, k, v = _qkv(0, 8, 2, 16)
+    assert lsh_attention(q, k, v).shape == q.shape
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def _cfg(**kw):
+    from roberta_fast.model.config import EncoderConfig
+
+    return EncoderConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=80, model_type="roberta", pad_token_id=1,
+                         **kw)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="attention must be 'full' or 'lsh'"):
+        _cfg(attention="sparse")
+    with pytest.raises(ValueError, match="lsh_bucket_size must be an int >= 1"):
+        _cfg(attention="lsh", lsh_bucket_size=0)
+    assert "attention" not in _cfg().to_dict()  # the default leaves config.json as it was
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_model_lsh_option(tmp_path, padding_free):
+    """One bucket covering the sequence: the LSH model equals the full-attention one; smaller buckets change
+    it; the option survives save_pretrained / from_pretrained, and transformers still loads the config."""
+    import json
+
+    from roberta_fast import RobertaModel
+
+    torch.manual_seed(0)
+    full = RobertaModel(_cfg(), padding_free=padding_free).eval()
+    ids = torch.randint(3, 100, (2, 40))
+    am = torch.ones(2, 40, dtype=torch.long)
+    am[1, 25:] = 0
+    real = am.bool()
+    one = RobertaModel(_cfg(attention="lsh", lsh_bucket_size=64), padding_free=padding_free).eval()
+    one.load_state_dict(full.state_dict())
+    small = RobertaModel(_cfg(attention="lsh", lsh_bucket_size=8, lsh_num_hashes=3), padding_free=padding_free)
+    small.load_state_dict(full.state_dict())
+    small.eval()
+    with torch.no_grad():
+        a = full(ids, attention_mask=am).last_hidden_state
+        b = one(ids, attention_mask=am).last_hidden_state
+        c = small(ids, attention_mask=am).last_hidden_state
+    torch.testing.assert_close(b[real], a[real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(c[real], a[real], atol=1e-6)
+    small.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["attention"], saved["lsh_bucket_size"], saved["lsh_num_hashes"]) == ("lsh", 8, 3)
+    back = RobertaModel.from_pretrained(tmp_path, padding_free=padding_free).eval()
+    with torch.no_grad():
+        assert torch.equal(back(ids, attention_mask=am).last_hidden_state, c)
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoConfig.from_pretrained(str(tmp_path))
+    # training: gradients reach the projections
+    small.train()
+    out = small(ids, attention_mask=am).last_hidden_state
+    (out * torch.randn_like(out)).sum().backward()
+    assert small.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="output_attentions is not available with attention='lsh'"):
+        small.eval()(ids, attention_mask=am, output_attentions=True)

@@ -434,6 +434,23 @@ class NoCudaLinearCrossEntropy:
         raise NotImplementedError(NoCudaLinearCrossEntropy.unsupported(None, None, None, None, None, None))
 
 
+@runtime_checkable
+class LinearBackend(Protocol):
+    def unsupported(self, x, weight, bias, activation, residual) -> str | None:
+        """Why this backend cannot take the call, or None."""
+
+    def forward(self, x, weight, bias, activation, residual, save_pre):
+        """x (M, K), weight (N, K), bias (N,) or None (x's dtype, contiguous), residual (M, N) or None, activation
+        "none" | "gelu" | "gelu_tanh" -> (y (M, N) x.dtype, pre = x W^T + b (M, N) when save_pre and an activation
+        is set, else an empty tensor)."""
+
+    def forward_inference(self, x, weight, bias, activation, residual):
+        """-> y (M, N) x.dtype (inference: the op layer's direct call, no pre-activation)."""
+
+    def backward(self, dy, x, weight, bias, pre, activation):
+        """dy (M, N) contiguous -> (dx (M, K), dweight (N, K), dbias (N,) or None); gelu' from the saved pre."""
+
+
 CONTRACTS = {"layer_norm": LayerNormBackend, "bias_gelu": BiasGeluBackend,
              "masked_softmax": MaskedSoftmaxBackend, "attention": AttentionBackend,
-             "linear_cross_entropy": LinearCrossEntropyBackend}
+             "linear_cross_entropy": LinearCrossEntropyBackend, "linear": LinearBackend}

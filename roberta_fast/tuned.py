@@ -47,9 +47,9 @@ from . import cuda_ops
 from ._version import __version__
 
 SCHEMA = "roberta_fast.tuning/2"  # 2: entries may carry triton_configs (the Triton block configs measured)
-OPS = ("layer_norm", "bias_gelu", "masked_softmax", "attention", "attention_varlen")
+OPS = ("layer_norm", "bias_gelu", "masked_softmax", "attention", "attention_varlen", "linear")
 MODES = ("fwd", "train")
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cublaslt")  # cublaslt: linear's only (roberta_fast.backends.OP_BACKENDS)
 _OFF = ("0", "false", "no", "off")
 FILE_GLOB = "tuning_*.json"
 
@@ -86,6 +86,7 @@ def bucket(op: str, key: tuple):
     masked_softmax         key (rows, K, dtype, mask_kind)           -> fixed (ceil_pow2(K), dtype, mask_kind)
     attention              key (B, S, H, D, dtype, has_mask)         -> fixed (ceil_pow2(S), H, D, dtype, has_mask)
     attention_varlen       key (T, max_seqlen, H, D, dtype)          -> fixed (ceil_pow2(max_seqlen), H, D, dtype)
+    linear                 key (M, N, K, dtype)                      -> fixed (N, K, dtype)
     tokens_log2 is the rounded log2 of M, rows, B * S or T.
     """
     if op == "layer_norm" or op == "bias_gelu":
@@ -96,6 +97,8 @@ def bucket(op: str, key: tuple):
         return (ceil_pow2(key[1]), key[2], key[3], key[4], bool(key[5])), round_log2(key[0] * key[1])
     if op == "attention_varlen":
         return (ceil_pow2(key[1]), key[2], key[3], key[4]), round_log2(key[0])
+    if op == "linear":
+        return (key[1], key[2], key[3]), round_log2(key[0])
     return None
 
 

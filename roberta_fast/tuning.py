@@ -12,6 +12,12 @@ gradients too in "train" mode), frees the oracle, then times the verified ones w
 triton.testing.do_bench (median, L2 flushed between repeats). A backend that fails the check is rejected
 and never wins, however fast it is.
 
+linear (Y = act(X W^T + b) [+ residual]) has three candidates of its own: "torch" (cuBLAS + separate
+elementwise), "triton" (the fused-epilogue GEMM) and "cublaslt" (cuBLASLt's bias+GELU epilogue, tanh GELU: it
+takes the exact-erf cases only with ROBERTA_FAST_LINEAR_CUBLASLT_ERF=1, so without it the FFN1 cases mark it
+"n/a"); its cases are built here (`linear_case`, FFN1 + bias + GELU and output projection + bias + residual at
+RoBERTa shapes), verified and timed like every other op's. Until a tuning exists the op layer keeps "torch".
+
 The Triton backend is tuned further: each kernel file lists, per shape class, a few candidate block
 configurations (block sizes, warps, stages; `config_space` in kernels/<op>.py, today's default first, every
 one compiled by the ahead-of-time check). For each kernel class of the op (the forward's, and in "train"
@@ -45,6 +51,10 @@ from ._utils import dtype_name
 from .testing import OPS, OpCase, build_case, shape_label
 from .tuned import MODES, cache_dir, clear, load_entries, reset  # noqa: F401  (the CLI's cache commands)
 
+TUNE_OPS = OPS + ("linear",)  # the tuner's ops: testing.OPS and linear, whose cases are built below
+ALL_BACKENDS = registry.BACKENDS + tuple(b for bs in registry.OP_BACKENDS.values() for b in bs if
+                                         b not in registry.BACKENDS)
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "f16": "float16", "bf16": "bfloat16",
                  "fp32": "float32", "float": "float32", "f32": "float32"}
@@ -61,10 +71,76 @@ def parse_dtype(name) -> torch.dtype:
 
 def default_shapes(quick: bool = False, device="cuda", ops=OPS) -> list[tuple[str, dict]]:
     """(op, params) the tuner runs: testing.shape_grid "tune" ("tune-quick" with quick); on a CPU the
-    tiny "check" shapes (a smoke run of the machinery under the Triton interpreter)."""
-    if torch.device(device).type != "cuda":
-        return testing.shape_grid("check", ops)
-    return testing.shape_grid("tune-quick" if quick else "tune", ops)
+    tiny "check" shapes (a smoke run of the machinery under the Triton interpreter). linear's: linear_shapes."""
+    kind = "check" if torch.device(device).type != "cuda" else ("tune-quick" if quick else "tune")
+    out = testing.shape_grid(kind, tuple(o for o in ops if o != "linear"))
+    return out + (linear_shapes(kind) if "linear" in ops else [])
+
+
+# ----------------------------------------------------------------------------- linear's cases
+
+_LINEAR_ACTS = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def linear_shapes(kind: str) -> list[tuple[str, dict]]:
+    """linear at RoBERTa shapes: FFN1 (hidden -> 4 hidden, bias + exact GELU) and the output projections
+    (4 hidden -> hidden and hidden -> hidden, bias + residual); "check": tiny odd sizes."""
+    if kind == "check":
+        return [("linear", {"tokens": 7, "in": 24, "out": 40, "activation": "gelu_tanh", "residual": False}),
+                ("linear", {"tokens": 7, "in": 40, "out": 24, "activation": None, "residual": True})]
+    tokens = {"tune": (4096, 8192, 16384, 32768), "tune-quick": (16384,)}[kind]
+    hiddens = (768,) if kind == "tune-quick" else (768, 1024)
+    out = []
+    for t in tokens:
+        for h in hiddens:
+            out += [("linear", {"tokens": t, "in": h, "out": 4 * h, "activation": "gelu", "residual": False}),
+                    ("linear", {"tokens": t, "in": 4 * h, "out": h, "activation": None, "residual": True}),
+                    ("linear", {"tokens": t, "in": h, "out": h, "activation": None, "residual": True})]
+    return out
+
+
+def linear_case(p: dict, dtype: torch.dtype, device, seed: int = 0) -> OpCase:
+    """ops.linear at {"tokens", "in", "out", "activation", "residual"}: x (tokens, in), weight (out, in) scaled
+    by in^-1/2, bias, residual (tokens, out) when asked. FLOPs 2 M N K (x3 with the backward)."""
+    from . import ops
+
+    device = torch.device(device)
+    dgen = torch.Generator(device=device).manual_seed(seed)
+    t, k, n, act, res = p["tokens"], p["in"], p["out"], p.get("activation"), p.get("residual", False)
+    e = torch.finfo(dtype).bits // 8
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=dgen, device=device) * std).to(dtype)
+
+    inputs = {"x": rnd(t, k), "weight": rnd(n, k, std=k ** -0.5), "bias": rnd(n, std=0.1)}
+    if res:
+        inputs["residual"] = rnd(t, n)
+
+    def math(i):  # plain PyTorch in the inputs' dtype (the yardstick), in higher precision the oracle
+        y = torch.nn.functional.linear(i["x"], i["weight"], i["bias"])
+        if act is not None:
+            y = torch.nn.functional.gelu(y, approximate=_LINEAR_ACTS[act])
+        return y + i["residual"] if res else y
+
+    fl = 2 * t * n * k
+    by = e * (t * k + n * k + n + t * n * (2 if res else 1))
+    return OpCase(
+        "linear", dict(p), dtype, inputs, tuple(inputs),
+        run=lambda b, i: ops.linear(i["x"], i["weight"], i["bias"], activation=act, residual=i.get("residual"),
+                                    backend=b),
+        eager=math, oracle=math, key=(t, n, k, dtype_name(dtype)), out_shape=(t, n),
+        bytes_fwd=by, bytes_bwd=3 * by, flops_fwd=fl, flops_bwd=3 * fl)
+
+
+def build_tune_case(op, params, dtype, device, seed: int = 0) -> OpCase:
+    return linear_case(params, dtype, device, seed) if op == "linear" else build_case(op, params, dtype, device, seed)
+
+
+def label(op: str, p: dict) -> str:
+    if op == "linear":
+        return (f"T={p['tokens']} {p['in']}->{p['out']}" + (f" {p['activation']}" if p.get("activation") else "")
+                + (" +res" if p.get("residual") else ""))
+    return shape_label(op, p)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -159,10 +235,10 @@ def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="
         raise RuntimeError("tune: no CUDA GPU is available (device='cuda')")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    ops = tuple(ops) if ops is not None else OPS
+    ops = tuple(ops) if ops is not None else TUNE_OPS
     for op in ops:
-        if op not in OPS:
-            raise ValueError(f"tune: unknown op {op!r}; expected some of {OPS}")
+        if op not in TUNE_OPS:
+            raise ValueError(f"tune: unknown op {op!r}; expected some of {TUNE_OPS}")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"tune: unknown mode {m!r}; expected some of {MODES}")
@@ -192,7 +268,8 @@ def tune(ops=None, shapes=None, dtypes=(torch.float16, torch.bfloat16), device="
             for dtype in dtypes:
                 for mode in modes:
                     n += 1
-                    e = _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed, configs)
+                    extra = [b for b in registry.OP_BACKENDS.get(op, ()) if backends is None or b in backends]
+                    e = _tune_one(op, params, dtype, mode, device, cands + extra, timer, verify, seed, configs)
                     if e is not None:
                         entries.append(e)
                         if log:
@@ -217,7 +294,7 @@ def _tune_one(op, params, dtype, mode, device, cands, timer, verify, seed, confi
         return f"error: {what}{_short(e)}"
 
     try:
-        case = build_case(op, params, dtype, device, seed)
+        case = build_tune_case(op, params, dtype, device, seed)
     except Exception as e:  # noqa: BLE001
         return _entry(op, params, dtype, mode, None, {}, {"all": failed(e, "cannot build the inputs: ")})
     dy = None
@@ -289,7 +366,7 @@ def _search_configs(case, op, dtype, mode, params, device, dy, verifier, timer, 
     of every combination."""
     mod = registry.implementation("triton", op)
     fixed, _tok = tuned.bucket(op, case.key)
-    space = mod.config_space(op, tuple(fixed), mode == "train")
+    space = mod.config_space(op, tuple(fixed), mode == "train") if hasattr(mod, "config_space") else None
     if not space:
         return None
     trials = []
@@ -334,7 +411,7 @@ def _search_configs(case, op, dtype, mode, params, device, dy, verifier, timer, 
 def _entry(op, params, dtype, mode, case, times, status, searched=None) -> dict:
     key = case.key if case is not None else None
     fixed, tok = tuned.bucket(op, key) if key is not None else (None, None)
-    order = sorted(times, key=lambda b: (times[b], registry.BACKENDS.index(b)))
+    order = sorted(times, key=lambda b: (times[b], ALL_BACKENDS.index(b)))
     t_torch = times.get("torch")
     return {
         "op": op, "mode": mode, "dtype": dtype_name(dtype), "shape": dict(params),
@@ -372,7 +449,7 @@ def _entry_line(e) -> str:
     ts = " ".join(f"{b} {e['times_ms'][b]:.4g}ms" if b in e["times_ms"] else f"{b} {e['status'][b].split(':')[0]}"
                   for b in e["status"])
     cfg = config_label(e)
-    return (f"{e['op']} {e['mode']} {e['dtype']} {shape_label(e['op'], e['shape'])}: {ts} -> "
+    return (f"{e['op']} {e['mode']} {e['dtype']} {label(e['op'], e['shape'])}: {ts} -> "
             f"{e['winner'] or 'none'}" + (f" (triton config: {cfg}, {len(e['config_trials'])} tried)"
                                           if cfg != "-" else ""))
 
@@ -385,18 +462,21 @@ def _bucket_label(e) -> str:
         return f"rows~2^{tok} K<={fixed[0]} mask={fixed[2]}"
     if e["op"] == "attention":
         return f"tok~2^{tok} S<={fixed[0]} H={fixed[1]} D={fixed[2]}" + (" mask" if fixed[4] else "")
+    if e["op"] == "linear":
+        return f"rows~2^{tok} N={fixed[0]} K={fixed[1]}"
     return f"tok~2^{tok} S<={fixed[0]} H={fixed[1]} D={fixed[2]}"
 
 
 def format_table(entries, smoke: bool = False) -> str:
     """A plain-text table: op, mode, dtype, measured shape, bucket, ms per backend, winner, speedup over
     the torch backend; rejected / failed backends are explained below the table."""
-    cols = ["op", "mode", "dtype", "shape", "bucket"] + list(registry.BACKENDS) + ["winner", "x torch",
+    shown = [b for b in ALL_BACKENDS if b in registry.BACKENDS or any(b in e["status"] for e in entries)]
+    cols = ["op", "mode", "dtype", "shape", "bucket"] + shown + ["winner", "x torch",
                                                                                    "triton config"]
     rows, notes = [], []
     for e in entries:
-        cells = [e["op"], e["mode"], e["dtype"], shape_label(e["op"], e["shape"]), _bucket_label(e)]
-        for b in registry.BACKENDS:
+        cells = [e["op"], e["mode"], e["dtype"], label(e["op"], e["shape"]), _bucket_label(e)]
+        for b in shown:
             st = e["status"].get(b)
             if b in e["times_ms"]:
                 cells.append(f"{e['times_ms'][b]:.4f}")
@@ -404,10 +484,10 @@ def format_table(entries, smoke: bool = False) -> str:
                 cells.append("-")
             else:
                 tag = st.split(":")[0]
-                notes.append(f"{e['op']} {e['mode']} {e['dtype']} {shape_label(e['op'], e['shape'])} {b}: {st}")
+                notes.append(f"{e['op']} {e['mode']} {e['dtype']} {label(e['op'], e['shape'])} {b}: {st}")
                 cells.append(tag)
         if "all" in e["status"]:
-            notes.append(f"{e['op']} {e['mode']} {e['dtype']} {shape_label(e['op'], e['shape'])}: {e['status']['all']}")
+            notes.append(f"{e['op']} {e['mode']} {e['dtype']} {label(e['op'], e['shape'])}: {e['status']['all']}")
         cells.append(e["winner"] or "none")
         sp = e.get("speedup_vs_torch")
         cells.append(f"{sp:.2f}x" if sp else "-")
@@ -415,7 +495,7 @@ def format_table(entries, smoke: bool = False) -> str:
         for t in e.get("config_trials") or ():
             if t["status"] != "ok":
                 cfg = " ".join(f"{c}={','.join(map(str, v))}" for c, v in t["configs"].items())
-                notes.append(f"{e['op']} {e['mode']} {e['dtype']} {shape_label(e['op'], e['shape'])} triton [{cfg}]: "
+                notes.append(f"{e['op']} {e['mode']} {e['dtype']} {label(e['op'], e['shape'])} triton [{cfg}]: "
                              f"{t['status']}")
         rows.append(cells)
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]

@@ -293,3 +293,37 @@ def test_config_buckets():
     for name, (bm, bn, bk, _, _, stages) in kernels.CONFIGS.items():
         size = 4 if name == "fp32" else 2
         assert (bm + bn) * bk * size * stages <= 163 * 1024  # sm_80's shared memory per block
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU smoke run of the tuner")
+def test_tuner_verifies_and_times_the_three_backends(monkeypatch):
+    """The tuner's linear cases: every backend verified against the oracle (the rule), then timed (a fake
+    timer here); cublaslt is "n/a" for exact-erf GELU without the opt-in; the bucket is (N, K, dtype)."""
+    from roberta_fast import tuning
+
+    times = {"torch": 3.0, "triton": 2.0, "cublaslt": 1.0}
+    shapes = [("linear", {"tokens": 9, "in": 24, "out": 40, "activation": "gelu_tanh", "residual": False}),
+              ("linear", {"tokens": 9, "in": 24, "out": 40, "activation": "gelu", "residual": True})]
+    res = tuning.tune(ops=["linear"], shapes=shapes, dtypes=["fp16"], device="cpu", modes=("fwd", "train"),
+                      save=False, timer=lambda fn, backend, **kw: (fn(), times[backend])[1])
+    assert len(res.entries) == 4
+    for e in res.entries:
+        assert e["bucket"] == {"fixed": [40, 24, "float16"], "tokens_log2": 3}
+        want = ["cublaslt", "triton", "torch"] if e["shape"]["activation"] == "gelu_tanh" else ["triton", "torch"]
+        if not backends.can_run("triton", torch.device("cpu")):
+            want.remove("triton")
+        assert e["order"] == want, (e["order"], e["status"])
+        if e["shape"]["activation"] == "gelu":
+            assert e["status"]["cublaslt"].startswith("n/a") and "CUBLASLT_ERF" in e["status"]["cublaslt"]
+    assert "cublaslt" in res.format_table()
+
+
+def test_a_tuned_order_wins_over_the_default(monkeypatch):
+    from roberta_fast import tuned
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(backends, "can_run", lambda b, d: True)
+    monkeypatch.setattr(tuned, "lookup", lambda op, key, device, mode: ("cublaslt", "torch"))
+    assert backends.resolve("linear", None, dev, unsupported=lambda b: None, tune_key=(8192, 3072, 768, "float16"),
+                            mode="fwd") == "cublaslt"
+    assert tuned.bucket("linear", (8192, 3072, 768, "float16")) == ((3072, 768, "float16"), 13)

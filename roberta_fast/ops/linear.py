@@ -170,10 +170,16 @@ class NoCudaLinear:
         return NoCudaLinear.REASON
 
     @staticmethod
-    def forward(*args):
+    def forward(x, weight, bias, activation, residual, save_pre):
         raise NotImplementedError(NoCudaLinear.REASON)
 
-    forward_inference = backward = forward
+    @staticmethod
+    def forward_inference(x, weight, bias, activation, residual):
+        raise NotImplementedError(NoCudaLinear.REASON)
+
+    @staticmethod
+    def backward(dy, x, weight, bias, pre, activation):
+        raise NotImplementedError(NoCudaLinear.REASON)
 
 
 backends.register_implementation("cublaslt", _OP, CublasLtBackend)

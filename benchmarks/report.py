@@ -48,6 +48,10 @@ ROW_KEYS = {
     "embed": {"model": str, "dtype": str, "workload": str, "provider": str, "texts": int, "real_tokens": int,
               "ms_p50": _OPT_NUM, "sentences_per_s": _OPT_NUM, "tokens_per_s": _OPT_NUM, "speedup_st": _OPT_NUM,
               "speedup_sdpa": _OPT_NUM, "min_cos": _OPT_NUM, "error": _OPT_STR},
+    "lsh": {"workload": str, "provider": str, "dtype": str, "seqlen": int, "bucket_size": int, "num_hashes": int,
+            "ms_p50": _OPT_NUM, "peak_mem_mib": _OPT_NUM, "alloc_mib": _OPT_NUM, "speedup": _OPT_NUM,
+            "crossover_seqlen": (int, type(None)), "rel_err": _OPT_NUM, "mass": _OPT_NUM, "min_cos": _OPT_NUM,
+            "error": _OPT_STR},
 }
 TOP_KEYS = {"schema": str, "created": str, "mode": str, "quick": bool, "env": dict, "ceilings": dict,
             "rows": list, "notes": list, "elapsed_s": _NUM}
@@ -95,6 +99,8 @@ def validate(doc: dict) -> list[str]:
                   "train": r.get("ms_p50"), "mlm": r.get("ms_p50"), "embed": r.get("ms_p50")}[kind]
             if ms is None:
                 probs.append(f"rows[{i}] has neither a time nor an error")
+        if kind == "lsh" and r.get("error") is None and all(r.get(k) is None for k in ("ms_p50", "rel_err", "min_cos")):
+            probs.append(f"rows[{i}] has neither a time, an error figure nor an error")
     return probs
 
 
@@ -213,6 +219,9 @@ def to_markdown(doc: dict) -> str:
     embrows = [r for r in rows if r.get("suite") == "embed"]
     if embrows:
         lines += _embed_md(embrows)
+    lrows = [r for r in rows if r.get("suite") == "lsh"]
+    if lrows:
+        lines += _lsh_md(lrows)
     crows = [r for r in rows if r.get("suite") == "check"]
     if crows:
         lines += ["", "## Kernel correctness checks", "",
@@ -257,6 +266,35 @@ def _embed_md(rows) -> list[str]:
             for r in rows]
     lines += _table(["model", "dtype", "corpus", "provider", "texts/s", "tokens/s", "p50 ms", "vs st", "vs hf_sdpa",
                      "min cos", "error"], body)
+    return lines
+
+
+def _lsh_md(rows) -> list[str]:
+    lines = ["", "## LSH attention against exact attention (benchmarks/bench_lsh.py)", ""]
+    speed = [r for r in rows if r.get("workload", "").startswith("b1_")]
+    if speed:
+        cross = next((r.get("crossover_seqlen") for r in speed if r["provider"] == "lsh"), None)
+        lines += ["Forward, batch 1, heads 12, head_dim 64, bucket 64, 2 hash rounds: ops.attention (exact) and "
+                  "ops.lsh_attention. Memory: GPU peak (max_memory_allocated); CPU: bytes of every tensor made. "
+                  f"**LSH is faster from {cross} tokens on**." if cross else
+                  "Forward, batch 1, heads 12, head_dim 64, bucket 64, 2 hash rounds: ops.attention (exact) and "
+                  "ops.lsh_attention. **LSH is not faster at any measured length here.**", ""]
+        body = [[_f(r.get("seqlen"), "{:,}"), r["dtype"], r["provider"], _f(r.get("ms_p50"), "{:.3g}"),
+                 _f(r.get("peak_mem_mib"), "{:,.1f}"), _f(r.get("alloc_mib"), "{:,.1f}"),
+                 _f(r.get("speedup"), "{:.2f}x"), _f(r.get("mem_ratio"), "{:.1f}x"), r.get("error") or ""]
+                for r in speed]
+        lines += _table(["tokens", "dtype", "provider", "p50 ms", "peak MiB", "allocated MiB", "vs exact",
+                         "memory vs exact", "error"], body)
+    acc = [r for r in rows if not r.get("workload", "").startswith("b1_")]
+    if acc:
+        lines += ["", "Approximation error against exact attention (2 hash rounds): rel err = ||lsh - exact|| / "
+                  "||exact|| (the whole model's last hidden state for minilm-embeddings); mass = the exact attention "
+                  "probability on the keys LSH lets a query see (1 = nothing lost); cos: sentence embeddings of "
+                  "all-MiniLM-L6-v2 with attention='lsh' in every layer against the exact model.", ""]
+        body = [[r["workload"], _f(r.get("seqlen"), "{:,}"), _f(r.get("bucket_size"), "{}"),
+                 _f(r.get("rel_err"), "{:.3f}"), _f(r.get("mass"), "{:.3f}"), _f(r.get("min_cos"), "{:.4f}"),
+                 _f(r.get("mean_cos"), "{:.4f}"), r.get("error") or ""] for r in acc]
+        lines += _table(["workload", "tokens", "bucket", "rel err", "mass", "min cos", "mean cos", "error"], body)
     return lines
 
 

@@ -10,7 +10,7 @@ perf_counter, Triton checked for correctness under TRITON_INTERPRET=1 on tiny sh
 roberta-base encoder on the CPU, and the FLOP / byte / launch counts. Its first output line says that
 GPU figures need a GPU.
 
---only takes a comma-separated list of: kernels, encoder, layers, checks, host, train, mlm, embed, an op name
+--only takes a comma-separated list of: kernels, encoder, layers, checks, host, train, mlm, embed, lsh, an op name
 (layer_norm, bias_gelu, masked_softmax, attention, attention_varlen) or a model name (roberta-base, roberta-large).
 
 host (bench_host): the host time of the GPU path per op and per roberta-base forward beside plain PyTorch ops and
@@ -25,6 +25,10 @@ against sentence-transformers' encode() and transformers SDPA with the same pool
 
 mlm (bench_mlm): the masked-LM head + loss alone (ours: masked rows only + ops.linear_cross_entropy) against
 transformers' head + F.cross_entropy and (GPU) torch.compile of it: time and peak memory (CPU: bytes counted).
+
+lsh (bench_lsh): LSH attention (ops.lsh_attention) against exact attention (ops.attention): time and memory per
+length (GPU 512 .. 16,384 fp16; CPU 256 .. 2,048 on the torch backend), the crossover length, and the approximation
+error (output relative error, attention mass kept) on random inputs and on all-MiniLM-L6-v2 over real text.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 
 CPU_NOTE = ("GPU figures need a GPU: no CUDA device here, so this is the reduced CPU run (torch-backend "
             "timings on small CPU shapes, Triton correctness under the interpreter, FLOP/byte/launch counts).")
-SUITES = ("kernels", "encoder", "layers", "checks", "host", "train", "mlm", "embed")
+SUITES = ("kernels", "encoder", "layers", "checks", "host", "train", "mlm", "embed", "lsh")
 
 
 def _cuda_available() -> bool:
@@ -100,7 +104,7 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
 
     import torch
 
-    from . import bench_embed, bench_encoder, bench_host, bench_mlm, bench_ops, bench_train, layers, report
+    from . import bench_embed, bench_encoder, bench_host, bench_lsh, bench_mlm, bench_ops, bench_train, layers, report
     from .common import Budget, datasheet_tflops, default_out_dir, environment, measure_ceilings, short_error
 
     dev = torch.device(dev_type)
@@ -207,6 +211,13 @@ def run(*, quick: bool = False, out=None, only=None, time_budget: float | None =
         else:
             rows += bench_embed.run_embed(device=dev, quick=quick, budget=budget, progress=progress, notes=notes)
     seconds["embed"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    if "lsh" in sel["suites"]:
+        if budget.left() <= 0:
+            notes.append("lsh suite skipped: time budget spent")
+        else:
+            rows += bench_lsh.run_lsh(dev, quick=quick, budget=budget, rep_ms=rep_ms, notes=notes)
+    seconds["lsh"] = time.monotonic() - t0
 
     doc = {
         "schema": report.SCHEMA,
@@ -264,7 +275,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output directory (default bench_out/<date>_<gpu>)")
     p.add_argument("--only", metavar="NAME", default=None,
-                   help="comma-separated: kernels, encoder, layers, checks, host, train, mlm, embed, an op or a "
+                   help="comma-separated: kernels, encoder, layers, checks, host, train, mlm, embed, lsh, an op or a "
                         "model name")
     p.add_argument("--time-budget", metavar="SECONDS", type=float, default=None,
                    help="skip (and say so) what would start after this many seconds")

@@ -208,3 +208,25 @@ def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size=64, num_ha
     rows = o.reshape(-1, *o.shape[2:]).index_select(0, flat)
     n = rows.shape[0]
     return rows if n == T else torch.cat([rows, rows.new_zeros((T - n, *rows.shape[1:]))])
+
+
+def attended(q, k, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0) -> torch.Tensor:
+    """bool (B, H, S, S): the (query, key) pairs some hash round lets attend (for measuring what the
+    approximation keeps, e.g. the share of the exact attention mass it covers; O(S^2) memory: analysis only).
+    Same hashing and chunking as `lsh_attention`; k=None is shared QK (the self pair then counts as kept)."""
+    B, S, H, D = q.shape
+    C = bucket_size
+    nb = n_buckets(S, C)
+    rot = rotations(seed, num_hashes, H, D, nb, q.device)
+    qh = q.transpose(1, 2)
+    pos = torch.arange(S, device=q.device)
+    qperm = torch.argsort(hash_buckets(qh, rot, key_padding_mask) * S + pos, dim=-1)  # (R, B, H, S)
+    kperm = qperm if k is None else torch.argsort(
+        hash_buckets(k.transpose(1, 2), rot, key_padding_mask) * S + pos, dim=-1)
+    qchunk = torch.empty_like(qperm).scatter_(-1, qperm, (pos // C).expand_as(qperm))  # chunk of each query
+    kchunk = torch.empty_like(kperm).scatter_(-1, kperm, (pos // C).expand_as(kperm))
+    diff = qchunk[..., :, None] - kchunk[..., None, :]  # (R, B, H, S, S)
+    seen = ((diff == 0) | (diff == 1)).any(dim=0)
+    if key_padding_mask is not None:
+        seen = seen & key_padding_mask[:, None, None, :]
+    return seen

@@ -202,17 +202,28 @@ class _ZeroRowsModule:
 
     def __init__(self, mod):
         self.DTYPES = mod.DTYPES
+        self.KERNELS = mod.KERNELS
         self.__name__ = mod.__name__
         for name in mod.KERNELS:
-            setattr(self, name, self._wrap(getattr(mod, name)))
+            setattr(self, name, self._wrap(getattr(mod, name), name))
 
     @staticmethod
-    def _wrap(fn):
-        def call(**kw):
-            for k in ("M", "B", "batch", "total_rows"):  # the row / batch counts of every binding
-                if k in kw:
-                    kw[k] = 0
-            return fn(**kw)
+    def _wrap(fn, name):
+        from roberta_fast.cuda_ops._common import ARGS
+
+        # the positions of the row / batch counts (every binding has one) in the positional call (_common.ARGS)
+        at = [i for i, a in enumerate(ARGS[name]) if a in ("M", "B", "batch", "total_rows")]
+        if len(at) == 1:  # one count: a tuple slice, as cheap as the rest of a launch's argument passing
+            i = at[0]
+
+            def call(*args):
+                return fn(*args[:i], 0, *args[i + 1:])
+        else:
+            def call(*args):
+                args = list(args)
+                for i in at:
+                    args[i] = 0
+                return fn(*args)
 
         return call
 

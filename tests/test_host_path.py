@@ -392,3 +392,142 @@ def test_bound_ops_equal_the_trusted_entry_points(monkeypatch):
         kpm = torch.ones(1, 9, dtype=torch.bool)
         att = trusted.bind_attention(pq, pk, pv, kpm)
         assert torch.equal(att(pq, pk, pv, kpm, 0.25), trusted.attention(pq, pk, pv, key_padding_mask=kpm))
+
+
+# ------------------------------------------------------------------- the public ops' inference cache
+
+_FULL_PATH = {"layer_norm": ("layer_norm", "_layer_norm", "_FAST"), "bias_gelu": ("bias_gelu", "_bias_gelu", "_FAST"),
+              "masked_softmax": ("masked_softmax", "_masked_softmax", "_FAST"),
+              "attention": ("attention", "_attention", "_FAST"),
+              "attention_varlen": ("attention", "_attention_varlen", "_FASTV")}
+
+
+def _kernel_case(op, backend):
+    if not backends.can_run(backend, CPU):
+        pytest.skip(f"backend {backend!r} cannot run on CPU tensors here")
+    args, kwargs = _op_cases()[op]
+    if backend == "cuda" and op.startswith("attention"):  # the CUDA C++ attention takes float16 / bfloat16
+        args = tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    if op.startswith("attention"):  # distinct q, k, v (a call passing one tensor twice is never cached)
+        args = (args[0], args[1] * 0.5, args[2] * 2, *args[3:])
+    return args, kwargs
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", list(_op_cases()))
+def test_inference_cache_is_bit_identical_to_the_custom_op(op, backend, monkeypatch):
+    """In inference a public op's second call of a signature skips its checks, the choice and the custom op
+    (the cached backend function); its output equals the custom op's (autograd) bit for bit."""
+    args, kwargs = _kernel_case(op, backend)
+    fn = getattr(ops, op)
+    leaf = args[0].clone().requires_grad_()
+    want = fn(leaf, *args[1:], **kwargs, backend=backend).detach()  # the custom op, under autograd
+    name, full, cache = _FULL_PATH[op]
+    mod = sys.modules[f"roberta_fast.ops.{name}"]
+    for mode in (torch.inference_mode, torch.no_grad):
+        getattr(mod, cache).clear()
+        with mode():
+            first = fn(*args, **kwargs, backend=backend)
+            assert len(getattr(mod, cache).entries) == 1
+            with monkeypatch.context() as m:
+                m.setattr(mod, full, lambda *a, **k: pytest.fail("the cached call took the full path"))
+                got = fn(*args, **kwargs, backend=backend)
+        assert torch.equal(first, want) and torch.equal(got, want), (op, mode)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", list(_op_cases()))
+def test_trusted_inference_cache_equals_the_public_op(op, backend):
+    args, kwargs = _kernel_case(op, backend)
+    with torch.inference_mode():
+        want = getattr(ops, op)(*args, **kwargs, backend=backend)
+        for _ in range(2):  # fills the cache, then takes it
+            assert torch.equal(getattr(trusted, op)(*args, **kwargs, backend=backend), want)
+
+
+@needs_triton
+def test_inference_cache_misses_on_another_signature_and_checks_it():
+    x, w, b = _ln_args()
+    with torch.inference_mode():
+        ops.layer_norm(x, w, b, backend="triton")
+        with pytest.raises(ValueError, match="weight must have shape"):
+            ops.layer_norm(x, w[:5], b, backend="triton")
+        with pytest.raises(TypeError, match="weight must have x's dtype"):
+            ops.layer_norm(x, w.half(), b, backend="triton")
+        with pytest.raises(TypeError, match="eps must be a float"):
+            ops.layer_norm(x, w, b, True, backend="triton")
+        with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+            ops.layer_norm(x, w, [0.0] * 16, backend="triton")
+        # a transposed x (other strides) and 3-D rows are other signatures, computed right
+        xt = torch.randn(16, 6).t()
+        assert torch.equal(ops.layer_norm(xt, w, b, backend="triton"), ops.layer_norm(xt.contiguous(), w, b,
+                                                                                      backend="triton"))
+        x3 = x.view(2, 3, 16)
+        for _ in range(2):
+            assert torch.equal(ops.layer_norm(x3, w, b, backend="triton"), ops.layer_norm(x, w, b, backend="triton")
+                               .view(2, 3, 16))
+        s = torch.randn(1, 2, 3, 4)
+        ops.masked_softmax(s, torch.zeros(1, 1, 1, 4), backend="triton")
+        ops.masked_softmax(s, torch.zeros(1, 1, 1, 4), backend="triton")  # cached
+        with pytest.raises(ValueError, match="float tensor of 0s and 1s"):  # CPU value checks: every call
+            ops.masked_softmax(s, torch.ones(1, 1, 1, 4), backend="triton")
+        q = torch.randn(5, 2, 16)
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+        ops.attention_varlen(q, q, q, cu, 3, backend="triton")
+        ops.attention_varlen(q, q, q, cu, 3, backend="triton")
+        with pytest.raises(ValueError, match="non-decreasing"):
+            ops.attention_varlen(q, q, q, torch.tensor([0, 3, 2], dtype=torch.int32), 3, backend="triton")
+
+
+@needs_triton
+def test_inference_cache_is_emptied_with_the_choices(monkeypatch):
+    ln = sys.modules["roberta_fast.ops.layer_norm"]
+    x, w, b = _ln_args()
+    with torch.inference_mode():
+        ops.layer_norm(x, w, b, backend="triton")
+    assert ln._FAST.entries
+    backends.reset()
+    assert not ln._FAST.entries
+    with torch.inference_mode():
+        ops.layer_norm(x, w, b, backend="triton")
+    tuned.reset()  # any change of the tuned tables
+    assert not ln._FAST.entries
+    monkeypatch.setenv("ROBERTA_FAST_BACKEND", "torch")  # seen after backends.reset(), as every choice
+    backends.reset()
+    with torch.inference_mode():
+        ops.layer_norm(x, w, b)
+    assert not ln._FAST.entries  # the torch backend has no kernel function to cache
+
+
+def test_cuda_calls_follow_the_bindings_argument_order():
+    """The CUDA C++ backend passes its arguments positionally (cuda_ops._common.ARGS); the table must be the
+    built modules' own order."""
+    from roberta_fast import cuda_ops
+    from roberta_fast.cuda_ops._common import ARGS, binding_args
+
+    built = [m for m in (cuda_ops.native_module(), cuda_ops.emulated_module()) if m is not None]
+    if not built:
+        pytest.skip("neither roberta_fast._C nor roberta_fast._C_emu is built")
+    for mod in built:
+        assert set(mod.KERNELS) == set(ARGS)
+        for k in mod.KERNELS:
+            assert binding_args(mod, k) == ARGS[k], k
+
+
+def test_cuda_bound_attention_equals_forward_inference_misaligned_too():
+    from roberta_fast import cuda_ops
+
+    if cuda_ops.emulated_module() is None:
+        pytest.skip("needs roberta_fast._C_emu")
+    from roberta_fast.cuda_ops import attention as ca
+
+    base = torch.randn(9 * 3 * 2 * 32 + 8).half()
+    qkv = base[:9 * 3 * 2 * 32].view(9, 3, 2, 32)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    fn = ca.bind_inference(q, k, v, None, cu, 5, None)
+    assert torch.equal(fn(q, k, v, None, cu, 5, None), ca.forward_inference(q, k, v, None, cu, 5, None, 0.0, None))
+    mis = base[1:1 + 9 * 3 * 2 * 32].view(9, 3, 2, 32)  # 2-byte offset: not 16-byte aligned, same strides
+    mq, mk, mv = mis.unbind(1)
+    assert torch.equal(fn(mq, mk, mv, None, cu, 5, 0.2),
+                       ca.forward_inference(mq, mk, mv, None, cu, 5, 0.2, 0.0, None))

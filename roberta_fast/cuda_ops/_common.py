@@ -14,6 +14,43 @@ import torch
 from .._utils import dtype_name
 from . import emulated_module, native_module
 
+# The compiled modules' kernel entries take their arguments positionally, in this order (csrc/bindings.cpp's
+# py::arg lists): pybind11 matches ~20-26 keyword arguments per call by name, which costs several microseconds of
+# host time a launch. Every call site here passes them in this order; tests/test_host_path.py checks the table
+# against the built module's signatures, and benchmarks/bench_host.py finds the row counts by it.
+ARGS = {
+    "layer_norm_fwd": ("x", "x_stride", "residual", "res_stride", "x_bias", "x_bias_f32", "weight", "weight_f32",
+                       "bias", "bias_f32", "y", "mean", "rstd", "M", "N", "eps", "dtype", "dropout_p", "rng",
+                       "stream"),
+    "layer_norm_bwd": ("dy", "dy_stride", "x", "x_stride", "residual", "res_stride", "x_bias", "x_bias_f32", "weight",
+                       "weight_f32", "mean", "rstd", "dx", "row_ws", "col_ws", "dweight", "dweight_f32", "dbias",
+                       "dbias_f32", "dx_bias", "dx_bias_f32", "dresidual", "M", "N", "parts", "dtype", "dropout_p",
+                       "rng", "stream"),
+    "bias_gelu_fwd": ("x", "x_stride", "bias", "bias_f32", "y", "M", "N", "approximate", "dtype", "stream"),
+    "bias_gelu_bwd": ("dy", "dy_stride", "x", "x_stride", "bias", "bias_f32", "dx", "col_ws", "dbias", "M", "N",
+                      "parts", "approximate", "dtype", "stream"),
+    "masked_softmax_fwd": ("scores", "s_strides", "mask", "m_strides", "mask_dtype", "probs", "B", "H", "Q", "K",
+                           "scale", "dtype", "stream"),
+    "masked_softmax_bwd": ("dprobs", "dp_strides", "probs", "p_strides", "dscores", "B", "H", "Q", "K", "scale",
+                           "dtype", "stream"),
+    "attention_fwd": ("q", "q_strides", "k", "k_strides", "v", "v_strides", "o", "o_strides", "lse",
+                      "lse_batch_stride", "lse_head_stride", "key_padding_mask", "mask_batch_stride", "cu_seqlens",
+                      "total_rows", "batch", "heads", "seqlen", "head_dim", "scale", "dtype", "dropout_p", "rng",
+                      "stream"),
+    "attention_bwd": ("q", "q_strides", "k", "k_strides", "v", "v_strides", "dout", "do_strides", "lse", "delta",
+                      "lse_batch_stride", "lse_head_stride", "dq_accum", "dk", "dv", "g_strides", "key_padding_mask",
+                      "mask_batch_stride", "cu_seqlens", "batch", "heads", "seqlen", "head_dim", "scale", "dtype",
+                      "dropout_p", "rng", "stream"),
+}
+
+
+def binding_args(mod, kernel: str) -> tuple:
+    """The argument names of a compiled module's kernel entry, in order, read from its pybind11 signature."""
+    import re
+
+    doc = getattr(mod, kernel).__doc__.split("\n")[0]
+    return tuple(re.findall(r"(?:^|, )([A-Za-z_][A-Za-z0-9_]*): ", doc[doc.index("(") + 1:doc.rindex(")")]))
+
 
 def lib(t):
     """The compiled module that runs kernels on t's device; RuntimeError when it was not built."""

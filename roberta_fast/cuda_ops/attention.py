@@ -84,6 +84,58 @@ def forward_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, 
     return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, True)[0]
 
 
+def _layout_ok(t) -> bool:
+    """What `_aligned` asks of t's layout, but the address: stride 1 in head_dim, other strides multiples of 8."""
+    return t.stride(-1) == 1 and all(t.stride(i) % 8 == 0 or t.shape[i] == 1 for i in range(t.dim() - 1))
+
+
+def bind_inference(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+    """forward_inference for many calls of ONE signature (roberta_fast.ops' bind_* and the public ops' inference
+    cache): every size, stride, dtype code and layout decision is made here once. Returns fn(q, k, v,
+    key_padding_mask, cu_seqlens, max_seqlen, scale) -> o, the same kernel call as forward_inference's for
+    arguments that differ from these only in their data (addresses; a misaligned one takes forward_inference)."""
+
+    def plain(q, k, v, m, cu, ms, sc):
+        return forward_inference(q, k, v, m, cu, ms, sc, 0.0, None)
+
+    if not (_layout_ok(q) and _layout_ok(k) and _layout_ok(v)):
+        return plain
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or not key_padding_mask.is_contiguous()):
+        return plain
+    if cu_seqlens is not None and (cu_seqlens.dtype != torch.int32 or cu_seqlens.device != q.device
+                                   or not cu_seqlens.is_contiguous()):
+        return plain
+    L = _layout(q, key_padding_mask, cu_seqlens, max_seqlen)
+    vl = L["varlen"]
+    mod = lib(q)
+    fwd, code = mod.attention_fwd, dtype_code(mod, q.dtype)
+    shape, dtype, dev = q.shape, q.dtype, q.device
+    o_strides = _strides(torch.empty(shape, dtype=dtype, device="meta"), vl)
+    qs, ks, vs = _strides(q, vl), _strides(k, vl), _strides(v, vl)
+    st = L["stat_shape"]
+    n_stat = st[0] * st[1] * (st[2] if len(st) == 3 else 1)
+    sb, sh = L["stat_strides"]
+    mbs = 0 if key_padding_mask is None else key_padding_mask.stride(0)
+    total, batch, heads, seqlen, D = (q.shape[0] if vl else 0), L["batch"], L["heads"], L["seqlen"], L["head_dim"]
+    empty = torch.empty
+
+    def attention_bound(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale):
+        qp, kp, vp = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        if (qp | kp | vp) & 15:
+            return plain(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)
+        o = empty(shape, dtype=dtype, device=dev)
+        lse = stats_scratch(dev, n_stat)
+        with device_guard(q):
+            fwd(qp, qs, kp, ks, vp, vs, o.data_ptr(), o_strides, lse.data_ptr(), sb, sh,  # ARGS' order
+                0 if key_padding_mask is None else key_padding_mask.data_ptr(), mbs,
+                0 if cu_seqlens is None else cu_seqlens.data_ptr(), total, batch, heads, seqlen, D,
+                D ** -0.5 if scale is None else float(scale), code, 0.0, 0, stream(q))
+        return o
+
+    return attention_bound
+
+
 def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p, rng, scratch_lse):
     rng = dropout_rng(rng, dropout_p, q)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
@@ -99,14 +151,11 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p
     vl, mask = L["varlen"], L["mask"]
     mod = lib(q)
     with device_guard(q):
-        mod.attention_fwd(
-            q=ptr(q), q_strides=_strides(q, vl), k=ptr(k), k_strides=_strides(k, vl), v=ptr(v),
-            v_strides=_strides(v, vl), o=ptr(o), o_strides=_strides(o, vl), lse=ptr(lse),
-            lse_batch_stride=L["stat_strides"][0], lse_head_stride=L["stat_strides"][1],
-            key_padding_mask=ptr(mask), mask_batch_stride=0 if mask is None else mask.stride(0),
-            cu_seqlens=ptr(L["cu"]), total_rows=q.shape[0] if vl else 0, batch=L["batch"],
-            heads=L["heads"], seqlen=L["seqlen"], head_dim=D, scale=scale, dtype=dtype_code(mod, q.dtype),
-            dropout_p=float(dropout_p), rng=ptr(rng), stream=stream(q))
+        mod.attention_fwd(  # positionally, in _common.ARGS["attention_fwd"]'s order
+            ptr(q), _strides(q, vl), ptr(k), _strides(k, vl), ptr(v), _strides(v, vl), ptr(o), _strides(o, vl),
+            ptr(lse), L["stat_strides"][0], L["stat_strides"][1], ptr(mask), 0 if mask is None else mask.stride(0),
+            ptr(L["cu"]), q.shape[0] if vl else 0, L["batch"], L["heads"], L["seqlen"], D, scale,
+            dtype_code(mod, q.dtype), float(dropout_p), ptr(rng), stream(q))
     return o, lse
 
 
@@ -130,12 +179,9 @@ def backward(do, q, k, v, o, lse, key_padding_mask, cu_seqlens, max_seqlen, scal
     dv = new(q.shape, dtype=q.dtype, device=q.device)
     mod = lib(q)
     with device_guard(q):
-        mod.attention_bwd(
-            q=ptr(q), q_strides=_strides(q, vl), k=ptr(k), k_strides=_strides(k, vl), v=ptr(v),
-            v_strides=_strides(v, vl), dout=ptr(do), do_strides=_strides(do, vl), lse=ptr(lse), delta=ptr(delta),
-            lse_batch_stride=L["stat_strides"][0], lse_head_stride=L["stat_strides"][1], dq_accum=ptr(dq_accum),
-            dk=ptr(dk), dv=ptr(dv), g_strides=_strides(dk, vl), key_padding_mask=ptr(mask),
-            mask_batch_stride=0 if mask is None else mask.stride(0), cu_seqlens=ptr(L["cu"]),
-            batch=L["batch"], heads=L["heads"], seqlen=L["seqlen"], head_dim=D, scale=scale,
-            dtype=dtype_code(mod, q.dtype), dropout_p=float(dropout_p), rng=ptr(rng), stream=stream(q))
+        mod.attention_bwd(  # positionally, in _common.ARGS["attention_bwd"]'s order
+            ptr(q), _strides(q, vl), ptr(k), _strides(k, vl), ptr(v), _strides(v, vl), ptr(do), _strides(do, vl),
+            ptr(lse), ptr(delta), L["stat_strides"][0], L["stat_strides"][1], ptr(dq_accum), ptr(dk), ptr(dv),
+            _strides(dk, vl), ptr(mask), 0 if mask is None else mask.stride(0), ptr(L["cu"]), L["batch"],
+            L["heads"], L["seqlen"], D, scale, dtype_code(mod, q.dtype), float(dropout_p), ptr(rng), stream(q))
     return dq_accum.to(q.dtype), dk, dv

@@ -32,8 +32,8 @@ def forward(x, bias, approximate):
     y = torch.empty_like(x, memory_format=torch.contiguous_format)  # (M, N) contiguous
     mod = lib(x)
     with device_guard(x):
-        mod.bias_gelu_fwd(x=ptr(x), x_stride=x.stride(0), bias=ptr(bias), bias_f32=is_f32(bias), y=ptr(y),
-                            M=M, N=N, approximate=code, dtype=dtype_code(mod, x.dtype), stream=stream(x))
+        mod.bias_gelu_fwd(ptr(x), x.stride(0), ptr(bias), is_f32(bias), ptr(y), M, N, code,  # ARGS' order
+                          dtype_code(mod, x.dtype), stream(x))
     return y
 
 
@@ -52,7 +52,6 @@ def backward(dy, x, bias, approximate):
         col_ws = torch.empty((parts, N), dtype=torch.float32, device=x.device)
     mod = lib(x)
     with device_guard(x):
-        mod.bias_gelu_bwd(dy=ptr(dy), dy_stride=dy.stride(0), x=ptr(x), x_stride=x.stride(0), bias=ptr(bias),
-                            bias_f32=is_f32(bias), dx=ptr(dx), col_ws=ptr(col_ws), dbias=ptr(dbias), M=M, N=N,
-                            parts=parts, approximate=code, dtype=dtype_code(mod, x.dtype), stream=stream(x))
+        mod.bias_gelu_bwd(ptr(dy), dy.stride(0), ptr(x), x.stride(0), ptr(bias), is_f32(bias), ptr(dx),  # ARGS'
+                          ptr(col_ws), ptr(dbias), M, N, parts, code, dtype_code(mod, x.dtype), stream(x))
     return dx, dbias

@@ -56,19 +56,39 @@ def forward_inference(x, weight, bias, eps, residual, x_bias, dropout_p, rng):
     return y
 
 
+def bind_inference(x, weight, bias, residual, x_bias):
+    """forward_inference without dropout for many calls of ONE signature (roberta_fast.ops.layer_norm's
+    bind_inference): x (M, N) contiguous rows, residual like x or None, contiguous parameters. Sizes, strides,
+    dtype codes fixed here once. Returns fn(x, weight, bias, eps, residual, x_bias) -> y, the same kernel call as
+    forward_inference's."""
+    M, N = x.shape
+    mod = lib(x)
+    fwd, code = mod.layer_norm_fwd, dtype_code(mod, x.dtype)
+    sx, sr = x.stride(0), 0 if residual is None else residual.stride(0)
+    xbf, wf, bf = is_f32(x_bias), is_f32(weight), is_f32(bias)
+    shape, dtype, dev, empty = x.shape, x.dtype, x.device, torch.empty
+
+    def layer_norm_bound(x, weight, bias, eps, residual, x_bias):
+        y = empty(shape, dtype=dtype, device=dev)
+        s = stats_scratch(dev, M).data_ptr()
+        with device_guard(x):
+            fwd(x.data_ptr(), sx, ptr(residual), sr, ptr(x_bias), xbf, ptr(weight), wf, ptr(bias), bf,  # ARGS'
+                y.data_ptr(), s, s, M, N, float(eps), code, 0.0, 0, stream(x))
+        return y
+
+    return layer_norm_bound
+
+
 def _launch_fwd(x, weight, bias, eps, residual, x_bias, dropout_p, rng, y, mean, rstd):
     rng = dropout_rng(rng, dropout_p, x)
     weight, bias, x_bias = param(weight), param(bias), param(x_bias)
     M, N = x.shape
     mod = lib(x)
     with device_guard(x):
-        mod.layer_norm_fwd(
-            x=ptr(x), x_stride=x.stride(0), residual=ptr(residual),
-            res_stride=0 if residual is None else residual.stride(0),
-            x_bias=ptr(x_bias), x_bias_f32=is_f32(x_bias), weight=ptr(weight), weight_f32=is_f32(weight),
-            bias=ptr(bias), bias_f32=is_f32(bias), y=ptr(y), mean=ptr(mean), rstd=ptr(rstd),
-            M=M, N=N, eps=float(eps), dtype=dtype_code(mod, x.dtype), dropout_p=float(dropout_p), rng=ptr(rng),
-            stream=stream(x))
+        mod.layer_norm_fwd(  # positionally, in _common.ARGS["layer_norm_fwd"]'s order
+            ptr(x), x.stride(0), ptr(residual), 0 if residual is None else residual.stride(0),
+            ptr(x_bias), is_f32(x_bias), ptr(weight), is_f32(weight), ptr(bias), is_f32(bias), ptr(y), ptr(mean),
+            ptr(rstd), M, N, float(eps), dtype_code(mod, x.dtype), float(dropout_p), ptr(rng), stream(x))
 
 
 def backward(dy, x, weight, bias, mean, rstd, residual, x_bias, dropout_p, rng):
@@ -93,12 +113,9 @@ def backward(dy, x, weight, bias, mean, rstd, residual, x_bias, dropout_p, rng):
     row_ws = torch.empty((M, 2), dtype=torch.float32, device=dev) if x_bias is not None else None
     mod = lib(x)
     with device_guard(x):
-        mod.layer_norm_bwd(
-            dy=ptr(dy), dy_stride=dy.stride(0), x=ptr(x), x_stride=x.stride(0), residual=ptr(residual),
-            res_stride=0 if residual is None else residual.stride(0),
-            x_bias=ptr(x_bias), x_bias_f32=is_f32(x_bias), weight=ptr(weight), weight_f32=is_f32(weight),
-            mean=ptr(mean), rstd=ptr(rstd), dx=ptr(dx), row_ws=ptr(row_ws), col_ws=ptr(col_ws),
-            dweight=ptr(dweight), dweight_f32=is_f32(dweight), dbias=ptr(dbias), dbias_f32=is_f32(dbias),
-            dx_bias=ptr(dx_bias), dx_bias_f32=is_f32(dx_bias), dresidual=ptr(dresidual), M=M, N=N, parts=parts,
-            dtype=dtype_code(mod, x.dtype), dropout_p=float(dropout_p), rng=ptr(rng), stream=stream(x))
+        mod.layer_norm_bwd(  # positionally, in _common.ARGS["layer_norm_bwd"]'s order
+            ptr(dy), dy.stride(0), ptr(x), x.stride(0), ptr(residual), 0 if residual is None else residual.stride(0),
+            ptr(x_bias), is_f32(x_bias), ptr(weight), is_f32(weight), ptr(mean), ptr(rstd), ptr(dx), ptr(row_ws),
+            ptr(col_ws), ptr(dweight), is_f32(dweight), ptr(dbias), is_f32(dbias), ptr(dx_bias), is_f32(dx_bias),
+            ptr(dresidual), M, N, parts, dtype_code(mod, x.dtype), float(dropout_p), ptr(rng), stream(x))
     return dx, dweight, dbias, dx_bias, dresidual

@@ -88,3 +88,75 @@ def bindable(x) -> bool:
     would see the op (direct_call_ok)."""
     return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and direct_call_ok(x)
             and not torch.is_autocast_enabled(x.device.type))
+
+
+# ----------------------------------------------------------------------------- the public ops' inference cache
+
+try:  # torch's C++ tensor-metadata check (what torch.compile's guards use): type, dtype, device, sizes, strides,
+    # dispatch keys and requires_grad of many tensors in one call, ~0.2 us per tensor
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - every torch this package supports has it
+    _TensorGuards = None
+
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+# stand-ins for None tensor arguments in an InferenceCache's tensors, one per position (TensorGuards never
+# matches a call that passes one tensor object twice)
+NONE = tuple(torch.empty(0) for _ in range(4))
+_CACHES: list = []
+
+
+def fast_inference() -> bool:
+    """A public op call may look in its InferenceCache: not under torch.compile, autograd records nothing (grad
+    mode off) and no TorchDispatchMode is active."""
+    return not _is_compiling() and not _grad_enabled() and not _dispatch_depth()
+
+
+class InferenceCache:
+    """A public op's inference calls, cached per call signature (docs/host_path.md): the argument checks and the
+    backend choice are made once per signature by the op's full path, which then stores `fn`, the backend's own
+    inference function for that signature (the function the op's bind_inference returns, bit-identical to the
+    custom op's forward). A later call of the same signature calls fn directly.
+
+    A signature is (`extra`: the call's non-tensor arguments, with their types, and which tensors are None; the
+    tensors' metadata: type, dtype, device, sizes, strides, dispatch keys, requires_grad, checked in C++ by
+    torch's TensorGuards). A handful of signatures per op are kept (most recently added last); emptied whenever
+    the backend choices are (backends.reset(), a tuned table's change)."""
+
+    __slots__ = ("entries",)
+    MAX = 8
+
+    def __init__(self):
+        self.entries: list = []
+        _CACHES.append(self)
+
+    def get(self, extra, *tensors):
+        for guards, e, fn in self.entries:
+            if e == extra and guards.check(*tensors):
+                return fn
+        return None
+
+    def add(self, extra, tensors, fn):
+        if fn is None or _TensorGuards is None or len({id(t) for t in tensors}) != len(tensors):
+            return  # (a call passing one tensor twice, e.g. attention(q, q, q), would never match: not kept)
+        if len(self.entries) >= self.MAX:
+            del self.entries[0]
+        self.entries.append((_TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None), extra, fn))
+
+    def clear(self):
+        self.entries.clear()
+
+
+def clear_inference_caches():
+    """Empty every op's InferenceCache (the choices they hold are backends.choose's)."""
+    for c in _CACHES:
+        c.clear()
+
+
+def _register_clear():
+    from .. import tuned
+
+    tuned.on_change(clear_inference_caches)
+
+
+_register_clear()

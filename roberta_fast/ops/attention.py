@@ -18,7 +18,17 @@ import torch
 from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
 from ..tuned import round_log2
-from ._checks import bindable, check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
+from ._checks import (
+    NONE,
+    InferenceCache,
+    bindable,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    direct_call_ok,
+    fast_inference,
+    train_mode,
+)
 
 _OP = "attention"
 _OPV = "attention_varlen"
@@ -238,6 +248,59 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None, dropout_p=0.0, rng=
     returns           (batch, seqlen, heads, head_dim) q.dtype, contiguous on the kernel backends;
                       math in float32, the S x S scores are never materialized by the kernels
     """
+    if rng is None and fast_inference():  # inference: the backend's own function, cached per call signature
+        extra = (scale, type(scale), dropout_p, type(dropout_p), backend, key_padding_mask is None)
+        m = NONE[0] if key_padding_mask is None else key_padding_mask
+        fn = _FAST.get(extra, q, k, v, m)
+        if fn is not None:
+            return fn(q, k, v, key_padding_mask)
+        o = _attention(q, k, v, key_padding_mask, scale, dropout_p, rng, backend)
+        if type(dropout_p) is float and dropout_p == 0.0:
+            _FAST.add(extra, (q, k, v, m), _bind_padded(q, k, v, key_padding_mask, scale, backend))
+        return o
+    return _attention(q, k, v, key_padding_mask, scale, dropout_p, rng, backend)
+
+
+_FAST = InferenceCache()  # attention's; and attention_varlen's, and the trusted entry points'
+_FAST_TRUSTED = InferenceCache()
+_FASTV = InferenceCache()
+_FASTV_TRUSTED = InferenceCache()
+
+
+def _bind_padded(q, k, v, key_padding_mask, scale, backend):
+    """fn(q, k, v, key_padding_mask) -> o for inference calls of this signature, or None (the full path)."""
+    fn = bind_inference(q, k, v, key_padding_mask, backend)
+    if fn is None:
+        return None
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+    def attention_cached(q, k, v, key_padding_mask):
+        return fn(q, k, v, key_padding_mask, scale)
+
+    return attention_cached
+
+
+def _bind_varlen(q, k, v, cu_seqlens, max_seqlen, scale, backend, check_values):
+    """fn(q, k, v, cu_seqlens) -> o for inference calls of this signature (max_seqlen included), or None.
+    check_values: the CPU-only value checks of cu_seqlens run at every call (the public op's)."""
+    fn = bind_varlen_inference(q, k, v, cu_seqlens, max_seqlen, backend)
+    if fn is None:
+        return None
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    ms = int(max_seqlen)
+    if check_values and cu_seqlens.device.type == "cpu":
+        def attention_varlen_cached(q, k, v, cu_seqlens):
+            _check_cu_seqlens(cu_seqlens, ms, q.shape[0])
+            return fn(q, k, v, cu_seqlens, ms, scale)
+    else:
+        def attention_varlen_cached(q, k, v, cu_seqlens):
+            return fn(q, k, v, cu_seqlens, ms, scale)
+
+    return attention_varlen_cached
+
+
+def _attention(q, k, v, key_padding_mask, scale, dropout_p, rng, backend):
+    """The public op's full path: checks cached per signature, the cached choice, the custom op with autograd."""
     if not torch.compiler.is_compiling():
         try:  # the checks are cached per signature of the call
             sig = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
@@ -264,6 +327,16 @@ def attention_trusted(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0,
     """attention without the argument checks, for callers that guarantee them (the model, once per forward):
     the same arguments and result as `attention`, which must accept them. Bad arguments here give undefined
     errors instead of the named ones."""
+    if rng is None and fast_inference():  # the public op's inference cache, without its checks
+        extra = (scale, dropout_p, backend, key_padding_mask is None)
+        m = NONE[0] if key_padding_mask is None else key_padding_mask
+        fn = _FAST_TRUSTED.get(extra, q, k, v, m)
+        if fn is not None:
+            return fn(q, k, v, key_padding_mask)
+        o = _run(q, k, v, key_padding_mask, scale, dropout_p, rng, backend, True)
+        if not dropout_p:
+            _FAST_TRUSTED.add(extra, (q, k, v, m), _bind_padded(q, k, v, key_padding_mask, scale, backend))
+        return o
     if torch.compiler.is_compiling():
         return _run_traced(q, k, v, key_padding_mask, scale, dropout_p, rng, backend)
     return _run(q, k, v, key_padding_mask, scale, dropout_p, rng, backend, True)
@@ -373,6 +446,21 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, dropout_p=0
     backend      None (automatic), "torch", "triton" or "cuda" (as in `attention`)
     returns      (total_tokens, heads, head_dim) q.dtype; rows past cu_seqlens[-1] are zeros
     """
+    if rng is None and fast_inference():  # inference: the backend's own function, cached per call signature
+        extra = (max_seqlen, type(max_seqlen), scale, type(scale), dropout_p, type(dropout_p), backend)
+        fn = _FASTV.get(extra, q, k, v, cu_seqlens)
+        if fn is not None:
+            return fn(q, k, v, cu_seqlens)
+        o = _attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend)
+        if type(dropout_p) is float and dropout_p == 0.0:
+            _FASTV.add(extra, (q, k, v, cu_seqlens),
+                       _bind_varlen(q, k, v, cu_seqlens, max_seqlen, scale, backend, True))
+        return o
+    return _attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend)
+
+
+def _attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend):
+    """The public op's full path: checks cached per signature, the cached choice, the custom op with autograd."""
     if not torch.compiler.is_compiling():
         try:  # the checks are cached per signature of the call (the CPU-only value checks of cu_seqlens are not)
             sig = (_OPV, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
@@ -398,6 +486,16 @@ def attention_varlen_trusted(q, k, v, cu_seqlens, max_seqlen, scale=None, dropou
     for callers that guarantee them (the model, once per forward): the same arguments and result as
     `attention_varlen`, which must accept them. Bad arguments here give undefined errors instead of the
     named ones."""
+    if rng is None and fast_inference():  # the public op's inference cache, without its checks
+        extra = (max_seqlen, scale, dropout_p, backend)
+        fn = _FASTV_TRUSTED.get(extra, q, k, v, cu_seqlens)
+        if fn is not None:
+            return fn(q, k, v, cu_seqlens)
+        o = _vrun(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend, True)
+        if not dropout_p:
+            _FASTV_TRUSTED.add(extra, (q, k, v, cu_seqlens),
+                               _bind_varlen(q, k, v, cu_seqlens, max_seqlen, scale, backend, False))
+        return o
     if torch.compiler.is_compiling():
         return _vrun_traced(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend)
     return _vrun(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, rng, backend, True)

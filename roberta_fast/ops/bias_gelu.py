@@ -8,12 +8,15 @@ from .. import backends, reference
 from .._utils import dtype_name, unit_last_stride
 from ..tuned import round_log2
 from ._checks import (
+    NONE,
+    InferenceCache,
     bindable,
     check_param_dtype,
     check_same_device,
     check_shape,
     check_tensor,
     direct_call_ok,
+    fast_inference,
     train_mode,
 )
 
@@ -75,6 +78,41 @@ def bias_gelu(x, bias, approximate="none", *, backend=None):
     returns      (..., N) x's dtype (contiguous on the kernel backends); the math runs in float32.
                  x's gradient has x's dtype, bias's gradient has bias's dtype.
     """
+    if fast_inference():  # inference: the backend's own function, cached per call signature
+        extra = (approximate, backend, bias is None)
+        fn = _FAST.get(extra, x, NONE[0] if bias is None else bias)
+        if fn is not None:
+            return fn(x, bias, approximate)
+        y = _bias_gelu(x, bias, approximate, backend)
+        _FAST.add(extra, (x, NONE[0] if bias is None else bias), _bind_public(x, bias, approximate, backend))
+        return y
+    return _bias_gelu(x, bias, approximate, backend)
+
+
+_FAST = InferenceCache()
+_FAST_TRUSTED = InferenceCache()
+
+
+def _bind_public(x, bias, approximate, backend):
+    """The public op's cached inference function for calls of x's signature (any leading dims, rows viewed as
+    (M, N) when x is contiguous), or None (such calls take the full path)."""
+    if x.dim() == 2:
+        return bind_inference(x, bias, approximate, backend)
+    if x.dim() < 2 or not x.is_contiguous():
+        return None
+    shape, N = x.shape, x.shape[-1]
+    fn = bind_inference(x.view(-1, N), bias, approximate, backend)
+    if fn is None:
+        return None
+
+    def bias_gelu_rows(x, bias, approximate):
+        return fn(x.view(-1, N), bias, approximate).view(shape)
+
+    return bias_gelu_rows
+
+
+def _bias_gelu(x, bias, approximate, backend):
+    """The public op's full path: checks cached per signature, the cached choice, the custom op with autograd."""
     if not torch.compiler.is_compiling():
         try:  # the checks are cached per signature of the call
             sig = (x.shape, x.dtype, x.device, None if bias is None else (bias.shape, bias.dtype, bias.device),
@@ -99,6 +137,14 @@ def bias_gelu_trusted(x, bias, approximate="none", backend=None):
     """bias_gelu without the argument checks, for callers that guarantee them (the model, once per forward):
     the same arguments and result as `bias_gelu`, which must accept them. Bad arguments here give undefined
     errors instead of the named ones."""
+    if fast_inference():  # the public op's inference cache, without its checks
+        extra = (approximate, backend, bias is None)
+        fn = _FAST_TRUSTED.get(extra, x, NONE[0] if bias is None else bias)
+        if fn is not None:
+            return fn(x, bias, approximate)
+        y = _run(x, bias, approximate, backend)
+        _FAST_TRUSTED.add(extra, (x, NONE[0] if bias is None else bias), _bind_public(x, bias, approximate, backend))
+        return y
     if torch.compiler.is_compiling():
         return _run_traced(x, bias, approximate, backend)
     return _run(x, bias, approximate, backend)

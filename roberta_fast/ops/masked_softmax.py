@@ -13,7 +13,16 @@ import torch
 from .. import backends, reference
 from .._utils import FLOAT_DTYPES, dtype_name, unit_last_stride
 from ..tuned import round_log2
-from ._checks import check_same_device, check_tensor, direct_call_ok, train_mode
+from ._checks import (
+    NONE,
+    InferenceCache,
+    bindable,
+    check_same_device,
+    check_tensor,
+    direct_call_ok,
+    fast_inference,
+    train_mode,
+)
 
 _OP = "masked_softmax"
 _MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES
@@ -138,6 +147,64 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     backend is automatic). An additive mask whose dtype is neither scores' nor float32 is converted
     to float32 at its own (unbroadcast) size.
     """
+    if fast_inference():  # inference: the backend's own function, cached per call signature
+        extra = (scale, type(scale), backend, mask is None)
+        m = NONE[0] if mask is None else mask
+        fn = _FAST.get(extra, scores, m)
+        if fn is not None:
+            return fn(scores, mask)
+        y = _masked_softmax(scores, mask, scale, backend)
+        _FAST.add(extra, (scores, m), _bind_public(scores, mask, scale, backend, True))
+        return y
+    return _masked_softmax(scores, mask, scale, backend)
+
+
+_FAST = InferenceCache()
+_FAST_TRUSTED = InferenceCache()
+
+
+def _bind_public(scores, mask, scale, backend, check_values):
+    """fn(scores, mask) -> probs for inference calls of this signature (4-D scores with a unit last stride, a
+    kernel backend): the kernel backend's bind_inference, or its forward; None where calls take the full path.
+    check_values: the CPU-only value check of a float mask runs at every call (the public op's)."""
+    if not bindable(scores) or scores.dim() != 4 or scores.stride(3) != 1 or scores.numel() == 0:
+        return None
+    K = scores.shape[-1]
+    rows = scores.numel() // K
+    mask_kind = "none" if mask is None else ("bool" if mask.dtype == torch.bool else "additive")
+
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(scores, mask, scale)
+
+    sig = (scores.dtype, K, round_log2(rows), mask_kind, None if mask is None else mask.dtype)
+    _, mod = backends.choose(_OP, backend, scores.device, sig, "fwd", unsupported=unsupported,
+                             tune_key=(rows, K, scores.dtype, mask_kind))
+    if mod is None or (mask is not None and mask.requires_grad):
+        return None
+    scale = float(scale)
+    fn = None
+    if mask is None or (mask.dtype in (torch.bool, scores.dtype, torch.float32)
+                        and (mask.stride(-1) in (0, 1) or mask.shape[-1] == 1)):
+        bind = getattr(mod, "bind_inference", None)
+        fn = bind and bind(scores, None if mask is None else mask.expand(scores.shape), scale)
+    if fn is None:
+        fwd = mod.forward
+
+        def fn(scores, mask):
+            return fwd(scores, None if mask is None else _mask_for_kernels(scores, mask), scale)
+
+    if check_values and mask is not None and mask.dtype != torch.bool and mask.device.type == "cpu":
+        bound = fn
+
+        def fn(scores, mask):
+            _check_additive(mask)
+            return bound(scores, mask)
+
+    return fn
+
+
+def _masked_softmax(scores, mask, scale, backend):
+    """The public op's full path: checks cached per signature, the cached choice, the custom op with autograd."""
     if not torch.compiler.is_compiling():
         try:  # the checks are cached per signature of the call (the CPU-only value check of a float mask is not)
             sig = (scores.shape, scores.dtype, scores.device,
@@ -165,6 +232,15 @@ def masked_softmax_trusted(scores, mask=None, scale=1.0, backend=None):
     for callers that guarantee them (the model, once per forward): the same arguments and result as
     `masked_softmax`, which must accept them. Bad arguments here give undefined errors instead of the named
     ones."""
+    if fast_inference():  # the public op's inference cache, without its checks
+        extra = (scale, backend, mask is None)
+        m = NONE[0] if mask is None else mask
+        fn = _FAST_TRUSTED.get(extra, scores, m)
+        if fn is not None:
+            return fn(scores, mask)
+        y = _run(scores, mask, scale, backend)
+        _FAST_TRUSTED.add(extra, (scores, m), _bind_public(scores, mask, scale, backend, False))
+        return y
     if torch.compiler.is_compiling():
         return _run_traced(scores, mask, scale, backend)
     return _run(scores, mask, scale, backend)

@@ -72,4 +72,7 @@ def test_compile_targets(cc, compiled, capsys):
     assert rows, "no kernel specs compiled"
     problems = [f"{r['kernel']} {r['arch']}: {p}" for r in rows for p in r["problems"]]
     assert not problems, "\n".join(problems)
+    gemm = [r for r in rows if r["kernel"].startswith(("linear_ffn1", "linear_proj"))]  # kernels/linear.py
+    assert gemm, "the fused-epilogue GEMM (kernels/linear.py) was not compiled"
+    assert all(r["mma"] == ("HGMMA" if cc >= 90 else "HMMA") for r in gemm), [(r["kernel"], r["mma"]) for r in gemm]
     assert returncode == 0, stderr[-2000:]

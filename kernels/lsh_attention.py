@@ -94,16 +94,18 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unsupported(q, bucket_size: int) -> str | None:
-    """Why this kernel cannot take a call (None when it can): dtype, head_dim, bucket size."""
+def unsupported(q, chunk: int) -> str | None:
+    """Why this kernel cannot take a call (None when it can): dtype, head_dim, chunk length of the sorted layout
+    (bucket_size with shared QK, 2 * bucket_size with separate keys)."""
     dtypes = KERNEL_DTYPES + ((torch.float32,) if interpret_mode() else ())
     if q.dtype not in dtypes:
         return (f"the triton lsh_attention kernel takes {', '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
                 f"got {str(q.dtype).removeprefix('torch.')}")
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"the triton lsh_attention kernel takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
-    if bucket_size > MAX_CHUNK:
-        return f"the triton lsh_attention kernel takes bucket_size <= {MAX_CHUNK}, got {bucket_size}"
+    if chunk > MAX_CHUNK:
+        return (f"the triton lsh_attention kernel takes chunks of <= {MAX_CHUNK} slots (bucket_size <= {MAX_CHUNK} "
+                f"with shared QK, <= {MAX_CHUNK // 2} with separate keys), got {chunk}")
     return None
 
 
@@ -160,10 +162,11 @@ def forward(qs, ks, vs, kvalid, chunk, scale, shared, reference):
 
 
 def aot_specs() -> list[AOTSpec]:
-    """One specialization (fp16, bucket 64, head_dim 64, separate QK) for the ahead-of-time compile check."""
+    """One specialization (fp16, bucket 64 with separate keys: chunks of 128 slots, head_dim 64) for the
+    ahead-of-time compile check."""
     sig = {"Q": ptr(torch.float16), "K": ptr(torch.float16), "V": ptr(torch.float16), "KOK": ptr(torch.int8),
            "O": ptr(torch.float16), "LSE": ptr(torch.float32), "L": "i32", "C": "i32", "D": "i32",
            "qk_scale": "fp32", "SHARED": "constexpr", "UPCAST": "constexpr", "BLOCK_C": "constexpr",
            "BLOCK_D": "constexpr"}
-    return [AOTSpec("lsh_attention_fwd[fp16,C=64,D=64]", _lsh_chunk_fwd, sig,
-                    {"SHARED": False, "UPCAST": False, "BLOCK_C": 64, "BLOCK_D": 64}, num_warps=4, uses_mma=True)]
+    return [AOTSpec("lsh_attention_fwd[fp16,C=128,D=64]", _lsh_chunk_fwd, sig,
+                    {"SHARED": False, "UPCAST": False, "BLOCK_C": 128, "BLOCK_D": 64}, num_warps=8, uses_mma=True)]

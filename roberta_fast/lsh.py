@@ -8,14 +8,16 @@ One call, per sequence and head (docs/lsh_attention.md):
      torch.Generator seeded with `seed` (identical on every device); bucket(x) = argmax([x R_r, -x R_r]),
      computed in float32 from the input's values (so a float64 oracle hashes exactly as the float16 call does).
      Padding tokens get the bucket n_buckets: they sort after every real token.
-  3. Queries and keys are sorted by (bucket, position) (a stable sort within a bucket). With k=None (shared QK,
-     Reformer's choice) keys are the L2-normalised queries and share their sort; otherwise keys are hashed and
-     sorted on their own, with v following k.
-  4. The sorted sequence is cut into chunks of bucket_size (the tail padded with masked slots); the queries of
-     chunk c attend to the keys of chunks c - 1 and c (Reformer's look-one-back; chunk 0 looks at itself only,
-     there is no wrap-around, so one chunk covering the sequence is exactly full attention). With shared QK a
-     token's score with itself is replaced by SELF_SCORE (-1e5): it attends to itself only when it has no
-     other key.
+  3. Sorting. Shared QK (k=None, Reformer's choice): keys are the L2-normalised queries; each token is one item,
+     sorted by (bucket, position) (stable within a bucket), cut into chunks of C = bucket_size. Separate k:
+     queries and keys (v following k) are hashed with the same rotations and sorted TOGETHER as 2S items by
+     (bucket, position, query before key), cut into chunks of 2C slots: a query's chunk holds the keys of its
+     own buckets (about C of them, the key budget of shared QK) whatever the two distributions are (sorting
+     them separately would pair them by rank, not by bucket). The tail is padded with empty slots.
+  4. The queries of chunk c attend to the keys of chunks c - 1 and c (Reformer's look-one-back; chunk 0 looks
+     at itself only, there is no wrap-around, so one chunk covering the sequence is exactly full attention).
+     With shared QK a token's score with itself is replaced by SELF_SCORE (-1e5): it attends to itself only
+     when it has no other key.
   5. Each round gives (o_r, lse_r) per query; rounds are combined as sum_r softmax_r(lse_r) o_r. A (query, key)
      pair found in several rounds counts once per round (no de-duplication, unlike Reformer's optional
      correction): the combination is the attention over the multiset union of the rounds' keys. Identical
@@ -24,7 +26,8 @@ A query row that sees no real key gives zeros (lse -inf); padded query rows give
 
 The hashing and sorting (`plan`, `unsort_combine`) run in torch for every backend; only the chunked attention
 (`chunk_attention`) has a Triton kernel (kernels/lsh_attention.py). Memory is linear in S: per round the
-scores are (S / C) chunks of C x 2C.
+scores are (S / C) chunks of C x 2C (shared QK), or (2S / 2C) chunks of 2C x 4C slots of which about a quarter
+pair a query with a key (separate k: half the slots hold no query, half no key).
 """
 
 from __future__ import annotations
@@ -63,54 +66,73 @@ def hash_buckets(x: torch.Tensor, rot: torch.Tensor, valid: torch.Tensor | None)
 
 
 class Plan(NamedTuple):
-    """The sorted, chunked layout of one call: N = num_hashes * B * H rows of L = n_chunks * C slots."""
+    """The sorted, chunked layout of one call: N = num_hashes * B * H rows of L slots in chunks of `chunk`."""
 
-    qs: torch.Tensor  # (N, L, D) sorted queries (0 in padding slots and padded-query slots)
+    qs: torch.Tensor  # (N, L, D) sorted queries (0 in slots that hold no real query)
     ks: torch.Tensor  # (N, L, D) sorted keys (0 where kvalid is False)
     vs: torch.Tensor  # (N, L, D) sorted values (0 where kvalid is False)
     kvalid: torch.Tensor  # (N, L) bool: a real key in that slot
-    inv: torch.Tensor  # (R, B, H, S) int64: the slot of each query position (the inverse of the query sort)
+    inv: torch.Tensor  # (R, B, H, S) int64: the slot of each query position
+    kinv: torch.Tensor  # (R, B, H, S) int64: the slot of each key position
     chunk: int
     shared: bool
 
 
 def plan(q, k, v, key_padding_mask, bucket_size: int, num_hashes: int, seed: int) -> Plan:
     """Hash, sort and chunk. q, v (B, S, H, D); k (B, S, H, D) or None (shared QK: keys are q / |q|);
-    key_padding_mask bool (B, S) or None. Differentiable in q, k, v (gathers)."""
+    key_padding_mask bool (B, S) or None. Differentiable in q, k, v (gathers).
+
+    Shared QK: one item per token (query and key together), sorted by (bucket, position), chunks of C.
+    Separate k: queries and keys are 2S items of one sort by (bucket, position, query before key), chunks of
+    2C slots, so a query's chunk holds the keys of its own buckets (about C of them: the same key budget as
+    shared QK); a slot holds either a query or a key."""
     B, S, H, D = q.shape
     R, C = num_hashes, bucket_size
     shared = k is None
     nb = n_buckets(S, C)
     rot = rotations(seed, R, H, D, nb, q.device)
     qh, vh = q.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-    kh = torch.nn.functional.normalize(qh, dim=-1) if shared else k.transpose(1, 2)
     pos = torch.arange(S, device=q.device)
-    qb = hash_buckets(qh, rot, key_padding_mask)  # (R, B, H, S)
-    qperm = torch.argsort(qb * S + pos, dim=-1)  # keys unique: the sort is by (bucket, position)
-    kperm = qperm if shared else torch.argsort(hash_buckets(kh, rot, key_padding_mask) * S + pos, dim=-1)
-    n_chunks = max(1, -(-S // C))
-    L = n_chunks * C
-
-    def gather(x, perm):  # x (B, H, S, D), perm (R, B, H, S) -> (R * B * H, L, D), zero tail
-        idx = perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1])
-        y = torch.gather(x.unsqueeze(0).expand(R, *x.shape), 3, idx).reshape(R * B * H, S, x.shape[-1])
-        return torch.nn.functional.pad(y, (0, 0, 0, L - S)) if L > S else y
-
     valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-    vfull = valid[:, None, :].expand(B, H, S)
-    kvalid = torch.gather(vfull.unsqueeze(0).expand(R, B, H, S), 3, kperm).reshape(R * B * H, S)
-    qvalid = kvalid if shared else torch.gather(vfull.unsqueeze(0).expand(R, B, H, S), 3, qperm).reshape(-1, S)
-    if L > S:
-        kvalid = torch.nn.functional.pad(kvalid, (0, L - S), value=False)
-        qvalid = torch.nn.functional.pad(qvalid, (0, L - S), value=False)
-    qs = gather(qh, qperm)
-    ks, vs = gather(kh, kperm), gather(vh, kperm)
+    vfull = valid[None, :, None, :].expand(R, B, H, S)
+    qb = hash_buckets(qh, rot, key_padding_mask)  # (R, B, H, S)
+    if shared:
+        kh = torch.nn.functional.normalize(qh, dim=-1)
+        perm = torch.argsort(qb * S + pos, dim=-1)  # keys unique: the sort is by (bucket, position)
+        items, chunk = S, C
+        qsrc, ksrc, vsrc = qh, kh, vh
+        is_q = is_k = torch.gather(vfull, 3, perm)
+    else:
+        kh = k.transpose(1, 2)
+        kb = hash_buckets(kh, rot, key_padding_mask)
+        key = torch.cat([qb * (2 * S) + 2 * pos, kb * (2 * S) + 2 * pos + 1], dim=-1)  # (R, B, H, 2S)
+        perm = torch.argsort(key, dim=-1)  # item i < S: query i; item S + j: key j
+        items, chunk = 2 * S, 2 * C
+        zeros = qh.new_zeros(qh.shape)
+        qsrc, ksrc, vsrc = torch.cat([qh, zeros], 2), torch.cat([zeros, kh], 2), torch.cat([zeros, vh], 2)
+        item_valid = torch.cat([vfull, vfull], dim=-1)
+        is_q = torch.gather(item_valid & (torch.arange(2 * S, device=q.device) < S), 3, perm)
+        is_k = torch.gather(item_valid & (torch.arange(2 * S, device=q.device) >= S), 3, perm)
+    L = max(1, -(-items // chunk)) * chunk
+
+    def gather(x):  # x (B, H, items, D) -> (R * B * H, L, D) in sorted order, zero tail
+        idx = perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1])
+        y = torch.gather(x.unsqueeze(0).expand(R, *x.shape), 3, idx).reshape(R * B * H, items, x.shape[-1])
+        return torch.nn.functional.pad(y, (0, 0, 0, L - items)) if L > items else y
+
+    def flags(t):  # (R, B, H, items) bool -> (N, L)
+        t = t.reshape(R * B * H, items)
+        return torch.nn.functional.pad(t, (0, L - items), value=False) if L > items else t
+
+    qvalid, kvalid = flags(is_q), flags(is_k)
     # what a padding token holds (NaN, inf) never reaches a real row, in the forward or the backward
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    qs = torch.where(qvalid[..., None], qs, zero)
-    ks, vs = (torch.where(kvalid[..., None], t, zero) for t in (ks, vs))
-    inv = torch.argsort(qperm, dim=-1)
-    return Plan(qs, ks, vs, kvalid, inv, C, shared)
+    qs = torch.where(qvalid[..., None], gather(qsrc), zero)
+    ks, vs = (torch.where(kvalid[..., None], gather(t), zero) for t in (ksrc, vsrc))
+    slot = torch.argsort(perm, dim=-1)  # (R, B, H, items): the slot of each item
+    inv = slot[..., :S]
+    kinv = inv if shared else slot[..., S:]
+    return Plan(qs, ks, vs, kvalid, inv, kinv, chunk, shared)
 
 
 def chunk_attention(qs, ks, vs, kvalid, chunk: int, scale: float, shared: bool, *, same_dtype: bool = False):
@@ -146,8 +168,9 @@ def unsort_combine(o, lse, p: Plan, key_padding_mask, shape) -> torch.Tensor:
     softmax over their lse (rows where every round has lse -inf, and padded query rows, give zeros)."""
     B, S, H, D = shape
     R = p.inv.shape[0]
-    o = o[:, :S].reshape(R, B, H, S, D)
-    lse = lse[:, :S].reshape(R, B, H, S)
+    L = o.shape[1]
+    o = o.reshape(R, B, H, L, D)
+    lse = lse.reshape(R, B, H, L)
     o = torch.gather(o, 3, p.inv.unsqueeze(-1).expand(R, B, H, S, D))
     lse = torch.gather(lse, 3, p.inv)
     if R == 1:
@@ -213,18 +236,9 @@ def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size=64, num_ha
 def attended(q, k, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0) -> torch.Tensor:
     """bool (B, H, S, S): the (query, key) pairs some hash round lets attend (for measuring what the
     approximation keeps, e.g. the share of the exact attention mass it covers; O(S^2) memory: analysis only).
-    Same hashing and chunking as `lsh_attention`; k=None is shared QK (the self pair then counts as kept)."""
-    B, S, H, D = q.shape
-    C = bucket_size
-    nb = n_buckets(S, C)
-    rot = rotations(seed, num_hashes, H, D, nb, q.device)
-    qh = q.transpose(1, 2)
-    pos = torch.arange(S, device=q.device)
-    qperm = torch.argsort(hash_buckets(qh, rot, key_padding_mask) * S + pos, dim=-1)  # (R, B, H, S)
-    kperm = qperm if k is None else torch.argsort(
-        hash_buckets(k.transpose(1, 2), rot, key_padding_mask) * S + pos, dim=-1)
-    qchunk = torch.empty_like(qperm).scatter_(-1, qperm, (pos // C).expand_as(qperm))  # chunk of each query
-    kchunk = torch.empty_like(kperm).scatter_(-1, kperm, (pos // C).expand_as(kperm))
+    Same layout as `lsh_attention` (`plan`); k=None is shared QK (the self pair then counts as kept)."""
+    p = plan(q, k, q, key_padding_mask, bucket_size, num_hashes, seed)
+    qchunk, kchunk = p.inv // p.chunk, p.kinv // p.chunk  # (R, B, H, S)
     diff = qchunk[..., :, None] - kchunk[..., None, :]  # (R, B, H, S, S)
     seen = ((diff == 0) | (diff == 1)).any(dim=0)
     if key_padding_mask is not None:

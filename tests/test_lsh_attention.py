@@ -100,6 +100,25 @@ def test_more_hashes_and_bigger_buckets_approximate_better():
     assert errs[2] < 1e-12 and errs[1] <= errs[0], errs
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_round_is_attention_over_the_attended_pairs(shared):
+    """With one round the op is exact attention restricted to lsh.attended's pairs (what the benchmark's
+    attention-mass figure counts)."""
+    q, k, v = _qkv(2, 50, 2, 8, F64, seed=6)
+    mask = _mask(2, 50, [50, 31])
+    seen = lsh.attended(q, None if shared else k, mask, bucket_size=8, num_hashes=1, seed=2)
+    kk = torch.nn.functional.normalize(q, dim=-1) if shared else k
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * 8 ** -0.5
+    if shared:
+        s = s.masked_fill(torch.eye(50, dtype=torch.bool), lsh.SELF_SCORE)
+    s = s.masked_fill(~seen, -math.inf)
+    want = torch.where(mask[:, :, None, None], torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v), 0.0)
+    got = lsh.lsh_attention(q, None if shared else k, v, mask, bucket_size=8, num_hashes=1, seed=2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # a query meets about 2C of the keys, not all of them
+    assert 0.1 < seen[0].float().mean().item() < 0.6
+
+
 def test_padded_keys_are_never_attended():
     q, k, v = _qkv(2, 40, 2, 16, F64)
     mask = _mask(2, 40, [40, 23])

@@ -55,15 +55,15 @@ def _check_common(op, q, k, v, ndim, layout, bucket_size, num_hashes, seed, scal
 _CHOSEN: dict = {}
 
 
-def _choose(op, backend, q, bucket_size):
-    """The backend of a call: "torch" or "triton" (cached per device, dtype, head_dim, bucket_size)."""
-    key = (backend, q.device, q.dtype, q.shape[-1], bucket_size)
+def _choose(op, backend, q, chunk):
+    """The backend of a call: "torch" or "triton" (cached per device, dtype, head_dim, chunk of the layout)."""
+    key = (backend, q.device, q.dtype, q.shape[-1], chunk)
     b = _CHOSEN.get(key)
     if b is None:
         def unsupported(name):
             if name == "cuda":
                 return "lsh_attention has no CUDA C++ kernel; use backend='triton' or 'torch'"
-            return _kernel().unsupported(q, bucket_size) if name == "triton" else None
+            return _kernel().unsupported(q, chunk) if name == "triton" else None
 
         b = backends.resolve(op, backend, q.device, unsupported=unsupported)
         _CHOSEN[key] = b
@@ -90,14 +90,15 @@ def lsh_attention(q, k, v, *, key_padding_mask=None, bucket_size=64, num_hashes=
                       with them; a token attends to itself only when it has no other key)
     key_padding_mask  None, or bool (batch, seqlen), True = real token: padded keys are never attended,
                       padded query rows give zeros
-    bucket_size       Python int >= 1: the chunk length C (each query sees at most 2C keys per round); the
-                      number of hash buckets is ceil(seqlen / C) rounded up to even. bucket_size >= seqlen is
-                      exact full attention
+    bucket_size       Python int >= 1: C, about the number of keys a query meets per chunk (each query sees
+                      about 2C keys per round, its chunk and the previous one); the number of hash buckets is
+                      ceil(seqlen / C) rounded up to even. bucket_size >= seqlen is exact full attention
     num_hashes        Python int >= 1: hash rounds, combined by their log-sum-exp
     seed              Python int: the random rotations (drawn on the CPU, the same on every device)
     scale             Python float, default head_dim ** -0.5
     backend           None (automatic: triton on CUDA tensors, torch on CPU tensors), "torch" or "triton"
-                      (float16 / bfloat16, float32 under the interpreter; head_dim <= 128, bucket_size <= 128)
+                      (float16 / bfloat16, float32 under the interpreter; head_dim <= 128, bucket_size <= 128
+                      with k=None, <= 64 with separate keys)
     returns           (batch, seqlen, heads, head_dim) q.dtype; memory linear in seqlen (C x 2C scores per chunk)
     """
     _check_common(_OP, q, k, v, 4, "(batch, seqlen, heads, head_dim)", bucket_size, num_hashes, seed, scale)
@@ -105,7 +106,7 @@ def lsh_attention(q, k, v, *, key_padding_mask=None, bucket_size=64, num_hashes=
         check_tensor(_OP, "key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
         check_shape(_OP, "key_padding_mask", key_padding_mask, q.shape[:2])
     check_same_device(_OP, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
-    b = _choose(_OP, backend, q, bucket_size)
+    b = _choose(_OP, backend, q, bucket_size if k is None else 2 * bucket_size)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + v.sum() + (0 if k is None else k.sum()))
     return lsh.lsh_attention(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, scale, _chunk_fn(b))
@@ -139,6 +140,6 @@ def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, bucket_size=64, num
         if lens and max(lens) > max_seqlen:
             raise ValueError(f"{_OPV}: max_seqlen = {max_seqlen} is smaller than the longest sequence "
                              f"({max(lens)} tokens)")
-    b = _choose(_OPV, backend, q, bucket_size)
+    b = _choose(_OPV, backend, q, bucket_size if k is None else 2 * bucket_size)
     return lsh.lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size, num_hashes, seed, scale,
                                     _chunk_fn(b))

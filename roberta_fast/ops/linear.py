@@ -313,18 +313,7 @@ def _run(x, weight, bias, activation, residual, backend):
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     mode = train_mode(x, weight, bias, residual)
-
-    def unsupported(b):
-        return backends.implementation(b, _OP).unsupported(x, weight, bias, activation, residual)
-
-    if torch.compiler.is_compiling():
-        b = backends.resolve(_OP, backend, x.device, unsupported=unsupported,
-                             tune_key=(M, N, K, dtype_name(x.dtype)), mode=mode)
-        mod = None if b == "torch" else backends.implementation(b, _OP)
-    else:
-        sig = (x.dtype, N, K, round_log2(M), bias is None, residual is None, activation)
-        b, mod = backends.choose(_OP, backend, x.device, sig, mode, unsupported=unsupported,
-                                 tune_key=(M, N, K, x.dtype))
+    b, mod = _choose(x, weight, bias, activation, residual, backend, M, N, K, mode)
     if mod is None or M == 0 or K == 0 or N == 0:
         return TorchBackend.apply(x, weight, bias, activation, residual)
     x2 = x if x.dim() == 2 and x.is_contiguous() else unit_last_stride(x.reshape(-1, K)).contiguous()  # (M, K)
@@ -338,6 +327,35 @@ def _run(x, weight, bias, activation, residual, backend):
     else:
         y, _ = _fwd(x2, weight, bias, r2, act, mode == "train", b)
     return y.view(*x.shape[:-1], N)
+
+
+def _choose(x, weight, bias, activation, residual, backend, M, N, K, mode):
+    """(backend name, its module or None for "torch") of one call; x, weight, bias already in x's dtype."""
+
+    def unsupported(b):
+        return backends.implementation(b, _OP).unsupported(x, weight, bias, activation, residual)
+
+    if torch.compiler.is_compiling():
+        b = backends.resolve(_OP, backend, x.device, unsupported=unsupported,
+                             tune_key=(M, N, K, dtype_name(x.dtype)), mode=mode)
+        return b, None if b == "torch" else backends.implementation(b, _OP)
+    sig = (x.dtype, N, K, round_log2(M), bias is None, residual is None, activation)
+    return backends.choose(_OP, backend, x.device, sig, mode, unsupported=unsupported, tune_key=(M, N, K, x.dtype))
+
+
+def choice(x, weight, bias=None, *, activation=None, residual=None, backend=None) -> str:
+    """The backend a call of `linear` with these arguments runs on ("torch", "triton" or "cublaslt"), the same
+    cached choice the call makes (the model asks it to decide between ops.linear's fused epilogue and cuBLAS +
+    its fused elementwise kernels). Arguments as `linear`'s, unchecked; a named backend that cannot take the
+    call raises as the call would."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    M = x.numel() // K if K else _prod(x.shape[:-1])
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return _choose(x, weight, bias, activation, residual, backend, M, N, K, train_mode(x, weight, bias, residual))[0]
 
 
 def _prod(shape) -> int:

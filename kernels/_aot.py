@@ -43,7 +43,8 @@ def ptr(dtype) -> str:
 # Run as `python -m roberta_fast.kernels._aot --cc 90` (never under TRITON_INTERPRET=1: the
 # interpreter replaces @triton.jit functions with ones that cannot be compiled).
 
-KERNEL_FILES = ("layer_norm", "bias_gelu", "masked_softmax", "attention", "linear_cross_entropy", "linear")
+KERNEL_FILES = ("layer_norm", "bias_gelu", "masked_softmax", "attention", "linear_cross_entropy", "linear",
+                "lsh_attention")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block: A100, H100
 
 

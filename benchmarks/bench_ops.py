@@ -11,6 +11,13 @@ Providers (one row each):
   cuda     roberta_fast's CUDA C++ backend (when roberta_fast._C was built)
   sdpa     torch.nn.functional.scaled_dot_product_attention (attention ops only)
 
+linear (ops.linear, the GEMM with its bias + GELU / bias + residual epilogue) runs with the whole kernel suite
+(`--only kernels`, or everything): FFN1 + bias + GELU and the FFN2 output projection + bias + residual at
+roberta-base and roberta-large shapes (>= 8k tokens on a GPU; 256 tokens in the reduced CPU run), providers
+eager, torch (cuBLAS + separate elementwise ops: the baseline a fused GEMM must beat), triton, cublaslt and
+compile-max-autotune (torch.compile(mode="max-autotune") of the same math; GPU only), in TFLOP/s and % of the
+measured matmul ceiling.
+
 attention uses full-length sequences with a key padding mask that keeps every key (the FLOPs are
 those of the dense shape); attention_varlen packs sequences of seeded lengths uniform in
 [0.2 S, S], and its eager / compile / sdpa baselines pad the batch, run padded attention with a
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from roberta_fast import testing
+from roberta_fast import testing, tuning
 from roberta_fast._utils import dtype_name
 from roberta_fast.testing import MEMORY_BOUND, OPS, OpCase, build_case, shape_label
 
@@ -57,7 +64,12 @@ def _impl(case: OpCase, provider: str):
     if provider == "compile":
         torch._dynamo.reset()  # fresh caches: no silent fallback to eager after the recompile limit
         return torch.compile(case.eager, dynamic=False)
-    if provider in ("torch", "triton", "cuda"):
+    if provider == "compile-max-autotune":
+        if case.inputs[case.leaves[0]].device.type != "cuda":
+            raise ValueError("skipped: torch.compile(mode='max-autotune') is measured on a GPU only")
+        torch._dynamo.reset()
+        return torch.compile(case.eager, dynamic=False, mode="max-autotune")
+    if provider in ("torch", "triton", "cuda", "cublaslt"):
         return lambda i: case.run(provider, i)
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -157,6 +169,67 @@ def run_kernels(*, device: torch.device, mode: str, ops, dtypes, ceilings: dict,
         rows.extend(case_rows)
         del case, ref
     bar.close()
+    if set(OPS) <= set(ops):  # the whole kernel suite: the linear rows too
+        rows += run_linear(device=device, mode=mode, dtypes=dtypes, ceilings=ceilings, avail=avail, budget=budget,
+                           rep_ms=rep_ms)
+    return rows
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def linear_shapes(mode: str) -> list[dict]:
+    """FFN1 (hidden -> 4 hidden, bias + exact GELU) and FFN2 (4 hidden -> hidden, bias + residual)."""
+    if mode == "check":
+        return [p for _, p in tuning.linear_shapes("check")]
+    tokens = {"full": (8192, 16384), "quick": (8192,), "cpu": (256,)}[mode]
+    hiddens = (768,) if mode == "cpu" else (768, 1024)
+    return [p for t in tokens for h in hiddens for p in (
+        {"tokens": t, "in": h, "out": 4 * h, "activation": "gelu", "residual": False},
+        {"tokens": t, "in": 4 * h, "out": h, "activation": None, "residual": True})]
+
+
+def linear_providers(device: torch.device, avail: dict) -> list[str]:
+    if device.type == "cpu":  # the Triton interpreter is a correctness check, not a timing
+        return ["eager", "torch", "cublaslt", "compile-max-autotune"]
+    return ["eager", "torch"] + (["triton"] if avail.get("triton") else []) + ["cublaslt", "compile-max-autotune"]
+
+
+def run_linear(*, device, mode, dtypes, ceilings, avail, budget, rep_ms) -> list[dict]:
+    """The linear rows: each fused GEMM against cuBLAS + separate elementwise ops ("torch"), cuBLASLt's
+    epilogue and torch.compile max-autotune of the same math; the speedup column is over eager."""
+    rows = []
+    for p in linear_shapes(mode):
+        for dt in dtypes:
+            case = tuning.linear_case(p, dt, device)
+            for ps in ("fwd", "fwd+bwd"):
+                ref, eager_err, case_rows = None, None, []
+                for prov in linear_providers(device, avail):
+                    row = _row("linear", p, dt, ps, prov, case)
+                    case_rows.append(row)
+                    if budget.left() <= 0 or (prov.startswith("compile") and budget.left() < 90):
+                        row["error"] = "skipped: time budget"
+                        continue
+                    try:
+                        fn, leaves, out = make_runnable(case, prov, ps == "fwd+bwd")
+                        if ps == "fwd":
+                            ref = reference_output(case) if ref is None else ref
+                            row["max_err"] = testing.max_abs_err(out, ref)
+                            eager_err = row["max_err"] if prov == "eager" else eager_err
+                        del out
+                        if device.type == "cuda":
+                            row["ms"], row["ms_p20"], row["ms_p80"] = testing.time_gpu_kernel(
+                                fn, rep_ms=rep_ms, grad_to_none=leaves)
+                        else:
+                            row["ms"], row["ms_p20"], row["ms_p80"] = testing.time_cpu(
+                                fn, rep_ms=rep_ms, grad_to_none=leaves)
+                    except Exception as e:  # noqa: BLE001  (n/a backends and skips are rows with a reason)
+                        row["error"] = short_error(e)
+                    finally:
+                        fn = leaves = None
+                _finish_case(case_rows, eager_err, dt, ceilings)
+                rows.extend(case_rows)
+            del case
     return rows
 
 
@@ -164,7 +237,7 @@ def _row(op, p, dt, ps, prov, case, error=None) -> dict:
     backward = ps == "fwd+bwd"
     row = {
         "suite": "kernel", "op": op, "pass": ps, "provider": prov, "dtype": dtype_name(dt),
-        "shape": dict(p), "label": shape_label(op, p), "ms": None, "ms_p20": None, "ms_p80": None,
+        "shape": dict(p), "label": tuning.label(op, p), "ms": None, "ms_p20": None, "ms_p80": None,
         "bytes": None, "flops": None, "gbps": None, "pct_copy": None, "tflops": None, "pct_matmul": None,
         "speedup": None, "max_err": None, "err_bound": None, "ok": None, "error": error,
     }

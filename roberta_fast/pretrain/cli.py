@@ -9,6 +9,8 @@ import dataclasses
 import os
 import sys
 
+from ..train.cli import fail, run_main
+
 # the PretrainArgs fields set from flags of the same name (dashes for underscores); None = PretrainArgs' default
 _FLAGS = ("corpus", "model", "tokenizer", "vocab_size", "min_frequency", "max_seqlen", "packing", "max_steps",
           "batch_tokens", "accumulation", "lr", "weight_decay", "warmup_steps", "warmup_ratio", "clip", "precision",
@@ -63,8 +65,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def _fail(msg: str) -> int:
-    print(f"roberta-fast pretrain: {msg}", file=sys.stderr)
-    return 2
+    return fail("roberta-fast pretrain", msg)
 
 
 def _check(args) -> str | None:
@@ -123,9 +124,7 @@ def run_from_args(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="roberta-fast pretrain")
-    add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+    return run_main("roberta-fast pretrain", add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

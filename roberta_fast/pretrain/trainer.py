@@ -32,7 +32,7 @@ from ..model.config import EncoderConfig
 from ..model.heads import RobertaForMaskedLM
 from ..train import checkpoint as ckpt
 from ..train import optim as O
-from ..train.trainer import Dist, seed_all
+from ..train.trainer import Dist, RunBase, seed_all
 from . import tokenizer as T
 from .corpus import Corpus, PackedStream, write_builtin_corpus
 
@@ -166,7 +166,7 @@ def unigram_entropy(counts: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-class Pretrainer:
+class Pretrainer(RunBase):
     """Pretrain RobertaForMaskedLM with masked language modelling (see the module docstring)."""
 
     def __init__(self, args: PretrainArgs, *, on_step=None, log=None):
@@ -174,15 +174,7 @@ class Pretrainer:
         self.on_step = on_step  # on_step(step, loss) after every optimizer step (tests, callbacks)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.dist = Dist()
-        if a.device is not None:
-            self.device = torch.device(a.device)
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", self.dist.local_rank)
-        else:
-            self.device = torch.device("cpu")
-        self.is_main = self.dist.rank == 0
-        self.ckpt_root = os.path.join(a.output, "checkpoints")
-        self.metrics_path = os.path.join(a.output, "metrics.jsonl")
+        self._init_run()  # device, is_main, checkpoint and metrics paths (RunBase)
         if self.is_main:
             os.makedirs(a.output, exist_ok=True)
         # the corpus (the built-in one: each rank writes its own copy, as the fine-tuning --builtin does, so that
@@ -275,15 +267,6 @@ class Pretrainer:
     def _encode(self, texts):
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def _autocast(self):
-        p = self.args.precision
-        if p == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
-
-    def _params(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def plan(self) -> dict:
         a = self.args
         return {"world_size": self.dist.world, **{k: getattr(a, k) for k in _PLAN_KEYS},
@@ -327,51 +310,15 @@ class Pretrainer:
                 loss_sum = loss_sum.float()
                 self.scaler.scale(loss_sum * (w / denom)).backward()
             acc[0] += loss_sum.detach().double()
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        norm = None
-        if a.clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self._params(), a.clip)
-        skipped = False
-        if self.scaler.is_enabled():
-            before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < before
-        else:
-            self.optimizer.step()
-        if self._fused:  # see roberta_fast.train.trainer: fused AdamW does not bump the parameters' versions
-            for p in self._params():
-                torch.autograd.graph.increment_version(p)
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        o = self._optimizer_step()
         self.dist.sum_(acc)
-        return {"loss": acc[0].item() / denom, "tokens": tokens, "masked": masked, "lr": lr,
-                "grad_norm": None if norm is None else float(norm), "skipped": skipped}
+        return {"loss": acc[0].item() / denom, "tokens": tokens, "masked": masked, **o}
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> str | None:
-        a = self.args
-        if self.is_main:
-            os.makedirs(self.ckpt_root, exist_ok=True)
-            ckpt.begin(self.ckpt_root, step)
-        self.dist.barrier()
-        tmp = os.path.join(self.ckpt_root, ckpt.step_dir_name(step) + ".tmp")
-        ckpt.atomic_save(ckpt.rng_state(), os.path.join(tmp, f"rng-rank{self.dist.rank}.pt"))
-        self.dist.barrier()
-        final = None
-        if self.is_main:
-            ckpt.atomic_save(self.raw.state_dict(), os.path.join(tmp, "model.pt"))
-            ckpt.atomic_save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-            state = {"step": step, "stream": self.stream.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "skipped_steps": self.skipped,
-                     "target_counts": self.target_counts.clone(), "tokens_total": self.tokens_total,
-                     "plan": json.dumps(self.plan(), sort_keys=True)}
-            ckpt.atomic_save(state, os.path.join(tmp, "trainer_state.pt"))
-            final = ckpt.finish(tmp, step, keep=a.keep_checkpoints)
-        self.dist.barrier()
-        return final
+        state = {"stream": self.stream.state_dict(), "target_counts": self.target_counts.clone(),
+                 "tokens_total": self.tokens_total, "plan": json.dumps(self.plan(), sort_keys=True)}
+        return self._write_checkpoint(step, self.raw.state_dict(), self.optimizer.state_dict(), state)
 
     def load_checkpoint(self, path) -> dict:
         ckpt.verify(path)
@@ -384,63 +331,29 @@ class Pretrainer:
                              "options and corpus, or a new output folder")
         self.raw.load_state_dict(ckpt.load(path, "model.pt"))
         self.optimizer.load_state_dict(ckpt.load(path, "optimizer.pt"))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["stream"])
         self.target_counts = state["target_counts"].clone()
         self.tokens_total = int(state["tokens_total"])
-        ckpt.set_rng_state(ckpt.load(path, f"rng-rank{self.dist.rank}.pt"))
+        self._restore_common(path, state)
         return state
 
     # ---------------------------------------------------------------------------------------------- the run
-    def _write_metrics(self, row: dict):
-        if self.is_main:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def _trim_metrics(self, step: int):
-        """After a resume: drop the rows the interrupted run wrote after the checkpoint's step."""
-        if not self.is_main or not os.path.isfile(self.metrics_path):
-            return
-        with open(self.metrics_path, encoding="utf-8") as f:
-            rows = [json.loads(x) for x in f if x.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        ckpt.atomic_text("".join(json.dumps(r) + "\n" for r in kept), self.metrics_path)
-
     def fit(self) -> PretrainResult:
         a = self.args
         step = 0
-        self.skipped = 0
         result = PretrainResult(output=a.output, steps=0)
-        if a.resume:
-            found = ckpt.newest(self.ckpt_root)
-            if found is None:
-                if self.is_main:
-                    self.log(f"--resume: no checkpoint in {self.ckpt_root}, starting from the beginning")
-            else:
-                state = self.load_checkpoint(found[1])
-                step, self.skipped = state["step"], state["skipped_steps"]
-                result.resumed_from = found[1]
-                self._trim_metrics(step)
-                if self.is_main:
-                    self.log(f"resumed from {found[1]} (step {step}, corpus epoch {self.stream.epoch})")
-        elif self.is_main and os.path.isfile(self.metrics_path):
-            os.remove(self.metrics_path)
-        self.dist.barrier()
+        state, result.resumed_from = self._start()
+        if state is not None:
+            step = state["step"]
+            if self.is_main:
+                self.log(f"resumed from {result.resumed_from} (step {step}, corpus epoch {self.stream.epoch})")
         if self.is_main:
             n_params = sum(p.numel() for p in self.raw.parameters())
             self.log(f"pretraining a {n_params / 1e6:.2f} M-parameter RoBERTa (hidden {self.config.hidden_size}, "
                      f"{self.config.num_hidden_layers} layers, vocabulary {self.vocab_size}) on {self.corpus.root} "
                      f"({len(self.corpus.files)} files): {a.max_steps} steps of {self.dist.world} x "
                      f"{a.accumulation} x {a.batch_tokens} tokens, {a.precision}, {self.device}")
-        bar = None
-        if a.progress and self.is_main:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=a.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
-            except ImportError:
-                bar = None
+        bar = self._progress(a.max_steps, step, "pretrain")
         t0, tokens = time.perf_counter(), 0
         try:
             while step < a.max_steps:

@@ -68,9 +68,21 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
 
 
-def _fail(msg: str) -> int:
-    print(f"roberta-fast finetune: {msg}", file=sys.stderr)
+def fail(prog: str, msg: str) -> int:
+    """The one-line error of a subcommand (`roberta-fast finetune: ...`, `roberta-fast pretrain: ...`): exit code 2."""
+    print(f"{prog}: {msg}", file=sys.stderr)
     return 2
+
+
+def _fail(msg: str) -> int:
+    return fail("roberta-fast finetune", msg)
+
+
+def run_main(prog: str, add, run, argv=None) -> int:
+    """A subcommand as its own program: parse `argv` with the options `add` puts on a parser, then `run`."""
+    p = argparse.ArgumentParser(prog=prog)
+    add(p)
+    return run(p.parse_args(argv))
 
 
 def run_from_args(args) -> int:
@@ -126,9 +138,7 @@ def run_from_args(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="roberta-fast finetune")
-    add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+    return run_main("roberta-fast finetune", add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

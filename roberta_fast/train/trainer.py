@@ -233,7 +233,138 @@ def _f1s(conf: torch.Tensor) -> tuple:
     return (tp.sum().item() / total if total else 0.0), macro
 
 
-class Trainer:
+class RunBase:
+    """What a training run does alike whether it fine-tunes (Trainer) or pretrains (roberta_fast.pretrain's
+    Pretrainer): the device, autocast, the optimizer step (fp16 unscaling, clipping, skipped steps, the schedule),
+    writing a checkpoint (manifest last, RNG states per rank), restoring its common parts, the resume preamble of
+    fit(), metrics.jsonl and the progress bar. The subclass sets args (precision, clip, device, output,
+    keep_checkpoints, resume, progress), log, dist, model (wrapped), raw, optimizer, scheduler, scaler and _fused,
+    and calls _init_run() once it has dist and args."""
+
+    def _init_run(self):
+        a = self.args
+        if a.device is not None:
+            self.device = torch.device(a.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", self.dist.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self.is_main = self.dist.rank == 0
+        self.ckpt_root = os.path.join(a.output, "checkpoints")
+        self.metrics_path = os.path.join(a.output, "metrics.jsonl")
+
+    def _autocast(self):
+        p = self.args.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+    def _params(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _optimizer_step(self) -> dict:
+        """After the backward passes of a step: unscale (fp16), clip, step (or skip on an fp16 overflow), zero the
+        gradients, advance the schedule. Returns the step's lr, grad_norm (None unclipped) and skipped."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        norm = None
+        if self.args.clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self._params(), self.args.clip)
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+                norm = norm.full_tensor()
+        skipped = False
+        if self.scaler.is_enabled():
+            before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < before
+        else:
+            self.optimizer.step()
+        if self._fused:
+            # torch's fused AdamW updates the parameters without bumping their version counters, so caches
+            # keyed on Tensor._version (the model's fused QKV weight in inference) would not see the update
+            for p in self._params():
+                torch.autograd.graph.increment_version(p)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        return {"lr": lr, "grad_norm": None if norm is None else float(norm), "skipped": skipped}
+
+    def _write_checkpoint(self, step: int, model_sd, opt_sd, state: dict) -> str | None:
+        """Checkpoint `step` (every rank takes part: its RNG state; rank 0 writes the model, the optimizer and
+        `state` plus the scheduler's and scaler's, then the manifest). Returns the folder on rank 0."""
+        if self.is_main:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            ckpt.begin(self.ckpt_root, step)
+        self.dist.barrier()
+        tmp = os.path.join(self.ckpt_root, ckpt.step_dir_name(step) + ".tmp")
+        ckpt.atomic_save(ckpt.rng_state(), os.path.join(tmp, f"rng-rank{self.dist.rank}.pt"))
+        self.dist.barrier()
+        final = None
+        if self.is_main:
+            ckpt.atomic_save(model_sd, os.path.join(tmp, "model.pt"))
+            ckpt.atomic_save(opt_sd, os.path.join(tmp, "optimizer.pt"))
+            state = {"step": step, **state, "skipped_steps": self.skipped,
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+            ckpt.atomic_save(state, os.path.join(tmp, "trainer_state.pt"))
+            final = ckpt.finish(tmp, step, keep=self.args.keep_checkpoints)
+        self.dist.barrier()
+        return final
+
+    def _restore_common(self, path, state: dict):
+        """The scheduler, the loss scaler and this rank's RNG states of the checkpoint at `path`."""
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(ckpt.load(path, f"rng-rank{self.dist.rank}.pt"))
+
+    def _start(self):
+        """The start of fit(): on resume the newest checkpoint loaded (load_checkpoint) and the metrics rows after
+        it dropped, else the old metrics file removed. Returns (trainer state, its folder) or (None, None)."""
+        self.skipped = 0
+        state = path = None
+        if self.args.resume:
+            found = ckpt.newest(self.ckpt_root)
+            if found is None:
+                if self.is_main:
+                    self.log(f"--resume: no checkpoint in {self.ckpt_root}, starting from the beginning")
+            else:
+                path = found[1]
+                state = self.load_checkpoint(path)
+                self.skipped = state["skipped_steps"]
+                self._trim_metrics(state["step"])
+        elif self.is_main and os.path.isfile(self.metrics_path):
+            os.remove(self.metrics_path)
+        self.dist.barrier()
+        return state, path
+
+    def _progress(self, total: int, initial: int, desc: str):
+        """A tqdm bar on rank 0 when args.progress (None without tqdm)."""
+        if not (self.args.progress and self.is_main):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+    def _write_metrics(self, row: dict):
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def _trim_metrics(self, step: int):
+        """After a resume: drop the rows the interrupted run wrote after the checkpoint's step."""
+        if not self.is_main or not os.path.isfile(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as f:
+            rows = [json.loads(x) for x in f if x.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        ckpt.atomic_text("".join(json.dumps(r) + "\n" for r in kept), self.metrics_path)
+
+
+class Trainer(RunBase):
     """Fine-tune a BERT-family head model (roberta_fast's, or a transformers one passed through optimize())."""
 
     def __init__(self, args: TrainArgs, *, model=None, tokenizer=None, on_step=None, log=None):
@@ -244,13 +375,7 @@ class Trainer:
         a = self.args
         if a.fsdp and not self.dist.on:
             raise ValueError("fsdp needs several processes (launch with torchrun --nproc-per-node N)")
-        if a.device is not None:
-            self.device = torch.device(a.device)
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", self.dist.local_rank)
-        else:
-            self.device = torch.device("cpu")
-        self.is_main = self.dist.rank == 0
+        self._init_run()
         self.config = _read_config(a.model_dir) if a.model_dir is not None else {}
         if tokenizer is None:
             if a.model_dir is None:
@@ -289,8 +414,6 @@ class Trainer:
         self.scheduler = O.make_schedule(self.optimizer, warm, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=a.precision == "fp16")
         seed_all(a.seed + self.dist.rank)  # dropout streams: one per rank
-        self.ckpt_root = os.path.join(a.output, "checkpoints")
-        self.metrics_path = os.path.join(a.output, "metrics.jsonl")
 
     # ---------------------------------------------------------------------------------------------- set-up
     @staticmethod
@@ -340,19 +463,10 @@ class Trainer:
         acc = self.args.accumulation
         return sum(math.ceil(len(self._plan(e)) / acc) for e in range(self.args.epochs))
 
-    def _autocast(self):
-        p = self.args.precision
-        if p == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
-
     def _inputs(self, batch):
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
     # ---------------------------------------------------------------------------------------------- steps
-    def _params(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def train_step(self, group: list) -> dict:
         """One optimizer step over the micro-batches `group` (lists of example indices of the global plan)."""
         a, ds, w = self.args, self.train_ds, self.dist.world
@@ -371,32 +485,9 @@ class Trainer:
                 self.scaler.scale(ls * (w / denom)).backward()
             acc[0] += ls.detach().double()
             acc[1] += batch["attention_mask"].sum()
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        norm = None
-        if a.clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self._params(), a.clip)
-            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-                norm = norm.full_tensor()
-        skipped = False
-        if self.scaler.is_enabled():
-            before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = self.scaler.get_scale() < before
-        else:
-            self.optimizer.step()
-        if self._fused:
-            # torch's fused AdamW updates the parameters without bumping their version counters, so caches
-            # keyed on Tensor._version (the model's fused QKV weight in inference) would not see the update
-            for p in self._params():
-                torch.autograd.graph.increment_version(p)
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        o = self._optimizer_step()
         self.dist.sum_(acc)
-        return {"loss": acc[0].item() / denom, "tokens": int(acc[1].item()), "lr": lr,
-                "grad_norm": None if norm is None else float(norm), "skipped": skipped}
+        return {"loss": acc[0].item() / denom, "tokens": int(acc[1].item()), **o}
 
     # ---------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -471,26 +562,10 @@ class Trainer:
         """Write the checkpoint of `step` (every rank takes part; rank 0 writes the shared files)."""
         a = self.args
         model_sd, opt_sd = self._model_state()
-        if self.is_main:
-            os.makedirs(self.ckpt_root, exist_ok=True)
-            ckpt.begin(self.ckpt_root, step)
-        self.dist.barrier()
-        tmp = os.path.join(self.ckpt_root, ckpt.step_dir_name(step) + ".tmp")
-        ckpt.atomic_save(ckpt.rng_state(), os.path.join(tmp, f"rng-rank{self.dist.rank}.pt"))
-        self.dist.barrier()
-        final = None
-        if self.is_main:
-            ckpt.atomic_save(model_sd, os.path.join(tmp, "model.pt"))
-            ckpt.atomic_save(opt_sd, os.path.join(tmp, "optimizer.pt"))
-            state = {"step": step, "epoch": epoch, "batch_index": batch_index, "seed": a.seed,
-                     "world_size": self.dist.world, "global_batch_tokens": a.batch_tokens * self.dist.world,
-                     "total_steps": self.total_steps, "skipped_steps": self.skipped,
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "plan": {k: getattr(a, k) for k in _PLAN_KEYS}}
-            ckpt.atomic_save(state, os.path.join(tmp, "trainer_state.pt"))
-            final = ckpt.finish(tmp, step, keep=a.keep_checkpoints)
-        self.dist.barrier()
-        return final
+        state = {"epoch": epoch, "batch_index": batch_index, "seed": a.seed, "world_size": self.dist.world,
+                 "global_batch_tokens": a.batch_tokens * self.dist.world, "total_steps": self.total_steps,
+                 "plan": {k: getattr(a, k) for k in _PLAN_KEYS}}
+        return self._write_checkpoint(step, model_sd, opt_sd, state)
 
     def load_checkpoint(self, path) -> dict:
         """Restore everything from a checkpoint directory (verified first) and return its trainer state."""
@@ -515,29 +590,10 @@ class Trainer:
         else:
             self.raw.load_state_dict(model_sd)
             self.optimizer.load_state_dict(opt_sd)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        rng = f"rng-rank{self.dist.rank}.pt"
-        ckpt.set_rng_state(ckpt.load(path, rng))
+        self._restore_common(path, state)
         return state
 
     # ---------------------------------------------------------------------------------------------- the run
-    def _write_metrics(self, row: dict):
-        if not self.is_main:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-
-    def _trim_metrics(self, step: int):
-        """After a resume: drop the rows the interrupted run wrote after the checkpoint's step."""
-        if not self.is_main or not os.path.isfile(self.metrics_path):
-            return
-        with open(self.metrics_path, encoding="utf-8") as f:
-            rows = [json.loads(x) for x in f if x.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        ckpt.atomic_text("".join(json.dumps(r) + "\n" for r in kept), self.metrics_path)
-
     def _eval_row(self, step, epoch):
         res = self.evaluate()
         row = {"type": "eval", "step": step, "epoch": epoch, **res}
@@ -552,33 +608,13 @@ class Trainer:
         if self.is_main:
             os.makedirs(a.output, exist_ok=True)
         step, epoch, bi = 0, 0, 0
-        self.skipped = 0
         result = TrainResult(output=a.output, steps=0)
-        if a.resume:
-            found = ckpt.newest(self.ckpt_root)
-            if found is None:
-                if self.is_main:
-                    self.log(f"--resume: no checkpoint in {self.ckpt_root}, starting from the beginning")
-            else:
-                state = self.load_checkpoint(found[1])
-                step, epoch, bi = state["step"], state["epoch"], state["batch_index"]
-                self.skipped = state["skipped_steps"]
-                result.resumed_from = found[1]
-                self._trim_metrics(step)
-                if self.is_main:
-                    self.log(f"resumed from {found[1]} (step {step}, epoch {epoch}, batch {bi})")
-        elif self.is_main and os.path.isfile(self.metrics_path):
-            os.remove(self.metrics_path)
-        self.dist.barrier()
-        bar = None
-        if a.progress and self.is_main:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=self.total_steps, initial=step, desc=f"finetune {a.task}", unit="step",
-                           dynamic_ncols=True)
-            except ImportError:
-                bar = None
+        state, result.resumed_from = self._start()
+        if state is not None:
+            step, epoch, bi = state["step"], state["epoch"], state["batch_index"]
+            if self.is_main:
+                self.log(f"resumed from {result.resumed_from} (step {step}, epoch {epoch}, batch {bi})")
+        bar = self._progress(self.total_steps, step, f"finetune {a.task}")
         t0, tokens = time.perf_counter(), 0
         evaluated_at = None
         try:

@@ -281,7 +281,7 @@ def _lsh_md(rows) -> list[str]:
                   "ops.lsh_attention. **LSH is not faster at any measured length here.**", ""]
         body = [[_f(r.get("seqlen"), "{:,}"), r["dtype"], r["provider"], _f(r.get("ms_p50"), "{:.3g}"),
                  _f(r.get("peak_mem_mib"), "{:,.1f}"), _f(r.get("alloc_mib"), "{:,.1f}"),
-                 _f(r.get("speedup"), "{:.2f}x"), _f(r.get("mem_ratio"), "{:.1f}x"), r.get("error") or ""]
+                 _f(r.get("speedup"), "{:.2f}x"), _f(r.get("mem_ratio"), "{:.2f}x"), r.get("error") or ""]
                 for r in speed]
         lines += _table(["tokens", "dtype", "provider", "p50 ms", "peak MiB", "allocated MiB", "vs exact",
                          "memory vs exact", "error"], body)

@@ -341,6 +341,9 @@ def test_model_lsh_option(tmp_path, padding_free):
     back = RobertaModel.from_pretrained(tmp_path, padding_free=padding_free).eval()
     with torch.no_grad():
         assert torch.equal(back(ids, attention_mask=am).last_hidden_state, c)
+        # from_pretrained's config overrides switch an existing checkpoint either way
+        exact = RobertaModel.from_pretrained(tmp_path, padding_free=padding_free, attention="full")
+        torch.testing.assert_close(exact(ids, attention_mask=am).last_hidden_state[real], a[real])
     transformers = pytest.importorskip("transformers")
     transformers.AutoConfig.from_pretrained(str(tmp_path))
     # training: gradients reach the projections
@@ -350,3 +353,30 @@ def test_model_lsh_option(tmp_path, padding_free):
     assert small.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="output_attentions is not available with attention='lsh'"):
         small.eval()(ids, attention_mask=am, output_attentions=True)
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+
+
+def test_bench_rows_validate_and_render(monkeypatch):
+    """bench_lsh's rows (tiny lengths here) pass the results schema and render as the markdown table; the
+    crossover is the shortest length from which LSH stays faster."""
+    from benchmarks import bench_lsh, report
+
+    assert bench_lsh.crossover([512, 1024, 2048], [0.5, 1.2, 2.0]) == 1024
+    assert bench_lsh.crossover([512, 1024, 2048], [1.5, 0.9, 2.0]) == 2048
+    assert bench_lsh.crossover([512, 1024], [0.5, None]) is None
+    monkeypatch.setitem(bench_lsh.LENGTHS, "cpu-quick", (32, 64))
+    rows = bench_lsh.run_speed(torch.device("cpu"), quick=True, rep_ms=1.0)
+    q, k, v = _qkv(1, 48, 2, 16, F64)
+    acc = bench_lsh.approximation(q, k, v, None, bucket_size=48)
+    assert acc["rel_err"] < 1e-12 and abs(acc["mass"] - 1) < 1e-12  # one bucket: exact, all mass kept
+    rows.append(bench_lsh._row(workload="random", provider="lsh", dtype="float64", seqlen=48, bucket_size=48, **acc))
+    doc = {"schema": report.SCHEMA, "created": "now", "mode": "cpu-reduced", "quick": True,
+           "env": {k: None for k in report.ENV_KEYS}, "ceilings": {"copy_gbps": 1.0, "matmul_tflops": 1.0},
+           "rows": rows, "notes": [], "elapsed_s": 1.0}
+    assert report.validate(doc) == [], report.validate(doc)
+    assert [r["provider"] for r in rows[:4]] == ["exact", "lsh", "exact", "lsh"]
+    assert all(r["error"] is None and r["ms_p50"] > 0 for r in rows[:4])
+    md = report.to_markdown(doc)
+    assert "## LSH attention against exact attention" in md and "| random | 48 | 48 | 0.000 | 1.000 |" in md

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._aot import AOTSpec, ptr
-from ._launch import INTERPRET, cdiv
+from ._launch import INTERPRET, cdiv, ints_key, launcher
 from .bias_gelu import _gelu, _gelu_grad
 
 ACT_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -153,15 +153,23 @@ def _gemm(a, b, c, *, bias=None, act=0, residual=None, pre=None):
     N = b.shape[1]
     bm, bn, bk, gm, warps, stages = config(M, N, a.dtype)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
-    _linear_kernel[grid](
-        a, b, bias if bias is not None else c, residual if residual is not None else c, c,
-        pre if pre is not None else c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        residual.stride(0) if residual is not None else 0, c.stride(0),
+    bt = bias if bias is not None else c
+    rt = residual if residual is not None else c
+    pt = pre if pre is not None else c
+    args = (a, b, bt, rt, c, pt, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            residual.stride(0) if residual is not None else 0, c.stride(0))
+    # what fixes Triton's specialization (kernels/_launch.py): dtypes, 16-byte alignment, int classes, constexprs
+    key = (a.dtype, b.dtype, bt.dtype, rt.dtype, c.dtype, pt.dtype,
+           tuple(t.data_ptr() & 15 for t in (a, b, bt, rt, c, pt)), ints_key(args[6:]),
+           bias is not None, act, residual is not None, pre is not None, bm, bn, bk, gm, warps, stages)
+    _LINEAR(key, grid, args, dict(
         HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_PRE=pre is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, DOT_PREC=_prec(a.dtype),
-        UPCAST=INTERPRET and a.dtype == torch.bfloat16, num_warps=warps, num_stages=stages,
-    )
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, num_warps=warps, num_stages=stages))
     return c
+
+
+_LINEAR = launcher(_linear_kernel)  # launches through the cached compiled handle (docs/host_path.md)
 
 
 # ----------------------------------------------------------------------------- host functions

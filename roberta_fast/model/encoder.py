@@ -59,7 +59,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backends import BackendUnavailableError
 from ..ops import trusted as ops  # the model checks its inputs once per forward (docs/host_path.md)
+from ..ops.linear import choice as linear_choice
+from ..ops.linear import linear
 from ..padding import Layout
 from . import graphs
 from .checks import check_extra_kwargs, check_inputs, output_flags
@@ -69,6 +72,25 @@ from .pretrained import PreTrainedEncoder
 
 # the attention ops take dropout_p / rng (the fused dropout); without it, dropout runs the unfused path
 _FUSED_ATTENTION_DROPOUT = "dropout_p" in inspect.signature(ops.attention).parameters
+_EPILOGUE_BACKENDS = ("triton", "cublaslt")  # ops.linear's backends that fuse the epilogue into the GEMM
+_GELU = {"none": "gelu", "tanh": "gelu_tanh"}  # bias_gelu's approximate -> ops.linear's activation
+
+
+def _epilogue_backend(x, weight, bias, activation, residual, backend):
+    """The backend of ops.linear for this GEMM when it fuses the epilogue ("triton", "cublaslt"; docs/tuning.md),
+    else None: the layer then runs cuBLAS + its fused elementwise kernels (bias_gelu; bias + residual inside
+    layer_norm), the automatic choice until a GPU has been tuned. backend: the model's (None, or a name for every
+    op): "torch" and "cuda" keep the elementwise kernels (no CUDA C++ GEMM), "triton" takes Triton's epilogue. Not
+    under autocast (the GEMMs' dtype is autocast's there) nor with float32 parameters on half activations."""
+    if backend in ("torch", "cuda") or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    try:
+        b = linear_choice(x, weight, bias, activation=activation, residual=residual, backend=backend)
+    except (ValueError, BackendUnavailableError):  # e.g. ROBERTA_FAST_BACKEND=cuda: no CUDA C++ GEMM
+        return None
+    return b if b in _EPILOGUE_BACKENDS else None
 
 
 class Embeddings(nn.Module):
@@ -263,6 +285,11 @@ class _DenseAddNorm(nn.Module):
         transformers): layer_norm takes both (out_dtype=float32). In train mode the dropout between the bias
         and the residual is the op's (rng: its (2,) int64 key, one row of the forward's draw; None draws one)."""
         dense, ln, out = self.dense, self.LayerNorm, residual.dtype
+        if not (self.training and self.dropout_p > 0):  # GEMM + bias + residual in one kernel, then the norm
+            eb = _epilogue_backend(x, dense.weight, dense.bias, None, residual, backend)
+            if eb is not None:
+                y = linear(x, dense.weight, dense.bias, residual=residual, backend=eb)  # (rows, hidden)
+                return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, out_dtype=out, backend=backend)
         y = F.linear(x, dense.weight)  # (rows, hidden)
         if self.training and self.dropout_p > 0:  # LN(dropout(y + bias) + residual), one fused op
             return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual, x_bias=dense.bias, out_dtype=out,
@@ -300,7 +327,8 @@ class Attention(nn.Module):
 
 
 class Intermediate(nn.Module):
-    """FFN1 GEMM + fused bias and GELU (ReLU: plain torch)."""
+    """FFN1 GEMM + fused bias and GELU: one ops.linear with the epilogue where its backend fuses it (_epilogue_backend),
+    else the GEMM then bias_gelu (ReLU: plain torch)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -311,7 +339,11 @@ class Intermediate(nn.Module):
         """h (rows, hidden) -> (rows, intermediate)."""
         if self.approximate is None:
             return F.relu(F.linear(h, self.dense.weight, self.dense.bias))
-        return ops.bias_gelu(F.linear(h, self.dense.weight), self.dense.bias, self.approximate, backend=backend)
+        w, b = self.dense.weight, self.dense.bias
+        eb = _epilogue_backend(h, w, b, _GELU[self.approximate], None, backend)
+        if eb is not None:
+            return linear(h, w, b, activation=_GELU[self.approximate], backend=eb)
+        return ops.bias_gelu(F.linear(h, w), b, self.approximate, backend=backend)
 
 
 class Layer(nn.Module):
@@ -413,7 +445,8 @@ def _inference_layers(plan, h, layout: Layout, backend, hidden):
     the op must take its entry point, e.g. the torch backend). hidden: a list that gets every layer's output,
     or None. Returns the last output (rows, hidden)."""
     rows = h.shape[0]
-    attn_fn = ln_fn = gelu_fn = bound = None
+    attn_fn = ln_fn = ln_plain = gelu_fn = bound = None
+    eb_o = eb_f1 = eb_f2 = None  # ops.linear's backend where the GEMM fuses its epilogue (_epilogue_backend)
     packed = layout.is_packed
     for sa, o_dense, ln1, f1, approximate, f2, ln2 in plan:
         w, b = sa.qkv_weight_bias()  # (3 * hidden, hidden), (3 * hidden,)
@@ -430,36 +463,62 @@ def _inference_layers(plan, h, layout: Layout, backend, hidden):
                 attn_fn = ops.bind_attention(qp, kp, vp, layout.mask, backend)
             ctx = (attn_fn(qp, kp, vp, layout.mask, head_dim ** -0.5) if attn_fn is not None
                    else sa._fused(q, k, v, layout, backend))  # (B, S, heads, head_dim)
-        p = o_dense._parameters
-        y = F.linear(ctx.reshape(rows, heads * head_dim), p["weight"])  # (rows, hidden)
-        lp = ln1._parameters
+        p, lp = o_dense._parameters, ln1._parameters
+        ctx = ctx.reshape(rows, heads * head_dim)
         if bound is None:
-            ln_fn = ops.bind_layer_norm(y, lp["weight"], lp["bias"], h, p["bias"], backend)
-        if ln_fn is not None:
-            a = ln_fn(y, lp["weight"], lp["bias"], ln1.eps, h, p["bias"])
+            eb_o = _epilogue_backend(ctx, p["weight"], p["bias"], None, h, backend)
+        if eb_o is not None:  # GEMM + bias + residual in one kernel, then the norm alone
+            y = linear(ctx, p["weight"], p["bias"], residual=h, backend=eb_o)  # (rows, hidden)
+            if bound is None:
+                ln_plain = ops.bind_layer_norm(y, lp["weight"], lp["bias"], None, None, backend)
+            a = _norm(ln1, y, None, None, ln_plain, backend)
         else:
-            a = ops.layer_norm(y, lp["weight"], lp["bias"], ln1.eps, residual=h, x_bias=p["bias"], out_dtype=h.dtype,
-                               backend=backend)
+            y = F.linear(ctx, p["weight"])  # (rows, hidden)
+            if bound is None:
+                ln_fn = ops.bind_layer_norm(y, lp["weight"], lp["bias"], h, p["bias"], backend)
+            a = _norm(ln1, y, h, p["bias"], ln_fn, backend)
         p = f1._parameters
         if approximate is None:  # ReLU
             inter = F.relu(F.linear(a, p["weight"], p["bias"]))
         else:
-            y = F.linear(a, p["weight"])  # (rows, intermediate)
             if bound is None:
-                gelu_fn = ops.bind_bias_gelu(y, p["bias"], approximate, backend)
-            inter = (gelu_fn(y, p["bias"], approximate) if gelu_fn is not None
-                     else ops.bias_gelu(y, p["bias"], approximate, backend=backend))
+                eb_f1 = _epilogue_backend(a, p["weight"], p["bias"], _GELU[approximate], None, backend)
+            if eb_f1 is not None:  # GEMM + bias + GELU in one kernel: the intermediate written once
+                inter = linear(a, p["weight"], p["bias"], activation=_GELU[approximate], backend=eb_f1)
+            else:
+                y = F.linear(a, p["weight"])  # (rows, intermediate)
+                if bound is None:
+                    gelu_fn = ops.bind_bias_gelu(y, p["bias"], approximate, backend)
+                inter = (gelu_fn(y, p["bias"], approximate) if gelu_fn is not None
+                         else ops.bias_gelu(y, p["bias"], approximate, backend=backend))
         p, lp = f2._parameters, ln2._parameters
-        y = F.linear(inter, p["weight"])  # (rows, hidden)
-        if ln_fn is not None:
-            h = ln_fn(y, lp["weight"], lp["bias"], ln2.eps, a, p["bias"])
+        if bound is None:
+            eb_f2 = _epilogue_backend(inter, p["weight"], p["bias"], None, a, backend)
+        if eb_f2 is not None:
+            y = linear(inter, p["weight"], p["bias"], residual=a, backend=eb_f2)  # (rows, hidden)
+            if ln_plain is None and bound is None:
+                ln_plain = ops.bind_layer_norm(y, lp["weight"], lp["bias"], None, None, backend)
+            h = _norm(ln2, y, None, None, ln_plain, backend)
         else:
-            h = ops.layer_norm(y, lp["weight"], lp["bias"], ln2.eps, residual=a, x_bias=p["bias"], out_dtype=a.dtype,
-                               backend=backend)
+            y = F.linear(inter, p["weight"])  # (rows, hidden)
+            if ln_fn is None and bound is None:
+                ln_fn = ops.bind_layer_norm(y, lp["weight"], lp["bias"], a, p["bias"], backend)
+            h = _norm(ln2, y, a, p["bias"], ln_fn, backend)
         bound = True
         if hidden is not None:
             hidden.append(h)
     return h
+
+
+def _norm(ln, y, residual, x_bias, bound_fn, backend):
+    """LayerNorm(y [+ x_bias] [+ residual]) with ln's parameters, in the residual's dtype (float32 under autocast)
+    or y's: through the bound function when there is one."""
+    lp = ln._parameters
+    if bound_fn is not None:
+        return bound_fn(y, lp["weight"], lp["bias"], ln.eps, residual, x_bias)
+    out = y.dtype if residual is None else residual.dtype
+    return ops.layer_norm(y, lp["weight"], lp["bias"], ln.eps, residual=residual, x_bias=x_bias, out_dtype=out,
+                          backend=backend)
 
 
 class Pooler(nn.Module):

@@ -136,7 +136,6 @@ class ChunkAttention(torch.autograd.Function):
         o, lse = chunk_forward(qs, ks, vs, kvalid, chunk, scale, shared)
         ctx.save_for_backward(qs, ks, vs, kvalid)
         ctx.args = (chunk, scale, shared, reference)
-        ctx.mark_non_differentiable(kvalid)
         return o, lse
 
     @staticmethod

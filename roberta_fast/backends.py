@@ -12,9 +12,10 @@ A kernel backend's module follows its op's contract, written down once below as 
 and `unsupported`, which returns why the backend cannot take a call (its own limits: dtypes, widths,
 head dims) or None. Those limits live in the backend module and nowhere else.
 
-`resolve(op, backend, device, ...)` picks the backend of one call. backend=None: ROBERTA_FAST_BACKEND
-if set (then it counts as named), else the order measured by `roberta-fast tune` for this op, shape
-bucket and mode (roberta_fast.tuned), else the default order for the op and the GPU's compute capability
+`resolve(op, backend, device, ...)` picks the backend of one call. backend=None: ROBERTA_FAST_BACKEND_<OP>
+(e.g. ROBERTA_FAST_BACKEND_LINEAR=triton) or else ROBERTA_FAST_BACKEND if set (then it counts as named),
+else the order measured by `roberta-fast tune` for this op, shape bucket and mode (roberta_fast.tuned),
+else the default order for the op and the GPU's compute capability
 (DEFAULT_ORDERS: "triton" before "cuda" for attention on sm_90, "cuda" then "triton" elsewhere) on CUDA
 tensors, else "torch"; the first that can run the call wins and the automatic choice never raises. A backend named
 by the caller that is missing raises BackendUnavailableError saying how to get it; one that exists but
@@ -266,9 +267,13 @@ def resolve(op: str, backend: str | None, device: torch.device, *, unsupported=N
     """
     named, source = backend is not None, "backend"
     if backend is None:
-        env = os.environ.get("ROBERTA_FAST_BACKEND", "").strip().lower()
+        var = f"ROBERTA_FAST_BACKEND_{op.upper()}"  # one op's (e.g. ROBERTA_FAST_BACKEND_LINEAR) before all ops'
+        env = os.environ.get(var, "").strip().lower()
+        if not env or env == "auto":
+            var = "ROBERTA_FAST_BACKEND"
+            env = os.environ.get(var, "").strip().lower()
         if env and env != "auto":
-            backend, named, source = env, True, "ROBERTA_FAST_BACKEND"
+            backend, named, source = env, True, var
     if named:
         allowed = BACKENDS + OP_BACKENDS.get(op, ())
         if not isinstance(backend, str) or backend not in allowed:

@@ -327,7 +327,8 @@ LAYERS = [
     ["roberta_fast"],
     ["roberta_fast.cli"],
 ]
-SAME_LAYER_OK = {("roberta_fast.backends", "roberta_fast.tuned")}  # the registry reads the tuned cache
+SAME_LAYER_OK = {("roberta_fast.backends", "roberta_fast.tuned"),  # the registry reads the tuned cache
+                 ("roberta_fast.benchmarks", "roberta_fast.tuning")}  # bench_ops times the tuner's linear cases
 
 
 def _layer(name):
@@ -392,3 +393,29 @@ def test_small_helpers_are_written_once():
             if needle in text:
                 offenders.append(f"{name}: {needle}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_one_ops_environment_variable_before_the_global_one(monkeypatch):
+    """ROBERTA_FAST_BACKEND_<OP> names one op's backend (read before ROBERTA_FAST_BACKEND); other ops keep theirs."""
+    from roberta_fast.ops.linear import choice
+
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    monkeypatch.delenv("ROBERTA_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("ROBERTA_FAST_BACKEND_LINEAR", "cublaslt")
+    backends.reset()
+    try:
+        assert choice(x, w, activation="gelu_tanh") == "cublaslt"
+        assert backends.resolve("layer_norm", None, torch.device("cpu")) == "torch"
+        monkeypatch.setenv("ROBERTA_FAST_BACKEND", "torch")
+        backends.reset()
+        assert choice(x, w, activation="gelu_tanh") == "cublaslt"  # the op's own variable wins
+        monkeypatch.setenv("ROBERTA_FAST_BACKEND_LINEAR", "auto")
+        backends.reset()
+        assert choice(x, w) == "torch"  # "auto": the global one applies again
+        monkeypatch.setenv("ROBERTA_FAST_BACKEND_LINEAR", "bogus")
+        backends.reset()
+        with pytest.raises(ValueError, match="ROBERTA_FAST_BACKEND_LINEAR must be one of"):
+            choice(x, w)
+    finally:
+        monkeypatch.delenv("ROBERTA_FAST_BACKEND_LINEAR")
+        backends.reset()

@@ -139,9 +139,13 @@ class InferenceCache:
     def add(self, extra, tensors, fn):
         if fn is None or _TensorGuards is None or len({id(t) for t in tensors}) != len(tensors):
             return  # (a call passing one tensor twice, e.g. attention(q, q, q), would never match: not kept)
+        try:
+            guards = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        except Exception:  # noqa: BLE001 - a torch whose private TensorGuards differs: no caching, the full path
+            return
         if len(self.entries) >= self.MAX:
             del self.entries[0]
-        self.entries.append((_TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None), extra, fn))
+        self.entries.append((guards, extra, fn))
 
     def clear(self):
         self.entries.clear()

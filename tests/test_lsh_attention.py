@@ -238,6 +238,20 @@ def test_triton_varlen_and_gradients():
 
 
 @TRITON
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [False, True])
+def test_triton_at_the_gpu_block_sizes(shared):
+    """bucket 64, head_dim 64: the blocks the GPU runs (128 slots with separate keys, 64 with shared QK)."""
+    q, k, v = _qkv(1, 300, 2, 64, F16, seed=7, device=DEV)
+    mask = _mask(1, 300, [290], DEV)
+    kk = None if shared else k
+    ours = lsh_attention(q, kk, v, key_padding_mask=mask, bucket_size=64, backend="triton")
+    ref = lsh.lsh_attention(q.double(), None if shared else k.double(), v.double(), mask, 64)
+    same = lsh.lsh_attention(q, kk, v, mask, 64, chunk_fn=_same_dtype_chunks)
+    assert_rule(ours, ref, same)
+
+
+@TRITON
 def test_triton_one_bucket_is_full_attention():
     q, k, v = _qkv(1, 20, 2, 16, F32, device=DEV)
     out = lsh_attention(q, k, v, bucket_size=20, backend="triton")

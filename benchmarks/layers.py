@@ -48,7 +48,7 @@ def analytic(model: str = "roberta-base", batch: int = 32, seqlen: int = 128, dt
     dims = {"batch": batch, "seqlen": seqlen, "hidden": c["hidden_size"], "heads": c["num_attention_heads"],
             "intermediate": c["intermediate_size"], "dtype_bytes": dtype_bytes}
     out = {"model": model, **dims, "impls": {}}
-    for impl in ("hf_eager", "roberta_fast_padded", "roberta_fast"):
+    for impl in ("hf_eager", "roberta_fast_padded", "roberta_fast", "roberta_fast_epilogue"):
         ks = flops.layer_kernels(impl, **dims)
         out["impls"][impl] = {"kernels": [k.as_dict() for k in ks], "summary": flops.layer_summary(ks)}
     return out
@@ -180,13 +180,24 @@ def measured(device: torch.device, kernel_backend: str | None) -> dict:
     def ours(layers):
         return optimize(_tiny_models(layers, device, dt))
 
-    for name, build, backend in (("hf_eager", hf, None), ("roberta_fast", ours, kernel_backend)):
-        label = backend or ("auto" if name == "roberta_fast" else "-")
+    # the model's GEMMs: with their fused epilogues (ops.linear on Triton) or cuBLAS + the fused elementwise
+    # kernels (ops.linear's choice "torch", the default until a GPU is tuned); "roberta_fast" is the automatic
+    # choice (or kernel_backend for every op), the other row forces ops.linear the other way
+    other = ("roberta_fast_split", "torch") if kernel_backend == "triton" else ("roberta_fast_epilogue", "triton")
+    runs = (("hf_eager", hf, None, None), ("roberta_fast", ours, kernel_backend, None),
+            (other[0], ours, kernel_backend, other[1]))
+    for name, build, backend, linear in runs:
+        label = backend or ("auto" if name != "hf_eager" else "-")
+        if linear:
+            label += f", linear {linear}"
         rec: dict = {}
         try:
-            with _env("ROBERTA_FAST_BACKEND", backend):
+            with _env("ROBERTA_FAST_BACKEND", backend), _env("ROBERTA_FAST_BACKEND_LINEAR", linear):
                 ops = _per_layer(build, device, count_ops)
                 rec = {"backend": label, "ops": ops, "launches": sum(ops.values())}
+                if linear:  # the inference count is what the epilogues change (training keeps the dropout path)
+                    out[name] = rec
+                    continue
                 train_ops = _per_layer(build, device, count_ops, train=True)  # forward + backward, dropout
                 rec.update(train_ops=train_ops, train_launches=sum(train_ops.values()), train_dropout=TRAIN_DROPOUT)
                 if device.type == "cuda":

@@ -348,7 +348,7 @@ def _layers_md(la: dict) -> list[str]:
                          _f(s["flops"] / 1e9, "{:,.1f}")])
         lines += _table(["impl", "launches", "GEMM", "non-GEMM", "non-GEMM MB", "total MB", "GFLOP"], body)
         lines += [""]
-        for impl in ("hf_eager", "roberta_fast"):
+        for impl in ("hf_eager", "roberta_fast", "roberta_fast_epilogue"):
             ks = a["impls"].get(impl, {}).get("kernels", [])
             lines.append(f"- {impl}: " + "; ".join(
                 f"{k['name']} ({k['bytes'] / 1e6:,.1f} MB)" for k in ks))
@@ -358,7 +358,9 @@ def _layers_md(la: dict) -> list[str]:
         lines += [f"Measured (aten ops per layer, 2-layer minus 1-layer model, batch {m.get('batch')} x seqlen "
                   f"{m.get('seqlen')}, views not counted):", ""]
         body = []
-        for impl in ("hf_eager", "roberta_fast"):
+        for impl in ("hf_eager", "roberta_fast", "roberta_fast_split", "roberta_fast_epilogue"):
+            if impl not in m:
+                continue
             rec = m.get(impl) or {}
             if rec.get("error"):
                 body.append([impl, str(rec.get("backend")), "-", "-", rec["error"]])

@@ -225,10 +225,13 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, activation, save_pre, backend = inputs
     ctx.save_for_backward(x, weight, bias, output[1])
     ctx.activation, ctx.backend, ctx.has_residual = activation, backend, residual is not None
+    ctx.set_materialize_grads(False)  # pre gets no gradient: no zeros tensor filled for it
 
 
 def _backward(ctx, dy, dpre):
     x, weight, bias, pre = ctx.saved_tensors
+    if dy is None:  # y unused
+        return None, None, None, None, None, None, None
     dy = dy.contiguous()
     grads = _bwd(dy, x, weight, bias, pre, ctx.activation, ctx.backend)
     return (grads[0], grads[1], grads[2] if bias is not None else None, dy if ctx.has_residual else None,

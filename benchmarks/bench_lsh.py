@@ -191,8 +191,9 @@ def run_accuracy(*, quick=False, notes=None) -> list[dict]:
 def _minilm_rows(path, quick) -> list[dict]:
     import tokenizers
 
-    from roberta_fast import BertModel, pool
+    from roberta_fast.model import BertModel
     from roberta_fast.model.config import EncoderConfig
+    from roberta_fast.model.outputs import pool
 
     tok = tokenizers.Tokenizer.from_file(f"{path}/tokenizer.json")
     tok.no_truncation()

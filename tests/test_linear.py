@@ -327,3 +327,26 @@ def test_a_tuned_order_wins_over_the_default(monkeypatch):
     assert backends.resolve("linear", None, dev, unsupported=lambda b: None, tune_key=(8192, 3072, 768, "float16"),
                             mode="fwd") == "cublaslt"
     assert tuned.bucket("linear", (8192, 3072, 768, "float16")) == ((3072, 768, "float16"), 13)
+
+
+@pytest.mark.skipif(not backends.interpret_mode(), reason="the Triton backend on CPU needs TRITON_INTERPRET=1")
+def test_bound_inference_equals_the_op_and_binds_only_inference():
+    """bind_inference (the model's inference path, bound once per forward) gives the op's result bit for bit, and
+    None wherever the op's own path must run (autograd, the torch backend, non-contiguous or mixed-dtype input)."""
+    from roberta_fast.ops.linear import bind_inference
+
+    g = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((37, 24), (40, 24), (40,)))
+    r = torch.randn(37, 40, generator=g)
+    with torch.inference_mode():
+        for act, res in ((None, r), ("gelu", None), ("gelu_tanh", r)):
+            fn = bind_inference(x, w, b, act, res, "triton")
+            assert fn is not None
+            assert torch.equal(fn(x, w, b, res), linear(x, w, b, activation=act, residual=res, backend="triton"))
+        assert bind_inference(x, w, b, "gelu", None, "torch") is None  # the torch backend: the op itself
+        assert bind_inference(x, w, b, "gelu", None, None) is None  # the automatic choice on CPU is torch
+        assert bind_inference(x.t().contiguous().t(), w, b, None, None, "triton") is None  # not contiguous rows
+        assert bind_inference(x, w.double(), b, None, None, "triton") is None  # parameters of another dtype
+        assert bind_inference(x, w, b, None, r[:, :8], "triton") is None  # residual of the wrong shape
+    with torch.enable_grad():
+        assert bind_inference(x, w.requires_grad_(), b, None, None, "triton") is None  # autograd records

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from ..backends import BackendUnavailableError
 from ..ops import trusted as ops  # the model checks its inputs once per forward (docs/host_path.md)
+from ..ops.linear import bind_inference as bind_linear
 from ..ops.linear import choice as linear_choice
 from ..ops.linear import linear
 from ..padding import Layout
@@ -447,6 +448,7 @@ def _inference_layers(plan, h, layout: Layout, backend, hidden):
     rows = h.shape[0]
     attn_fn = ln_fn = ln_plain = gelu_fn = bound = None
     eb_o = eb_f1 = eb_f2 = None  # ops.linear's backend where the GEMM fuses its epilogue (_epilogue_backend)
+    lin_o = lin_f1 = lin_f2 = None  # and its bound inference function (None: the public op)
     packed = layout.is_packed
     for sa, o_dense, ln1, f1, approximate, f2, ln2 in plan:
         w, b = sa.qkv_weight_bias()  # (3 * hidden, hidden), (3 * hidden,)
@@ -467,8 +469,10 @@ def _inference_layers(plan, h, layout: Layout, backend, hidden):
         ctx = ctx.reshape(rows, heads * head_dim)
         if bound is None:
             eb_o = _epilogue_backend(ctx, p["weight"], p["bias"], None, h, backend)
+            lin_o = eb_o and bind_linear(ctx, p["weight"], p["bias"], None, h, eb_o)
         if eb_o is not None:  # GEMM + bias + residual in one kernel, then the norm alone
-            y = linear(ctx, p["weight"], p["bias"], residual=h, backend=eb_o)  # (rows, hidden)
+            y = (lin_o(ctx, p["weight"], p["bias"], h) if lin_o is not None
+                 else linear(ctx, p["weight"], p["bias"], residual=h, backend=eb_o))  # (rows, hidden)
             if bound is None:
                 ln_plain = ops.bind_layer_norm(y, lp["weight"], lp["bias"], None, None, backend)
             a = _norm(ln1, y, None, None, ln_plain, backend)
@@ -483,8 +487,10 @@ def _inference_layers(plan, h, layout: Layout, backend, hidden):
         else:
             if bound is None:
                 eb_f1 = _epilogue_backend(a, p["weight"], p["bias"], _GELU[approximate], None, backend)
+                lin_f1 = eb_f1 and bind_linear(a, p["weight"], p["bias"], _GELU[approximate], None, eb_f1)
             if eb_f1 is not None:  # GEMM + bias + GELU in one kernel: the intermediate written once
-                inter = linear(a, p["weight"], p["bias"], activation=_GELU[approximate], backend=eb_f1)
+                inter = (lin_f1(a, p["weight"], p["bias"], None) if lin_f1 is not None
+                         else linear(a, p["weight"], p["bias"], activation=_GELU[approximate], backend=eb_f1))
             else:
                 y = F.linear(a, p["weight"])  # (rows, intermediate)
                 if bound is None:
@@ -494,8 +500,10 @@ def _inference_layers(plan, h, layout: Layout, backend, hidden):
         p, lp = f2._parameters, ln2._parameters
         if bound is None:
             eb_f2 = _epilogue_backend(inter, p["weight"], p["bias"], None, a, backend)
+            lin_f2 = eb_f2 and bind_linear(inter, p["weight"], p["bias"], None, a, eb_f2)
         if eb_f2 is not None:
-            y = linear(inter, p["weight"], p["bias"], residual=a, backend=eb_f2)  # (rows, hidden)
+            y = (lin_f2(inter, p["weight"], p["bias"], a) if lin_f2 is not None
+                 else linear(inter, p["weight"], p["bias"], residual=a, backend=eb_f2))  # (rows, hidden)
             if ln_plain is None and bound is None:
                 ln_plain = ops.bind_layer_norm(y, lp["weight"], lp["bias"], None, None, backend)
             h = _norm(ln2, y, None, None, ln_plain, backend)

@@ -38,7 +38,15 @@ import torch.nn.functional as F
 from .. import backends
 from .._utils import dtype_name, unit_last_stride
 from ..tuned import round_log2
-from ._checks import check_param_dtype, check_same_device, check_shape, check_tensor, direct_call_ok, train_mode
+from ._checks import (
+    bindable,
+    check_param_dtype,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    direct_call_ok,
+    train_mode,
+)
 
 _OP = "linear"
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
@@ -359,6 +367,34 @@ def choice(x, weight, bias=None, *, activation=None, residual=None, backend=None
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return _choose(x, weight, bias, activation, residual, backend, M, N, K, train_mode(x, weight, bias, residual))[0]
+
+
+def bind_inference(x, weight, bias=None, activation=None, residual=None, backend=None):
+    """For many inference calls of ONE signature (the encoder's layers, bound once per forward; see
+    layer_norm.bind_inference): x (M, K) contiguous rows, weight (N, K) and bias of x's dtype, contiguous; residual
+    (M, N) contiguous of x's dtype or None. Returns fn(x, weight, bias, residual) -> y, the kernel backend's
+    forward called directly, or None where such calls must take `linear` (autograd, torch.compile, autocast, a
+    dispatch mode, the torch backend, empty or other input). The caller guarantees that every later call has the
+    signature of this one (shapes, dtypes, devices, contiguity, which are None)."""
+    if not bindable(x) or x.dim() != 2 or not x.is_contiguous() or 0 in x.shape or weight.shape[0] == 0:
+        return None
+    if weight.dtype != x.dtype or not weight.is_contiguous():
+        return None
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        return None
+    if residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous()
+                                 or residual.shape != (x.shape[0], weight.shape[0])):
+        return None
+    M, K = x.shape
+    b, mod = _choose(x, weight, bias, activation, residual, backend, M, weight.shape[0], K, "fwd")
+    if mod is None:
+        return None
+    fwd, act = mod.forward_inference, _act_name(activation)
+
+    def run(x, weight, bias, residual):
+        return fwd(x, weight, bias, act, residual)
+
+    return run
 
 
 def _prod(shape) -> int:

@@ -1,17 +1,29 @@
-"""LSH attention's chunked attention on the sorted layout (roberta_fast/lsh.py builds the layout in torch).
+"""LSH attention's kernels: the chunked attention of every hash round, read through the sorted layout's
+indices (roberta_fast.lsh.slots: slot -> position, no sorted copies of q, k, v), the rounds' combination, and
+the backward.
 
-    for each row n (one hash round of one sequence and head) and chunk c of C sorted slots:
-        o[n, chunk c], lse[n, chunk c] = softmax(scale * q_c [k_{c-1}, k_c]^T, invalid keys masked) [v_{c-1}, v_c]
+    for each row n = (r, b, h) (one hash round of one sequence and head) and chunk c of C sorted slots:
+        o_r, lse_r [positions of chunk c's queries] = softmax(scale * q_c [k_{c-1}, k_c]^T, masked) [v_{c-1}, v_c]
+    out = sum_r softmax_r(lse_r) o_r,   lse = logsumexp_r lse_r          (per position)
 
-One program per (chunk, row): the chunk's C queries stay in registers, the keys and values of chunk c - 1
-(absent for c = 0) and chunk c stream through with an online softmax in fp32 (exp2, log2(e) folded into the
-scale), and the program stores o (q's dtype) and the natural-log lse (fp32). Invalid key slots (padding, the
-tail past S) are never read (predicated loads) and score -inf; SHARED (shared QK) replaces a slot's score with
-itself by SELF_SCORE. A row with no valid key gives o = 0, lse = -inf.
+Kernels, all rounds in one launch each:
+  _lsh_chunk_fwd    one program per (chunk, row): the chunk's C queries gathered by position into registers,
+                    the keys and values of chunk c - 1 (absent for c = 0) and chunk c gathered the same way
+                    and streamed with an online softmax in fp32 (exp2, log2(e) folded into the scale); o_r
+                    (q's dtype) and the natural-log lse_r (fp32) stored at the queries' positions.
+  _lsh_combine      per position and head: the rounds combined by their lse (out, q's dtype) and the total lse.
+  _lsh_chunk_bwd_dq, _lsh_chunk_bwd_dkdv
+                    flash-attention's backward on the chunks: the probabilities recomputed from the TOTAL lse
+                    (exp(s - lse) is round r's softmax times its combination weight), so with dO and
+                    delta = rowsum(dO * out) of the combined output no per-round dO or dlse is needed. dq per
+                    (query chunk, row) over key chunks c - 1, c; dk, dv per (key chunk, row) over query chunks
+                    c, c + 1. Per-round gradients are written at positions and summed over rounds in torch.
+Slots that hold no real query (kpos / qpos -1: padding, the tail, key slots of the joint sort) are never read
+(predicated loads) and never written; SHARED (shared QK) replaces a slot's score with itself by SELF_SCORE
+(whose gradient is 0). A row with no valid key gives o = 0, lse = -inf.
 
-Work: 4 * L * 2C * D FLOPs per row (linear in the length L), q, k, v read about twice, o written once. The
-backward recomputes through the torch version on the same layout (roberta_fast.lsh.chunk_attention) under
-autograd: correct, not fast (docs/lsh_attention.md).
+Work per round: 4 * L * 2C * D FLOPs forward (linear in the length L), q, k, v read about twice and o written
+once, through the gathers (each slot's row of D contiguous elements).
 """
 
 from __future__ import annotations
@@ -28,29 +40,48 @@ SELF_SCORE = -1e5  # roberta_fast.lsh.SELF_SCORE (kernels do not import the pack
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # on GPUs; float32 too under the interpreter
 MAX_HEAD_DIM = 128
 MAX_CHUNK = 128  # C x C blocks of fp32 scores live in registers
+COMBINE_BLOCK = 32  # (position, head) rows per program of _lsh_combine
+
+
+@triton.jit
+def _rows_of(n, B, H):
+    """(r * B + b, h) of row n = (r * B + b) * H + h."""
+    return n // H, n % H
+
+
+@triton.jit
+def _gather(X, b, h, pos, stride_b, stride_s, stride_h, offs_d, dmask):
+    """x[b, pos, h, :] for a block of positions (pos < 0: zeros, never read)."""
+    ok = pos >= 0
+    ptrs = X + b * stride_b + tl.where(ok, pos, 0)[:, None] * stride_s + h * stride_h + offs_d[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & dmask[None, :], other=0.0)
 
 
 @triton.jit
 def _lsh_chunk_fwd(
-    Q,  # (N, L, D) sorted queries
-    K,  # (N, L, D) sorted keys
-    V,  # (N, L, D) sorted values
-    KOK,  # (N, L) int8: 1 = a valid key in that slot
-    O,  # (N, L, D) output, q's dtype
-    LSE,  # (N, L) float32 natural-log log-sum-exp
-    L, C, D,
+    Q,  # (B, S, H, D) queries, last stride 1
+    K,  # (B, S, H, D) keys, last stride 1
+    V,  # (B, S, H, D) values, last stride 1
+    QPOS,  # (N, L) int64: the slot's query position, -1 none; N = R * B * H
+    KPOS,  # (N, L) int64: the slot's key position, -1 none
+    O,  # (R, B, S, H, D) contiguous: per-round output at positions, q's dtype
+    LSE,  # (R, B, S, H) contiguous float32: per-round natural-log log-sum-exp at positions
+    L, C, B, S, H, D,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,  # scale * log2(e)
     SHARED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     c = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    base = n * L * D
+    rb, h = _rows_of(n, B, H)
+    b = rb % B
     offs = tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     rows = c * C + offs  # slot indices of this chunk's queries
     rmask = offs < C
-    q = tl.load(Q + base + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    qpos = tl.load(QPOS + n * L + rows, mask=rmask, other=-1)
+    q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full((BLOCK_C,), float("-inf"), tl.float32)
@@ -58,10 +89,10 @@ def _lsh_chunk_fwd(
     acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     for kc in range(tl.maximum(c - 1, 0), c + 1):
         cols = kc * C + offs
-        ok = tl.load(KOK + n * L + cols, mask=rmask, other=0) != 0
-        kmask = ok[:, None] & dmask[None, :]
-        k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+        kpos = tl.load(KPOS + n * L + cols, mask=rmask, other=-1)
+        ok = kpos >= 0
+        k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+        v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -79,9 +110,180 @@ def _lsh_chunk_fwd(
     dead = l_i == 0.0
     o = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
-    tl.store(O + base + rows[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
+    qok = qpos >= 0
+    out_row = (rb * S + tl.where(qok, qpos, 0)) * H + h  # (r, b, pos, h)
+    tl.store(O + out_row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=qok[:, None] & dmask[None, :])
+    tl.store(LSE + out_row, lse, mask=qok)
+
+
+@triton.jit
+def _lsh_combine(
+    O,  # (R, M, D) per-round outputs, M = B * S * H rows (read where that round's lse > -inf)
+    LSE,  # (R, M) float32 per-round lse (-inf: the round gave the row nothing)
+    OUT,  # (M, D) combined output, q's dtype (zeros where every round is -inf)
+    LSE_ALL,  # (M,) float32 logsumexp over the rounds
+    R, M, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = rows < M
+    dmask = offs_d < D
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for r in range(0, R):
+        lse = tl.load(LSE + r * M + rows, mask=rmask, other=float("-inf"))
+        live = lse > float("-inf")
+        o = tl.load(O + (r * M + rows)[:, None] * D + offs_d[None, :], mask=live[:, None] & dmask[None, :],
+                    other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        w = tl.exp(lse - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m_i = m_new
+    dead = l_i == 0.0
+    out = acc / tl.where(dead, 1.0, l_i)[:, None]
+    tl.store(OUT + rows[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
-    tl.store(LSE + n * L + rows, lse, mask=rmask)
+    tl.store(LSE_ALL + rows, tl.where(dead, float("-inf"), m_i + tl.log(tl.where(dead, 1.0, l_i))), mask=rmask)
+
+
+@triton.jit
+def _row_stats(LSE_ALL, DELTA, b, h, pos, S, H):
+    """(lse in log2 units, +inf where the row has none: p = 0; delta) of a block of query positions."""
+    ok = pos >= 0
+    idx = (b * S + tl.where(ok, pos, 0)) * H + h
+    lse = tl.load(LSE_ALL + idx, mask=ok, other=float("inf"))
+    delta = tl.load(DELTA + idx, mask=ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+
+
+@triton.jit
+def _lsh_chunk_bwd_dq(
+    Q,  # (B, S, H, D) queries, last stride 1
+    K,  # (B, S, H, D) keys, last stride 1
+    V,  # (B, S, H, D) values, last stride 1
+    DO,  # (B, S, H, D) contiguous: gradient of the combined output
+    LSE_ALL,  # (B, S, H) float32: the combined lse
+    DELTA,  # (B, S, H) float32: rowsum(dO * out)
+    QPOS,  # (N, L) int64
+    KPOS,  # (N, L) int64
+    DQ,  # (R, B, S, H, D) contiguous: per-round dq at positions, q's dtype
+    L, C, B, S, H, D,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    SHARED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    c = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    rb, h = _rows_of(n, B, H)
+    b = rb % B
+    offs = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rows = c * C + offs
+    rmask = offs < C
+    qpos = tl.load(QPOS + n * L + rows, mask=rmask, other=-1)
+    q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
+    do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2, delta = _row_stats(LSE_ALL, DELTA, b, h, qpos, S, H)
+    dq = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    for kc in range(tl.maximum(c - 1, 0), c + 1):
+        cols = kc * C + offs
+        kpos = tl.load(KPOS + n * L + cols, mask=rmask, other=-1)
+        ok = kpos >= 0
+        k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+        v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if SHARED:
+            s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE * 1.4426950408889634, s)
+        p = tl.exp2(tl.where(ok[None, :], s - lse2[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        if SHARED:
+            ds = tl.where(rows[:, None] == cols[None, :], 0.0, ds)  # the self score is a constant
+        dq += tl.dot(ds.to(k.dtype), k)
+    qok = qpos >= 0
+    out_row = (rb * S + tl.where(qok, qpos, 0)) * H + h
+    tl.store(DQ + out_row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qok[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _lsh_chunk_bwd_dkdv(
+    Q,  # (B, S, H, D) queries, last stride 1
+    K,  # (B, S, H, D) keys, last stride 1
+    V,  # (B, S, H, D) values, last stride 1
+    DO,  # (B, S, H, D) contiguous
+    LSE_ALL,  # (B, S, H) float32
+    DELTA,  # (B, S, H) float32
+    QPOS,  # (N, L) int64
+    KPOS,  # (N, L) int64
+    DK,  # (R, B, S, H, D) contiguous: per-round dk at positions, q's dtype
+    DV,  # (R, B, S, H, D) contiguous: per-round dv at positions, q's dtype
+    L, C, B, S, H, D,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    qk_scale,  # scale * log2(e)
+    sm_scale,  # scale
+    SHARED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    kc = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    rb, h = _rows_of(n, B, H)
+    b = rb % B
+    offs = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    cols = kc * C + offs  # this program's key slots
+    rmask = offs < C
+    kpos = tl.load(KPOS + n * L + cols, mask=rmask, other=-1)
+    k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+    v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    n_chunks = L // C
+    for c in range(kc, tl.minimum(kc + 2, n_chunks)):  # the query chunks that see these keys
+        rows = c * C + offs
+        qpos = tl.load(QPOS + n * L + rows, mask=rmask, other=-1)
+        q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
+        do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2, delta = _row_stats(LSE_ALL, DELTA, b, h, qpos, S, H)
+        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (keys, queries)
+        if SHARED:
+            s_t = tl.where(cols[:, None] == rows[None, :], SELF_SCORE * 1.4426950408889634, s_t)
+        p_t = tl.exp2(s_t - lse2[None, :])  # rows without a query: lse2 = +inf, p = 0
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        if SHARED:
+            ds_t = tl.where(cols[:, None] == rows[None, :], 0.0, ds_t)
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    kok = kpos >= 0
+    out_row = (rb * S + tl.where(kok, kpos, 0)) * H + h
+    out = out_row[:, None] * D + offs_d[None, :]
+    omask = kok[:, None] & dmask[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
+
+
+# ------------------------------------------------------------------------------------------ host side
 
 
 def _pow2(n: int) -> int:
@@ -109,63 +311,121 @@ def unsupported(q, chunk: int) -> str | None:
     return None
 
 
-def chunk_forward(qs, ks, vs, kvalid, chunk: int, scale: float, shared: bool):
-    """(o (N, L, D) qs.dtype, lse (N, L) float32) of the chunked attention; qs, ks, vs contiguous (N, L, D),
-    kvalid bool (N, L), L a multiple of chunk."""
-    N, L, D = qs.shape
-    qs, ks, vs = (t.contiguous() for t in (qs, ks, vs))
-    kok = kvalid.to(torch.int8).contiguous()
-    o = torch.empty_like(qs)
-    lse = torch.empty((N, L), dtype=torch.float32, device=qs.device)
-    if N == 0 or L == 0:
-        return o, lse
-    upcast = interpret_mode() and qs.dtype == torch.bfloat16
-    grid = (cdiv(L, chunk), N)
-    _lsh_chunk_fwd[grid](qs, ks, vs, kok, o, lse, L, chunk, D, float(scale) * LOG2E,
-                         SHARED=bool(shared), UPCAST=upcast, BLOCK_C=_pow2(chunk), BLOCK_D=_pow2(D),
-                         num_warps=4 if _pow2(chunk) <= 64 else 8)
-    return o, lse
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class ChunkAttention(torch.autograd.Function):
-    """The Triton forward; the backward recomputes through the torch chunked attention (`reference`, passed
-    in by the op layer: roberta_fast.lsh.chunk_attention) and differentiates it, lse included."""
+def _meta(q, chunk: int, shared: bool) -> dict:
+    block_c = _pow2(chunk)
+    return dict(SHARED=bool(shared), UPCAST=interpret_mode() and q.dtype == torch.bfloat16, BLOCK_C=block_c,
+                BLOCK_D=_pow2(q.shape[-1]), num_warps=4 if block_c <= 64 else 8)
+
+
+def _strides(*ts):
+    return [s for t in ts for s in t.stride()[:3]]
+
+
+def lsh_forward(q, k, v, qpos, kpos, chunk: int, scale: float, shared: bool, padded: bool):
+    """(out (B, S, H, D) q.dtype, lse (B, S, H) float32) of every round's chunked attention combined.
+    q, k, v (B, S, H, D) with unit last stride (k: the normalised queries under shared QK); qpos, kpos int64
+    (R * B * H, L) from roberta_fast.lsh.slots; padded: some positions hold no real query (a key padding
+    mask), so the per-round lse starts at -inf (positions no round writes give zeros)."""
+    B, S, H, D = q.shape
+    N, L = qpos.shape
+    R = N // max(B * H, 1)
+    o_r = torch.empty((R, B, S, H, D), dtype=q.dtype, device=q.device)
+    if padded:  # positions no round writes (padding) must read as "nothing": lse -inf
+        lse_r = torch.full((R, B, S, H), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        lse_r = torch.empty((R, B, S, H), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
+    if N == 0 or L == 0 or S == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    meta = _meta(q, chunk, shared)
+    _lsh_chunk_fwd[(cdiv(L, chunk), N)](q, k, v, qpos, kpos, o_r, lse_r, L, chunk, B, S, H, D,
+                                        *_strides(q, k, v), float(scale) * LOG2E, **meta)
+    M = B * S * H
+    _lsh_combine[(cdiv(M, COMBINE_BLOCK),)](o_r, lse_r, out, lse, R, M, D, BLOCK_M=COMBINE_BLOCK,
+                                            BLOCK_D=meta["BLOCK_D"], num_warps=4)
+    return out, lse
+
+
+def lsh_backward(do, q, k, v, out, lse, qpos, kpos, chunk: int, scale: float, shared: bool, padded: bool):
+    """(dq, dk, dv) (B, S, H, D) q.dtype of `lsh_forward`'s out, given do (B, S, H, D)."""
+    B, S, H, D = q.shape
+    N, L = qpos.shape
+    R = N // max(B * H, 1)
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1)  # (B, S, H)
+    alloc = torch.zeros if padded else torch.empty  # positions without a real query / key are never written
+    dq, dk, dv = (alloc((R, B, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    if N and L and S:
+        meta = _meta(q, chunk, shared)
+        args = (L, chunk, B, S, H, D, *_strides(q, k, v), float(scale) * LOG2E, float(scale))
+        grid = (cdiv(L, chunk), N)
+        _lsh_chunk_bwd_dq[grid](q, k, v, do, lse, delta, qpos, kpos, dq, *args, **meta)
+        _lsh_chunk_bwd_dkdv[grid](q, k, v, do, lse, delta, qpos, kpos, dk, dv, *args, **meta)
+    if R == 1:
+        return dq[0], dk[0], dv[0]
+    return dq.sum(0), dk.sum(0), dv.sum(0)
+
+
+class LSHAttention(torch.autograd.Function):
+    """The Triton forward and backward of the chunked attention and the rounds' combination, on the
+    original (B, S, H, D) tensors through the layout's indices."""
 
     @staticmethod
-    def forward(ctx, qs, ks, vs, kvalid, chunk, scale, shared, reference):
-        o, lse = chunk_forward(qs, ks, vs, kvalid, chunk, scale, shared)
-        ctx.save_for_backward(qs, ks, vs, kvalid)
-        ctx.args = (chunk, scale, shared, reference)
-        return o, lse
+    def forward(ctx, q, k, v, qpos, kpos, chunk, scale, shared, padded):
+        out, lse = lsh_forward(q, k, v, qpos, kpos, chunk, scale, shared, padded)
+        ctx.save_for_backward(q, k, v, out, lse, qpos, kpos)
+        ctx.args = (chunk, scale, shared, padded)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, do, dlse):
-        qs, ks, vs, kvalid = ctx.saved_tensors
-        chunk, scale, shared, reference = ctx.args
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (qs, ks, vs)]
-            o, lse = reference(*leaves, kvalid, chunk, scale, shared)
-            outs, grads = [o], [do if do is not None else torch.zeros_like(o)]
-            if dlse is not None:
-                outs.append(lse)
-                grads.append(torch.where(torch.isinf(lse), 0.0, dlse.to(lse.dtype)))
-            dq, dk, dv = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
-        return dq, dk, dv, None, None, None, None, None
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, qpos, kpos = ctx.saved_tensors
+        if dout is None:
+            return None, None, None, None, None, None, None, None, None
+        dq, dk, dv = lsh_backward(dout, q, k, v, out, lse, qpos, kpos, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def forward(qs, ks, vs, kvalid, chunk, scale, shared, reference):
-    """The chunked attention with autograd when any input needs gradients."""
-    if torch.is_grad_enabled() and (qs.requires_grad or ks.requires_grad or vs.requires_grad):
-        return ChunkAttention.apply(qs, ks, vs, kvalid, chunk, scale, shared, reference)
-    return chunk_forward(qs, ks, vs, kvalid, chunk, scale, shared)
+def lsh_attention(q, k, v, qpos, kpos, chunk: int, scale: float, shared: bool, padded: bool):
+    """out (B, S, H, D) q.dtype (rows without a real query or key: zeros), with autograd when an input needs
+    gradients. q, k, v (B, S, H, D) (k: the keys, the normalised queries under shared QK)."""
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return LSHAttention.apply(q, k, v, qpos, kpos, chunk, scale, shared, padded)[0]
+    return lsh_forward(q, k, v, qpos, kpos, chunk, scale, shared, padded)[0]
+
+
+# ------------------------------------------------------------------------------ ahead-of-time specs
 
 
 def aot_specs() -> list[AOTSpec]:
-    """One specialization (fp16, bucket 64 with separate keys: chunks of 128 slots, head_dim 64) for the
-    ahead-of-time compile check."""
-    sig = {"Q": ptr(torch.float16), "K": ptr(torch.float16), "V": ptr(torch.float16), "KOK": ptr(torch.int8),
-           "O": ptr(torch.float16), "LSE": ptr(torch.float32), "L": "i32", "C": "i32", "D": "i32",
-           "qk_scale": "fp32", "SHARED": "constexpr", "UPCAST": "constexpr", "BLOCK_C": "constexpr",
-           "BLOCK_D": "constexpr"}
-    return [AOTSpec("lsh_attention_fwd[fp16,C=128,D=64]", _lsh_chunk_fwd, sig,
-                    {"SHARED": False, "UPCAST": False, "BLOCK_C": 128, "BLOCK_D": 64}, num_warps=8, uses_mma=True)]
+    """The GPU's specialization of each kernel (fp16, bucket 64 with separate keys: chunks of 128 slots,
+    head_dim 64) for the ahead-of-time compile check; the backward once, with shared QK (chunks of 64)
+    left to the same code path."""
+    f16 = ptr(torch.float16)
+    dims = {"L": "i32", "C": "i32", "B": "i32", "S": "i32", "H": "i32", "D": "i32",
+            **{f"stride_{t}{s}": "i32" for t in "qkv" for s in "bsh"}, "qk_scale": "fp32"}
+    meta = {"SHARED": "constexpr", "UPCAST": "constexpr", "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
+    consts = {"SHARED": False, "UPCAST": False, "BLOCK_C": 128, "BLOCK_D": 64}
+    idx = {"QPOS": ptr(torch.int64), "KPOS": ptr(torch.int64)}
+    fwd = {"Q": f16, "K": f16, "V": f16, **idx, "O": f16, "LSE": "*fp32", **dims, **meta}
+    bwd_in = {"Q": f16, "K": f16, "V": f16, "DO": f16, "LSE_ALL": "*fp32", "DELTA": "*fp32", **idx}
+    dq = {**bwd_in, "DQ": f16, **dims, "sm_scale": "fp32", **meta}
+    dkdv = {**bwd_in, "DK": f16, "DV": f16, **dims, "sm_scale": "fp32", **meta}
+    comb = {"O": f16, "LSE": "*fp32", "OUT": f16, "LSE_ALL": "*fp32", "R": "i32", "M": "i32", "D": "i32",
+            "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+    return [
+        AOTSpec("lsh_attention_fwd[fp16,C=128,D=64]", _lsh_chunk_fwd, fwd, consts, num_warps=8, uses_mma=True),
+        AOTSpec("lsh_attention_combine[fp16,D=64]", _lsh_combine, comb, {"BLOCK_M": COMBINE_BLOCK, "BLOCK_D": 64},
+                num_warps=4),
+        AOTSpec("lsh_attention_bwd_dq[fp16,C=128,D=64]", _lsh_chunk_bwd_dq, dq, consts, num_warps=8,
+                uses_mma=True),
+        AOTSpec("lsh_attention_bwd_dkdv[fp16,C=128,D=64]", _lsh_chunk_bwd_dkdv, dkdv, consts, num_warps=8,
+                uses_mma=True),
+    ]

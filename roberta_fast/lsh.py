@@ -56,13 +56,27 @@ def rotations(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: in
 
 
 def hash_buckets(x: torch.Tensor, rot: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """x (B, H, S, D), rot (R, H, D, nb / 2), valid bool (B, S) or None -> buckets int64 (R, B, H, S) in
-    [0, nb); invalid (padding) tokens get nb."""
-    xr = torch.einsum("bhsd,rhdn->rbhsn", x.detach().float(), rot)
+    """x (B, S, H, D), rot (R, H, D, nb / 2), valid bool (B, S) or None -> buckets int64 (R, B, H, S) in
+    [0, nb); invalid (padding) tokens get nb. One matmul and one argmax for every round."""
+    xr = torch.einsum("bshd,rhdn->rbhsn", x.detach().float(), rot)
     b = torch.cat([xr, -xr], dim=-1).argmax(dim=-1)
     if valid is not None:
         b = torch.where(valid[None, :, None, :], b, rot.shape[-1] * 2)
     return b
+
+
+def sort_items(q, k, key_padding_mask, rot, nb: int):
+    """The sort every backend shares: (sorted keys, perm), both (R, B, H, items). Shared QK (k None): items
+    are the S tokens, sorted by (bucket, position). Separate k: items are the S queries then the S keys,
+    hashed together (one matmul) and sorted by (bucket, position, query before key). Padding items get
+    bucket nb and sort last: a sorted key >= nb * items marks one."""
+    S = q.shape[1]
+    pos = torch.arange(S, device=q.device)
+    if k is None:
+        return torch.sort(hash_buckets(q, rot, key_padding_mask) * S + pos, dim=-1)
+    mask = None if key_padding_mask is None else torch.cat([key_padding_mask, key_padding_mask], dim=1)
+    b = hash_buckets(torch.cat([q, k], dim=1), rot, mask)  # (R, B, H, 2S)
+    return torch.sort(b * (2 * S) + torch.cat([2 * pos, 2 * pos + 1]), dim=-1)
 
 
 class Plan(NamedTuple):
@@ -92,21 +106,16 @@ def plan(q, k, v, key_padding_mask, bucket_size: int, num_hashes: int, seed: int
     nb = n_buckets(S, C)
     rot = rotations(seed, R, H, D, nb, q.device)
     qh, vh = q.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-    pos = torch.arange(S, device=q.device)
     valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     vfull = valid[None, :, None, :].expand(R, B, H, S)
-    qb = hash_buckets(qh, rot, key_padding_mask)  # (R, B, H, S)
+    perm = sort_items(q, k, key_padding_mask, rot, nb)[1]  # (R, B, H, items)
     if shared:
         kh = torch.nn.functional.normalize(qh, dim=-1)
-        perm = torch.argsort(qb * S + pos, dim=-1)  # keys unique: the sort is by (bucket, position)
         items, chunk = S, C
         qsrc, ksrc, vsrc = qh, kh, vh
         is_q = is_k = torch.gather(vfull, 3, perm)
     else:
         kh = k.transpose(1, 2)
-        kb = hash_buckets(kh, rot, key_padding_mask)
-        key = torch.cat([qb * (2 * S) + 2 * pos, kb * (2 * S) + 2 * pos + 1], dim=-1)  # (R, B, H, 2S)
-        perm = torch.argsort(key, dim=-1)  # item i < S: query i; item S + j: key j
         items, chunk = 2 * S, 2 * C
         zeros = qh.new_zeros(qh.shape)
         qsrc, ksrc, vsrc = torch.cat([qh, zeros], 2), torch.cat([zeros, kh], 2), torch.cat([zeros, vh], 2)
@@ -133,6 +142,44 @@ def plan(q, k, v, key_padding_mask, bucket_size: int, num_hashes: int, seed: int
     inv = slot[..., :S]
     kinv = inv if shared else slot[..., S:]
     return Plan(qs, ks, vs, kvalid, inv, kinv, chunk, shared)
+
+
+class Slots(NamedTuple):
+    """The sorted, chunked layout as indices (no sorted copies): N = num_hashes * B * H rows of L slots, row
+    n = (r * B + b) * H + h. What the Triton backend's kernels read q, k, v through (kernels/lsh_attention.py)."""
+
+    qpos: torch.Tensor  # (N, L) int64: the position of the slot's real query, -1 where it holds none
+    kpos: torch.Tensor  # (N, L) int64: the position of the slot's real key (and value), -1 where it holds none
+    chunk: int
+    shared: bool
+
+
+def slots(q, k, key_padding_mask, bucket_size: int, num_hashes: int, seed: int) -> Slots:
+    """The layout of `plan` (same hashing, same sort, same chunks) as slot -> position indices, in few ops:
+    one hashing matmul for every round, one argmax, one sort. q (B, S, H, D); k like q or None (shared QK: k
+    is not needed, the keys are the queries' positions)."""
+    B, S, H, D = q.shape
+    R, C = num_hashes, bucket_size
+    shared = k is None
+    nb = n_buckets(S, C)
+    vals, perm = sort_items(q, k, key_padding_mask, rotations(seed, R, H, D, nb, q.device), nb)
+    items = S if shared else 2 * S
+    real = vals < nb * items  # not a padding item
+    if shared:
+        qpos = kpos = torch.where(real, perm, -1)
+        chunk = C
+    else:
+        qpos = torch.where(real & (perm < S), perm, -1)
+        kpos = torch.where(real & (perm >= S), perm - S, -1)
+        chunk = 2 * C
+    L = max(1, -(-items // chunk)) * chunk
+
+    def rows(t):  # (R, B, H, items) -> (N, L), tail slots -1
+        t = t.reshape(R * B * H, items)
+        return torch.nn.functional.pad(t, (0, L - items), value=-1) if L > items else t
+
+    qpos = rows(qpos)
+    return Slots(qpos, qpos if shared else rows(kpos), chunk, shared)
 
 
 def chunk_attention(qs, ks, vs, kvalid, chunk: int, scale: float, shared: bool, *, same_dtype: bool = False):
@@ -215,11 +262,10 @@ def to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
     return out.view(B, max_seqlen, *x.shape[1:]), mask, flat
 
 
-def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size=64, num_hashes=2, seed=0, scale=None,
-                         chunk_fn=None):
-    """The op on packed inputs (T, H, D): run as a padded batch (B, max_seqlen) with the key padding mask, so
-    each sequence is hashed, sorted and chunked on its own (n_buckets from max_seqlen). Rows past
-    cu_seqlens[-1] are zeros."""
+def varlen_via_padded(q, k, v, cu_seqlens, max_seqlen, padded_fn):
+    """The op on packed inputs (T, H, D) through padded_fn(q, k, v, key_padding_mask) on the padded batch
+    (B, max_seqlen), so each sequence is hashed, sorted and chunked on its own (n_buckets from max_seqlen).
+    Rows past cu_seqlens[-1] are zeros."""
     T = q.shape[0]
     B = cu_seqlens.numel() - 1
     if B == 0 or max_seqlen == 0:
@@ -227,10 +273,17 @@ def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size=64, num_ha
     qp, mask, flat = to_padded(q, cu_seqlens, max_seqlen)
     kp = None if k is None else to_padded(k, cu_seqlens, max_seqlen)[0]
     vp = to_padded(v, cu_seqlens, max_seqlen)[0]
-    o = lsh_attention(qp, kp, vp, mask, bucket_size, num_hashes, seed, scale, chunk_fn)
+    o = padded_fn(qp, kp, vp, mask)
     rows = o.reshape(-1, *o.shape[2:]).index_select(0, flat)
     n = rows.shape[0]
     return rows if n == T else torch.cat([rows, rows.new_zeros((T - n, *rows.shape[1:]))])
+
+
+def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size=64, num_hashes=2, seed=0, scale=None,
+                         chunk_fn=None):
+    """The op on packed inputs (T, H, D), as `lsh_attention` on the padded batch with its key padding mask."""
+    return varlen_via_padded(q, k, v, cu_seqlens, max_seqlen, lambda a, b, c, m: lsh_attention(
+        a, b, c, m, bucket_size, num_hashes, seed, scale, chunk_fn))
 
 
 def attended(q, k, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0) -> torch.Tensor:

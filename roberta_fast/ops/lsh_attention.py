@@ -3,13 +3,15 @@ sub-quadratic approximation of `attention` for long inputs. The algorithm and it
 chunks, no wrap-around, rounds combined by their log-sum-exp, duplicates counted per round, shared QK) are
 written down in roberta_fast/lsh.py and docs/lsh_attention.md.
 
-Backends: "torch" (roberta_fast.lsh, plain PyTorch, differentiable) and "triton" (the hashing, sorting and
-un-sorting in torch, the chunked attention in kernels/lsh_attention.py; its backward recomputes the chunked
-attention through torch). There is no CUDA C++ kernel: backend="cuda" raises, and the automatic choice takes
-triton on GPUs, torch on CPU tensors.
+Backends: "torch" (roberta_fast.lsh, plain PyTorch, differentiable) and "triton" (the hashing and the sort
+in torch, lsh.slots; the chunked attention of every round, read through the layout's indices, the rounds'
+combination and their backward in kernels/lsh_attention.py). There is no CUDA C++ kernel: backend="cuda"
+raises, and the automatic choice takes triton on GPUs, torch on CPU tensors.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -70,15 +72,15 @@ def _choose(op, backend, q, chunk):
     return b
 
 
-def _chunk_fn(b):
-    if b == "torch":
-        return None
-    mod = _kernel()
-
-    def triton_chunks(qs, ks, vs, kvalid, chunk, scale, shared):
-        return mod.forward(qs, ks, vs, kvalid, chunk, scale, shared, lsh.chunk_attention)
-
-    return triton_chunks
+def _triton_padded(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, scale):
+    """The triton backend on padded inputs: the layout as indices (lsh.slots: hashing, one sort), then the
+    kernels (chunked attention of every round, the rounds' combination; their backward) on q, k, v as they
+    are. Padded query rows give zeros."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    sl = lsh.slots(q, k, key_padding_mask, bucket_size, num_hashes, seed)
+    keys = torch.nn.functional.normalize(q, dim=-1) if k is None else k
+    return _kernel().lsh_attention(q, keys, v, sl.qpos, sl.kpos, sl.chunk, float(scale), sl.shared,
+                                   key_padding_mask is not None)
 
 
 def lsh_attention(q, k, v, *, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0, scale=None,
@@ -109,7 +111,9 @@ def lsh_attention(q, k, v, *, key_padding_mask=None, bucket_size=64, num_hashes=
     b = _choose(_OP, backend, q, bucket_size if k is None else 2 * bucket_size)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + v.sum() + (0 if k is None else k.sum()))
-    return lsh.lsh_attention(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, scale, _chunk_fn(b))
+    if b == "triton":
+        return _triton_padded(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, scale)
+    return lsh.lsh_attention(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, scale)
 
 
 def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, bucket_size=64, num_hashes=2, seed=0, scale=None,
@@ -141,5 +145,7 @@ def lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, bucket_size=64, num
             raise ValueError(f"{_OPV}: max_seqlen = {max_seqlen} is smaller than the longest sequence "
                              f"({max(lens)} tokens)")
     b = _choose(_OPV, backend, q, bucket_size if k is None else 2 * bucket_size)
-    return lsh.lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size, num_hashes, seed, scale,
-                                    _chunk_fn(b))
+    if b == "triton":
+        return lsh.varlen_via_padded(q, k, v, cu_seqlens, max_seqlen, functools.partial(
+            _triton_padded, bucket_size=bucket_size, num_hashes=num_hashes, seed=seed, scale=scale))
+    return lsh.lsh_attention_varlen(q, k, v, cu_seqlens, max_seqlen, bucket_size, num_hashes, seed, scale)

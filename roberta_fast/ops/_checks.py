@@ -98,8 +98,11 @@ try:  # torch's C++ tensor-metadata check (what torch.compile's guards use): typ
 except ImportError:  # pragma: no cover - every torch this package supports has it
     _TensorGuards = None
 
-_is_compiling = torch.compiler.is_compiling
-_grad_enabled = torch.is_grad_enabled
+# the inference cache's gate, inlined in the ops: `not compiling() and not grad_on() and not modes()` (not under
+# torch.compile, autograd records nothing, no TorchDispatchMode active)
+compiling = torch.compiler.is_compiling
+grad_on = torch.is_grad_enabled
+modes = _dispatch_depth
 # stand-ins for None tensor arguments in an InferenceCache's tensors, one per position (TensorGuards never
 # matches a call that passes one tensor object twice)
 NONE = tuple(torch.empty(0) for _ in range(4))
@@ -109,7 +112,7 @@ _CACHES: list = []
 def fast_inference() -> bool:
     """A public op call may look in its InferenceCache: not under torch.compile, autograd records nothing (grad
     mode off) and no TorchDispatchMode is active."""
-    return not _is_compiling() and not _grad_enabled() and not _dispatch_depth()
+    return not compiling() and not grad_on() and not modes()
 
 
 class InferenceCache:

@@ -25,8 +25,10 @@ from ._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    compiling,
     direct_call_ok,
-    fast_inference,
+    grad_on,
+    modes,
     train_mode,
 )
 
@@ -248,7 +250,7 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None, dropout_p=0.0, rng=
     returns           (batch, seqlen, heads, head_dim) q.dtype, contiguous on the kernel backends;
                       math in float32, the S x S scores are never materialized by the kernels
     """
-    if rng is None and fast_inference():  # inference: the backend's own function, cached per call signature
+    if rng is None and not compiling() and not grad_on() and not modes():  # inference: the call's cached function
         extra = (scale, type(scale), dropout_p, type(dropout_p), backend, key_padding_mask is None)
         m = NONE[0] if key_padding_mask is None else key_padding_mask
         fn = _FAST.get(extra, q, k, v, m)
@@ -327,7 +329,7 @@ def attention_trusted(q, k, v, key_padding_mask=None, scale=None, dropout_p=0.0,
     """attention without the argument checks, for callers that guarantee them (the model, once per forward):
     the same arguments and result as `attention`, which must accept them. Bad arguments here give undefined
     errors instead of the named ones."""
-    if rng is None and fast_inference():  # the public op's inference cache, without its checks
+    if rng is None and not compiling() and not grad_on() and not modes():  # the inference cache, no checks
         extra = (scale, dropout_p, backend, key_padding_mask is None)
         m = NONE[0] if key_padding_mask is None else key_padding_mask
         fn = _FAST_TRUSTED.get(extra, q, k, v, m)
@@ -446,7 +448,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None, dropout_p=0
     backend      None (automatic), "torch", "triton" or "cuda" (as in `attention`)
     returns      (total_tokens, heads, head_dim) q.dtype; rows past cu_seqlens[-1] are zeros
     """
-    if rng is None and fast_inference():  # inference: the backend's own function, cached per call signature
+    if rng is None and not compiling() and not grad_on() and not modes():  # inference: the call's cached function
         extra = (max_seqlen, type(max_seqlen), scale, type(scale), dropout_p, type(dropout_p), backend)
         fn = _FASTV.get(extra, q, k, v, cu_seqlens)
         if fn is not None:
@@ -486,7 +488,7 @@ def attention_varlen_trusted(q, k, v, cu_seqlens, max_seqlen, scale=None, dropou
     for callers that guarantee them (the model, once per forward): the same arguments and result as
     `attention_varlen`, which must accept them. Bad arguments here give undefined errors instead of the
     named ones."""
-    if rng is None and fast_inference():  # the public op's inference cache, without its checks
+    if rng is None and not compiling() and not grad_on() and not modes():  # the inference cache, no checks
         extra = (max_seqlen, scale, dropout_p, backend)
         fn = _FASTV_TRUSTED.get(extra, q, k, v, cu_seqlens)
         if fn is not None:

@@ -15,8 +15,10 @@ from ._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    compiling,
     direct_call_ok,
-    fast_inference,
+    grad_on,
+    modes,
     train_mode,
 )
 
@@ -78,7 +80,7 @@ def bias_gelu(x, bias, approximate="none", *, backend=None):
     returns      (..., N) x's dtype (contiguous on the kernel backends); the math runs in float32.
                  x's gradient has x's dtype, bias's gradient has bias's dtype.
     """
-    if fast_inference():  # inference: the backend's own function, cached per call signature
+    if not compiling() and not grad_on() and not modes():  # inference: the call's cached function
         extra = (approximate, backend, bias is None)
         fn = _FAST.get(extra, x, NONE[0] if bias is None else bias)
         if fn is not None:
@@ -137,7 +139,7 @@ def bias_gelu_trusted(x, bias, approximate="none", backend=None):
     """bias_gelu without the argument checks, for callers that guarantee them (the model, once per forward):
     the same arguments and result as `bias_gelu`, which must accept them. Bad arguments here give undefined
     errors instead of the named ones."""
-    if fast_inference():  # the public op's inference cache, without its checks
+    if not compiling() and not grad_on() and not modes():  # the inference cache, no checks
         extra = (approximate, backend, bias is None)
         fn = _FAST_TRUSTED.get(extra, x, NONE[0] if bias is None else bias)
         if fn is not None:

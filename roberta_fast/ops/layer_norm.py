@@ -26,8 +26,10 @@ from ._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    compiling,
     direct_call_ok,
-    fast_inference,
+    grad_on,
+    modes,
     train_mode,
 )
 
@@ -60,7 +62,7 @@ def layer_norm(x, weight, bias, eps=1e-5, *, residual=None, x_bias=None, out_dty
     returns   (..., N) out_dtype (x's dtype by default). Statistics and arithmetic in float32;
               differentiable in x, residual, weight, bias and x_bias (gradients in each tensor's own dtype).
     """
-    if rng is None and fast_inference():  # inference: the backend's own function, cached per call signature
+    if rng is None and not compiling() and not grad_on() and not modes():  # inference: the call's cached function
         extra = (eps, type(eps), out_dtype, dropout_p, type(dropout_p), backend, weight is None, bias is None,
                  residual is None, x_bias is None)
         ts = (x, NONE[0] if weight is None else weight, NONE[1] if bias is None else bias,
@@ -133,7 +135,7 @@ def layer_norm_trusted(x, weight, bias, eps, residual=None, x_bias=None, out_dty
     the same arguments and result as `layer_norm`, which must accept them (shapes, dtypes, one device, eps a
     float >= 0, dropout_p in [0, 1), rng None or int64 (2,)). Bad arguments here give undefined errors instead
     of the named ones."""
-    if rng is None and fast_inference():  # the public op's inference cache, without its checks
+    if rng is None and not compiling() and not grad_on() and not modes():  # the inference cache, no checks
         extra = (eps, out_dtype, dropout_p, backend, weight is None, bias is None, residual is None, x_bias is None)
         ts = (x, NONE[0] if weight is None else weight, NONE[1] if bias is None else bias,
               NONE[2] if residual is None else residual, NONE[3] if x_bias is None else x_bias)

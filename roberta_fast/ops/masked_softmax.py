@@ -19,8 +19,10 @@ from ._checks import (
     bindable,
     check_same_device,
     check_tensor,
+    compiling,
     direct_call_ok,
-    fast_inference,
+    grad_on,
+    modes,
     train_mode,
 )
 
@@ -147,7 +149,7 @@ def masked_softmax(scores, mask=None, scale=1.0, *, backend=None):
     backend is automatic). An additive mask whose dtype is neither scores' nor float32 is converted
     to float32 at its own (unbroadcast) size.
     """
-    if fast_inference():  # inference: the backend's own function, cached per call signature
+    if not compiling() and not grad_on() and not modes():  # inference: the call's cached function
         extra = (scale, type(scale), backend, mask is None)
         m = NONE[0] if mask is None else mask
         fn = _FAST.get(extra, scores, m)
@@ -232,7 +234,7 @@ def masked_softmax_trusted(scores, mask=None, scale=1.0, backend=None):
     for callers that guarantee them (the model, once per forward): the same arguments and result as
     `masked_softmax`, which must accept them. Bad arguments here give undefined errors instead of the named
     ones."""
-    if fast_inference():  # the public op's inference cache, without its checks
+    if not compiling() and not grad_on() and not modes():  # the inference cache, no checks
         extra = (scale, backend, mask is None)
         m = NONE[0] if mask is None else mask
         fn = _FAST_TRUSTED.get(extra, scores, m)

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import AOTSpec, ptr
+from ._aot import SMEM_LIMIT, AOTSpec, ptr
+from ._configs import ConfigTable
 from ._launch import INTERPRET, cdiv, ints_key, launcher
 from .bias_gelu import _gelu, _gelu_grad
 
@@ -118,8 +119,9 @@ def _dgelu_kernel(
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per shape bucket, pruned by hand to what the
 # bucket can use (smem per stage = (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes in fp16: 48 KB for 128 x 256 x 64,
-# 3 stages = 144 KB, under sm_80's 163 KB and sm_90's 227 KB). Not yet measured on a GPU: the tuner's
-# backend choice keeps "torch" until it has timed these (docs/tuning.md).
+# 3 stages = 144 KB, under sm_80's 163 KB and sm_90's 227 KB). What a launch uses when nothing is tuned (and
+# the first candidate of every tuned class, `config_space`). Not yet measured on a GPU: the tuner's backend
+# choice keeps "torch" until it has timed these (docs/tuning.md).
 CONFIGS = {
     "large": (128, 256, 64, 8, 8, 3),  # M >= 2048 and N >= 2048 (FFN1 at >= 2k tokens)
     "medium": (128, 128, 64, 8, 4, 4),  # M >= 512 (out-proj, FFN2)
@@ -128,6 +130,32 @@ CONFIGS = {
 }
 CONFIG_INTERPRET = (16, 32, 32, 2, 4, 1)  # the interpreter: small tiles, several per test input
 DGELU_BLOCK = 1024
+
+# What `roberta-fast tune` may try for each of the three GEMMs (docs/tuning.md), before pruning. fp16 / bf16:
+# the three defaults; the large tile on 4 stages (192 KB: sm_90 only); a tall 256 x 128 tile; 128 x 128 on 8
+# warps (two warpgroups on sm_90) with 3 stages; 128 x 64 for narrow outputs (hidden 768 / 1024 columns at a few
+# thousand tokens); 64 x 64 for small problems. fp32 (ieee dots, 4-byte tiles): the default and three larger
+# tiles. Shared memory per candidate = stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size (the operand ring;
+# the ahead-of-time check reports what Triton really allocates).
+CANDIDATES_HALF = (
+    CONFIGS["large"], CONFIGS["medium"], CONFIGS["small"],
+    (128, 256, 64, 8, 8, 4),  # 192 KB
+    (256, 128, 64, 8, 8, 3),  # 144 KB
+    (128, 128, 64, 8, 8, 3),  # 96 KB
+    (128, 64, 64, 8, 4, 4),  # 96 KB
+    (64, 64, 64, 8, 4, 4),  # 64 KB
+)
+CANDIDATES_FP32 = (
+    CONFIGS["fp32"],
+    (128, 64, 32, 8, 4, 3),  # 72 KB
+    (64, 128, 32, 8, 4, 3),  # 72 KB
+    (128, 128, 32, 8, 8, 3),  # 96 KB
+)
+ONE_WAVE = 108  # output tiles that fill an A100 once (H100 SXM: 132): fewer, and only tiles <= 128 x 128 stay
+# the kernel classes: each GEMM's (rows, columns, reduction) in terms of the op's (M, N, K)
+CLASSES = {"fwd": ("M", "N", "K"), "bwd_dx": ("M", "K", "N"), "bwd_dw": ("N", "K", "M")}
+# roberta_fast.tuning passes these to config_space (the space depends on the bucket's tokens and the GPU)
+CONFIG_SPACE_CONTEXT = ("tokens_log2", "capability")
 
 
 def bucket(M: int, N: int, dtype) -> str:
@@ -140,18 +168,86 @@ def bucket(M: int, N: int, dtype) -> str:
 
 
 def config(M: int, N: int, dtype):
+    """The default config of a GEMM of M rows and N columns (no tuning)."""
     return CONFIG_INTERPRET if INTERPRET else CONFIGS[bucket(M, N, dtype)]
+
+
+def smem_bytes(cfg, elem_size: int) -> int:
+    """The operand ring's shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size."""
+    bm, bn, bk, _gm, _w, stages = cfg
+    return stages * (bm + bn) * bk * elem_size
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(4, (int(n) - 1).bit_length())  # the next power of two, at least 16 (tl.dot's minimum)
+
+
+def _keep(cfg, rows, cols, red, elem_size: int, limit: int) -> bool:
+    """Whether a candidate is worth timing for a GEMM of rows x cols with reduction red (None: unknown)."""
+    bm, bn, bk = cfg[:3]
+    if smem_bytes(cfg, elem_size) > limit:
+        return False
+    if (rows is not None and bm > _pow2(rows)) or (cols is not None and bn > _pow2(cols)) or \
+            (red is not None and bk > _pow2(red)):
+        return False  # a tile larger than the whole problem: masked work only
+    if rows is not None and cols is not None and cdiv(rows, bm) * cdiv(cols, bn) < ONE_WAVE and bm * bn > 128 * 128:
+        return False  # under one wave of programs: the big tile leaves most SMs idle
+    return True
+
+
+def config_space(op: str, fixed: tuple, train: bool = False, tokens_log2=None, capability=None) -> dict:
+    """The candidates per kernel class ("fwd"; with `train` also "bwd_dx" and "bwd_dw", the backward's two
+    GEMMs) for a tuned linear bucket (`fixed` = (N, K, dtype) as roberta_fast.tuned.bucket gives it), the class's
+    default first, pruned: shared memory over the GPU's limit (capability (major, minor) or None: the largest,
+    sm_90's), a tile or K step larger than the problem, a tile over 128 x 128 with under one wave of programs.
+    tokens_log2 (the bucket's rounded log2 of M) or None: M unknown, no pruning by M and every default of the
+    class (what installing a tuned table checks against)."""
+    N, K, dtype = int(fixed[0]), int(fixed[1]), str(fixed[2]).removeprefix("torch.")
+    half = dtype != "float32"
+    pool, elem = (CANDIDATES_HALF, 2) if half else (CANDIDATES_FP32, 4)
+    cc = None if capability is None else (capability[0] * 10 + capability[1] if isinstance(capability, tuple)
+                                          else int(capability))
+    limit = SMEM_LIMIT.get(cc, max(SMEM_LIMIT.values())) if cc is not None else max(SMEM_LIMIT.values())
+    M = None if tokens_log2 is None else 1 << int(tokens_log2)
+    dims = {"M": M, "N": N, "K": K}
+    tdtype = torch.float16 if half else torch.float32
+    space = {}
+    for cls in (("fwd", "bwd_dx", "bwd_dw") if train else ("fwd",)):
+        rows, cols, red = (dims[d] for d in CLASSES[cls])
+        if rows is None:  # every default the class can have, whatever M is
+            defaults = tuple(dict.fromkeys(CONFIGS[bucket(m, cols, tdtype)] for m in (1, 512, 2048)))
+        else:
+            defaults = (CONFIGS[bucket(rows, cols, tdtype)],)
+        rest = tuple(c for c in pool if c not in defaults and _keep(c, rows, cols, red, elem, limit))
+        space[cls] = defaults + rest
+    return space
+
+
+# the tuned configs (kernels/_configs.py): installed per device by roberta_fast.tuned, forced by the tuner
+_TUNED = ConfigTable(("linear",), config_space)
+install_tuned, forced_configs = _TUNED.install, _TUNED.forced
+
+
+def _config(cls: str, rows: int, cols: int, dtype, device, key):
+    """The config of one GEMM launch of class `cls` (rows x cols output): the tuned (or forced) one of the op
+    call's bucket (key = the op's (M, N, K, dtype)), else the default of its size."""
+    if _TUNED.active:
+        cfg = _TUNED.pick(cls, device, "linear", key)
+        if cfg is not None:
+            return cfg
+    return config(rows, cols, dtype)
 
 
 def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored by fp16 / bf16 dots
 
 
-def _gemm(a, b, c, *, bias=None, act=0, residual=None, pre=None):
-    """c (M, N) = epilogue(a @ b); a (M, K) and b (K, N) any strides; c, pre, residual unit column stride."""
+def _gemm(a, b, c, *, cls="fwd", tkey=None, bias=None, act=0, residual=None, pre=None):
+    """c (M, N) = epilogue(a @ b); a (M, K) and b (K, N) any strides; c, pre, residual unit column stride.
+    cls / tkey: the kernel class and the op call's tune key (M, N, K, dtype), for a tuned config."""
     M, K = a.shape
     N = b.shape[1]
-    bm, bn, bk, gm, warps, stages = config(M, N, a.dtype)
+    bm, bn, bk, gm, warps, stages = _config(cls, M, N, a.dtype, a.device, tkey)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
     bt = bias if bias is not None else c
     rt = residual if residual is not None else c
@@ -187,8 +283,10 @@ def unsupported(x, weight, bias, activation, residual):
 def forward_inference(x, weight, bias, activation, residual):
     """x (M, K) rows, weight (N, K), bias (N,) or None contiguous, x's dtype; residual (M, N) contiguous or None;
     activation "none" | "gelu" | "gelu_tanh" -> y (M, N) x.dtype."""
-    y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-    return _gemm(x, weight.t(), y, bias=bias, act=ACT_CODES[activation], residual=residual)
+    M, N = x.shape[0], weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    return _gemm(x, weight.t(), y, tkey=(M, N, x.shape[1], x.dtype), bias=bias, act=ACT_CODES[activation],
+                 residual=residual)
 
 
 def forward(x, weight, bias, activation, residual, save_pre):
@@ -197,12 +295,19 @@ def forward(x, weight, bias, activation, residual, save_pre):
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     keep = save_pre and activation != "none"
     pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if keep else x.new_empty(0)
-    _gemm(x, weight.t(), y, bias=bias, act=ACT_CODES[activation], residual=residual, pre=pre if keep else None)
+    _gemm(x, weight.t(), y, tkey=(M, N, x.shape[1], x.dtype), bias=bias, act=ACT_CODES[activation],
+          residual=residual, pre=pre if keep else None)
     return y, pre
 
 
-def backward(dy, x, weight, bias, pre, activation):
-    """dy (M, N) contiguous -> (dx (M, K), dw (N, K), db (N,) or None), x's dtype; db summed in fp32."""
+def backward(dy, x, weight, bias, pre, activation, needs=(True, True, True)):
+    """dy (M, N) contiguous -> (dx (M, K), dw (N, K), db (N,) or None), x's dtype; db summed in fp32.
+    needs: which of (dx, dw, db) to compute; the others are None and their GEMMs are not launched (a frozen
+    weight costs no dW GEMM, an input without grad no dX GEMM)."""
+    need_dx, need_dw, need_db = needs
+    need_db = need_db and bias is not None
+    if not (need_dx or need_dw or need_db):
+        return None, None, None
     if activation != "none":
         dz = torch.empty_like(dy)
         n = dy.numel()
@@ -211,9 +316,14 @@ def backward(dy, x, weight, bias, pre, activation):
         dz = dy
     M, K = x.shape
     N = weight.shape[0]
-    dx = _gemm(dz, weight, torch.empty((M, K), dtype=x.dtype, device=x.device))  # (M, N) @ (N, K)
-    dw = _gemm(dz.t(), x, torch.empty((N, K), dtype=weight.dtype, device=x.device))  # (N, M) @ (M, K)
-    db = None if bias is None else dz.sum(0, dtype=torch.float32).to(bias.dtype)
+    tkey = (M, N, K, x.dtype)
+    dx = dw = db = None
+    if need_dx:  # (M, N) @ (N, K)
+        dx = _gemm(dz, weight, torch.empty((M, K), dtype=x.dtype, device=x.device), cls="bwd_dx", tkey=tkey)
+    if need_dw:  # (N, M) @ (M, K)
+        dw = _gemm(dz.t(), x, torch.empty((N, K), dtype=weight.dtype, device=x.device), cls="bwd_dw", tkey=tkey)
+    if need_db:
+        db = dz.sum(0, dtype=torch.float32).to(bias.dtype)
     return dx, dw, db
 
 

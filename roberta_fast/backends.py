@@ -208,9 +208,9 @@ def _connect_kernels():
     """The Triton kernel files get the tuned configs (roberta_fast.tuned) now and whenever they change: they
     may not import the tuned cache themselves (imports flow downwards), so the registry connects them when it
     first hands one out."""
-    from .kernels import attention, bias_gelu, layer_norm, masked_softmax
+    from .kernels import attention, bias_gelu, layer_norm, linear, masked_softmax
 
-    for mod in (attention, bias_gelu, layer_norm, masked_softmax):
+    for mod in (attention, bias_gelu, layer_norm, masked_softmax, linear):
         tuned.on_configs(mod.install_tuned)
 
 
@@ -452,8 +452,9 @@ class LinearBackend(Protocol):
     def forward_inference(self, x, weight, bias, activation, residual):
         """-> y (M, N) x.dtype (inference: the op layer's direct call, no pre-activation)."""
 
-    def backward(self, dy, x, weight, bias, pre, activation):
-        """dy (M, N) contiguous -> (dx (M, K), dweight (N, K), dbias (N,) or None); gelu' from the saved pre."""
+    def backward(self, dy, x, weight, bias, pre, activation, needs=(True, True, True)):
+        """dy (M, N) contiguous -> (dx (M, K), dweight (N, K), dbias (N,) or None); gelu' from the saved pre.
+        needs: which of (dx, dweight, dbias) autograd asks for; the others are None and not computed."""
 
 
 CONTRACTS = {"layer_norm": LayerNormBackend, "bias_gelu": BiasGeluBackend,

@@ -365,8 +365,12 @@ def _search_configs(case, op, dtype, mode, params, device, dy, verifier, timer, 
     every combination that can win was itself verified, and 1 + sum(candidates - 1) trials are timed instead
     of every combination."""
     mod = registry.implementation("triton", op)
-    fixed, _tok = tuned.bucket(op, case.key)
-    space = mod.config_space(op, tuple(fixed), mode == "train") if hasattr(mod, "config_space") else None
+    fixed, tok = tuned.bucket(op, case.key)
+    # a file whose candidates depend on the bucket's tokens or the GPU (kernels/linear.py: pruned by the problem
+    # size and the shared memory of this device) names them in CONFIG_SPACE_CONTEXT
+    context = {"tokens_log2": tok, "capability": registry.capability(device)}
+    extra = {k: context[k] for k in getattr(mod, "CONFIG_SPACE_CONTEXT", ())}
+    space = mod.config_space(op, tuple(fixed), mode == "train", **extra) if hasattr(mod, "config_space") else None
     if not space:
         return None
     trials = []

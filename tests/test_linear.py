@@ -261,9 +261,10 @@ def test_opcheck(device, backend):
     torch.library.opcheck(op, (x, w, b, r, "gelu_tanh", True, backend))
     torch.library.opcheck(op, (x, w, None, None, "none", False, backend))
     pre = torch.randn(10, 16, device=device)
-    torch.library.opcheck(torch.ops.roberta_fast.linear_bwd.default,
-                          (torch.randn(10, 16, device=device), x.detach(), w.detach(), b.detach(), pre,
-                           "gelu_tanh", backend))
+    for needs in ((True, True, True), (False, True, False)):  # every gradient; a frozen-input dW only
+        torch.library.opcheck(torch.ops.roberta_fast.linear_bwd.default,
+                              (torch.randn(10, 16, device=device), x.detach(), w.detach(), b.detach(), pre,
+                               "gelu_tanh", backend, *needs))
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -350,3 +351,226 @@ def test_bound_inference_equals_the_op_and_binds_only_inference():
         assert bind_inference(x, w, b, None, r[:, :8], "triton") is None  # residual of the wrong shape
     with torch.enable_grad():
         assert bind_inference(x, w.requires_grad_(), b, None, None, "triton") is None  # autograd records
+
+
+# ----------------------------------------------------------------------------- the Triton GEMM's tuned configs
+
+
+def test_config_space_is_well_formed_and_pruned():
+    """Per tuned bucket (N, K, dtype) and tokens: the three GEMMs' classes, each a short list of distinct
+    6-int configs from the file's candidates, the GEMM's default first, pruned by the GPU's shared memory, by the
+    problem's size and by the wave rule; with M unknown (installing a table) every default the class can have."""
+    from roberta_fast.kernels import linear as k
+
+    for fixed in ((3072, 768, "float16"), (768, 3072, "bfloat16"), (1024, 1024, "float16"), (100, 72, "float32")):
+        N, K, dt = fixed
+        half = dt != "float32"
+        pool, elem = (k.CANDIDATES_HALF, 2) if half else (k.CANDIDATES_FP32, 4)
+        tdt = torch.float16 if half else torch.float32
+        for tok in (3, 7, 11, 14, None):
+            for cc in ((8, 0), (9, 0), None):
+                space = k.config_space("linear", fixed, True, tokens_log2=tok, capability=cc)
+                assert tuple(space) == ("fwd", "bwd_dx", "bwd_dw")
+                assert k.config_space("linear", fixed, False, tokens_log2=tok, capability=cc) == {"fwd": space["fwd"]}
+                limit = k.SMEM_LIMIT[80 if cc == (8, 0) else 90]
+                M = None if tok is None else 1 << tok
+                for cls, cands in space.items():
+                    rows, cols, red = ({"M": M, "N": N, "K": K}[d] for d in k.CLASSES[cls])
+                    assert 1 <= len(cands) <= 8 and len(set(cands)) == len(cands), (cls, cands)
+                    assert all(c in pool and len(c) == 6 and all(isinstance(v, int) for v in c) for c in cands)
+                    if rows is not None:
+                        assert cands[0] == k.CONFIGS[k.bucket(rows, cols, tdt)]  # the launch's default first
+                    else:
+                        assert {k.CONFIGS[k.bucket(m, cols, tdt)] for m in (1, 600, 4096)} <= set(cands)
+                    for c in cands[1:]:
+                        assert k.smem_bytes(c, elem) <= limit
+                        assert c[1] <= max(16, 1 << (cols - 1).bit_length())
+                        if rows is not None:
+                            assert c[0] <= max(16, 1 << (rows - 1).bit_length())
+    # what pruning keeps at roberta-base's FFN1 (16k tokens) and dW (3072 x 768 outputs: under a wave of big tiles)
+    ffn1 = k.config_space("linear", (3072, 768, "float16"), True, tokens_log2=14, capability=(9, 0))
+    assert len(ffn1["fwd"]) == 8 and (128, 256, 64, 8, 8, 4) in ffn1["fwd"]
+    assert (128, 256, 64, 8, 8, 4) not in k.config_space("linear", (3072, 768, "float16"), True, tokens_log2=14,
+                                                         capability=(8, 0))["fwd"]  # 192 KB > sm_80's 163 KB
+    assert not {(128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)} & set(ffn1["bwd_dw"])
+    assert k.config_space("linear", (40, 24, "float16"), True, tokens_log2=3) == {
+        c: (k.CONFIGS["small"],) for c in ("fwd", "bwd_dx", "bwd_dw")}  # a tiny problem: the default only
+    for name, cfg in k.CONFIGS.items():  # the defaults fit both GPUs
+        assert k.smem_bytes(cfg, 4 if name == "fp32" else 2) <= k.SMEM_LIMIT[80]
+
+
+class _GemmSpy:
+    """Stands in for kernels/linear's Launcher and records each GEMM launch: (rows, cols, config)."""
+
+    def __init__(self, real):
+        self.real, self.log = real, []
+
+    def __call__(self, key, grid, args, meta):
+        self.log.append((args[6], args[7], tuple(meta[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                                                                   "num_warps", "num_stages"))))
+        return self.real(key, grid, args, meta)
+
+
+@pytest.mark.skipif(not backends.interpret_mode(), reason="the Triton backend on CPU needs TRITON_INTERPRET=1")
+def test_a_tuned_config_reaches_the_three_gemms(monkeypatch):
+    """Installed for a device and bucket, each class's config is what its GEMM launches with (forward, dX, dW),
+    the results stay right; another bucket keeps the defaults; the tuner's forced configs win over the table;
+    forgetting the table restores the defaults."""
+    from roberta_fast.kernels import linear as k
+
+    from roberta_fast import tuned
+
+    spy = _GemmSpy(k._LINEAR)
+    monkeypatch.setattr(k, "_LINEAR", spy)
+    g = torch.Generator().manual_seed(5)
+    M, K, N = 7, 72, 100  # K and N large enough for the candidates (a tile past the problem's size is pruned)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((M, K), (N, K), (N,)))
+    dy = torch.randn(M, N, generator=g)
+
+    def run(rows):
+        xl, wl, bl = (_leaf(t) for t in (x[:rows], w, b))
+        y = linear(xl, wl, bl, activation="gelu", backend="triton")
+        y.backward(dy[:rows])
+        ref = [_leaf(t) for t in (x[:rows], w, b)]
+        yr = F.gelu(F.linear(*ref))
+        yr.backward(dy[:rows])
+        for o, r in zip((y, xl.grad, wl.grad, bl.grad), (yr, *(t.grad for t in ref))):
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+        got = {(r, c): cfg for r, c, cfg in spy.log}
+        spy.log.clear()
+        return got
+
+    fixed, tok = tuned.bucket("linear", (M, N, K, "float32"))
+    cfgs = {"fwd": [128, 64, 32, 8, 4, 3], "bwd_dx": [64, 128, 32, 8, 4, 3], "bwd_dw": [128, 128, 32, 8, 8, 3]}
+    default = {(M, N): k.CONFIG_INTERPRET, (M, K): k.CONFIG_INTERPRET, (N, K): k.CONFIG_INTERPRET}
+    assert run(M) == default
+    try:
+        k.install_tuned(torch.device("cpu"), {("linear", *fixed, tok): cfgs}, tuned.bucket)
+        assert k._TUNED.active
+        assert run(M) == {(M, N): (128, 64, 32, 8, 4, 3), (M, K): (64, 128, 32, 8, 4, 3),
+                          (N, K): (128, 128, 32, 8, 8, 3)}
+        assert run(2) == {(2, N): k.CONFIG_INTERPRET, (2, K): k.CONFIG_INTERPRET, (N, K): k.CONFIG_INTERPRET}
+        with k.forced_configs({"fwd": (64, 64, 32, 8, 4, 3)}):  # a tuner trial: the classes it names, else default
+            assert run(M) == {**default, (M, N): (64, 64, 32, 8, 4, 3)}
+    finally:
+        k.install_tuned(None, None)
+    assert not k._TUNED.active and run(M) == default
+
+
+@pytest.mark.skipif(not backends.interpret_mode(), reason="the Triton backend on CPU needs TRITON_INTERPRET=1")
+def test_install_drops_a_config_outside_the_space():
+    from roberta_fast.kernels import linear as k
+
+    from roberta_fast import tuned
+
+    fixed, tok = tuned.bucket("linear", (16384, 3072, 768, "float16"))
+    try:
+        with pytest.warns(RuntimeWarning, match="not one of its candidates"):
+            k.install_tuned(torch.device("cuda", 0), {("linear", *fixed, tok): {
+                "fwd": [128, 256, 64, 8, 8, 4], "bwd_dw": [32, 32, 32, 1, 1, 1]}}, tuned.bucket)
+        key = (16384, 3072, 768, torch.float16)
+        assert k._TUNED.pick("fwd", torch.device("cuda", 0), "linear", key) == (128, 256, 64, 8, 8, 4)
+        assert k._TUNED.pick("bwd_dw", torch.device("cuda", 0), "linear", key) is None
+    finally:
+        k.install_tuned(None, None)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU smoke run of the tuner")
+def test_tuner_searches_the_gemm_configs(monkeypatch):
+    """train mode: the tuner asks config_space with the bucket's tokens and the GPU (none on CPU), verifies every
+    trial, and records the fastest verified classes' configs with the entry."""
+    from roberta_fast.kernels import linear as k
+
+    from roberta_fast import tuning
+
+    if not backends.can_run("triton", torch.device("cpu")):
+        pytest.skip("the Triton backend on CPU needs TRITON_INTERPRET=1")
+    asked = []
+    small = {"fwd": (k.CONFIGS["fp32"], (128, 64, 32, 8, 4, 3)), "bwd_dx": (k.CONFIGS["fp32"],),
+             "bwd_dw": (k.CONFIGS["fp32"], (64, 128, 32, 8, 4, 3))}
+
+    def space(op, fixed, train=False, tokens_log2=None, capability=None):
+        asked.append((fixed, tokens_log2, capability))
+        return small
+
+    monkeypatch.setattr(k, "config_space", space)
+    fast = {(128, 64, 32, 8, 4, 3): 0.5, (64, 128, 32, 8, 4, 3): 0.25}
+
+    def timer(fn, backend, configs=None, **kw):
+        fn()
+        if configs is None:
+            return {"torch": 3.0, "cublaslt": 4.0}[backend]
+        return 2.0 - sum(fast.get(tuple(c), 0.0) for c in configs.values())
+
+    shapes = [("linear", {"tokens": 9, "in": 24, "out": 40, "activation": "gelu_tanh", "residual": True})]
+    res = tuning.tune(ops=["linear"], shapes=shapes, dtypes=["fp32"], device="cpu", modes=("train",), save=False,
+                      timer=timer)
+    (e,) = res.entries
+    assert asked == [((40, 24, "float32"), 3, None)]
+    assert [t["status"] for t in e["config_trials"]] == ["ok"] * 3
+    assert e["triton_configs"] == {"fwd": [128, 64, 32, 8, 4, 3], "bwd_dx": list(k.CONFIGS["fp32"]),
+                                   "bwd_dw": [64, 128, 32, 8, 4, 3]}
+    assert e["times_ms"]["triton"] == pytest.approx(1.25) and e["order"][0] == "triton"
+
+
+# ----------------------------------------------------------------------------- only the gradients asked for
+
+
+@pytest.mark.parametrize("backend", ["triton", "cublaslt"])
+@pytest.mark.parametrize("trainable", ["x", "w", "b", "xw", "wb", "r"])
+def test_backward_computes_only_the_gradients_asked_for(monkeypatch, backend, trainable):
+    """A frozen weight costs no dW GEMM (and no db), an input without grad no dX GEMM: the custom backward op
+    returns only the gradients autograd asks for, the Triton backend launches only their GEMMs (the torch path,
+    cublaslt's backward, skips their matmuls), and those gradients are right."""
+    if backend == "triton" and not backends.can_run("triton", torch.device("cpu")):
+        pytest.skip("the Triton backend on CPU needs TRITON_INTERPRET=1")
+    from roberta_fast.kernels import linear as k
+
+    spy = _GemmSpy(k._LINEAR)
+    monkeypatch.setattr(k, "_LINEAR", spy)
+    outputs = []
+    real_bwd = lin._bwd
+
+    def counting_bwd(*args):
+        out = real_bwd(*args)
+        outputs.append(len(out))
+        return out
+
+    monkeypatch.setattr(lin, "_bwd", counting_bwd)
+    g = torch.Generator().manual_seed(11)
+    M, K, N = 9, 24, 40
+    x, w, b, r = (torch.randn(*s, generator=g) for s in ((M, K), (N, K), (N,), (M, N)))
+    dy = torch.randn(M, N, generator=g)
+    flags = {"x": "x" in trainable, "w": "w" in trainable, "b": "b" in trainable, "r": "r" in trainable}
+
+    def leaves():
+        return [t.clone().requires_grad_(flags[n]) for n, t in zip("xwbr", (x, w, b, r))]
+
+    ours = leaves()
+    y = linear(*ours[:3], activation="gelu_tanh", residual=ours[3], backend=backend)
+    y.backward(dy)
+    ref = leaves()
+    yr = F.gelu(F.linear(*ref[:3]), approximate="tanh") + ref[3]
+    yr.backward(dy)
+    for n, o, rf in zip("xwbr", ours, ref):
+        if flags[n]:
+            torch.testing.assert_close(o.grad, rf.grad, rtol=1e-4, atol=1e-4)
+        else:
+            assert o.grad is None
+    n_grads = flags["x"] + flags["w"] + flags["b"]
+    assert outputs == ([n_grads] if n_grads else [])  # no backward op at all when only the residual trains
+    if backend == "triton":
+        gemms = [(rows, cols) for rows, cols, _ in spy.log]
+        assert gemms == [(M, N)] + [(M, K)] * flags["x"] + [(N, K)] * flags["w"]  # the forward, dX, dW
+
+
+def test_backward_torch_skips_the_matmuls_not_asked_for():
+    g = torch.Generator().manual_seed(2)
+    dy, x, w, pre = (torch.randn(*s, generator=g) for s in ((5, 8), (5, 3), (8, 3), (5, 8)))
+    full = lin.backward_torch(dy, x, w, True, pre, "gelu")
+    for needs in ((True, False, False), (False, True, False), (False, False, True), (False, False, False)):
+        got = lin.backward_torch(dy, x, w, True, pre, "gelu", needs)
+        for want, g_, need in zip(full, got, needs):
+            assert (g_ is None) == (not need)
+            if need:
+                assert torch.equal(g_, want)

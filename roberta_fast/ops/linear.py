@@ -72,18 +72,22 @@ def gelu_grad(pre: torch.Tensor, approximate: str) -> torch.Tensor:
     return g
 
 
-def backward_torch(dy, x, weight, bias_present: bool, pre, activation: str):
+def backward_torch(dy, x, weight, bias_present: bool, pre, activation: str, needs=(True, True, True)):
     """The backward in torch matmuls: (dx (M, K), dw (N, K), db (N,) or None), x's dtype; fp32 products for the
-    elementwise part. dy, x: 2-D rows; pre: (M, N) or empty when activation is "none"."""
+    elementwise part. dy, x: 2-D rows; pre: (M, N) or empty when activation is "none". needs: which of (dx, dw,
+    db) to compute (the others are None, their matmuls skipped)."""
+    need_dx, need_dw, need_db = needs
+    if not (need_dx or need_dw or (need_db and bias_present)):
+        return None, None, None
     if activation != "none":
         dz = (dy.float() * gelu_grad(pre, _APPROX[activation])).to(dy.dtype) if dy.dtype != torch.float64 \
             else dy * gelu_grad(pre, _APPROX[activation])
     else:
         dz = dy
-    dx = dz @ weight
-    dw = dz.t() @ x
+    dx = dz @ weight if need_dx else None
+    dw = dz.t() @ x if need_dw else None
     db = dz.sum(0, dtype=torch.float32 if dz.dtype != torch.float64 else torch.float64).to(dz.dtype) \
-        if bias_present else None
+        if bias_present and need_db else None
     return dx, dw, db
 
 
@@ -162,9 +166,9 @@ class CublasLtBackend:
         return (y if residual is None else y.add_(residual)), pre
 
     @staticmethod
-    def backward(dy, x, weight, bias, pre, activation):
+    def backward(dy, x, weight, bias, pre, activation, needs=(True, True, True)):
         act = "gelu_tanh" if activation != "none" else "none"  # the derivative of what the forward computed
-        return backward_torch(dy, x, weight, bias is not None, pre, act)
+        return backward_torch(dy, x, weight, bias is not None, pre, act, needs)
 
 
 class NoCudaLinear:
@@ -186,7 +190,7 @@ class NoCudaLinear:
         raise NotImplementedError(NoCudaLinear.REASON)
 
     @staticmethod
-    def backward(dy, x, weight, bias, pre, activation):
+    def backward(dy, x, weight, bias, pre, activation, needs=(True, True, True)):
         raise NotImplementedError(NoCudaLinear.REASON)
 
 
@@ -216,17 +220,21 @@ def _fwd_fake(x, weight, bias, residual, activation, save_pre, backend):
 
 @torch.library.custom_op(
     "roberta_fast::linear_bwd", mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor weight, Tensor? bias, Tensor pre, str activation, str backend) -> Tensor[]",
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor? bias, Tensor pre, str activation, str backend, "
+           "bool need_dx, bool need_dw, bool need_db) -> Tensor[]",
 )
-def _bwd(dy, x, weight, bias, pre, activation, backend):
-    dx, dw, db = backends.implementation(backend, _OP).backward(dy, x, weight, bias, pre, activation)
-    return [dx, dw] if bias is None else [dx, dw, db]
+def _bwd(dy, x, weight, bias, pre, activation, backend, need_dx, need_dw, need_db):
+    """The gradients asked for, in the order (dx, dw, db), only those: need_db counts only with a bias."""
+    grads = backends.implementation(backend, _OP).backward(dy, x, weight, bias, pre, activation,
+                                                           needs=(need_dx, need_dw, need_db))
+    return [g for g, need in zip(grads, (need_dx, need_dw, need_db and bias is not None)) if need]
 
 
 @_bwd.register_fake
-def _bwd_fake(dy, x, weight, bias, pre, activation, backend):
-    out = [x.new_empty(x.shape), weight.new_empty(weight.shape)]
-    return out if bias is None else [*out, bias.new_empty(bias.shape)]
+def _bwd_fake(dy, x, weight, bias, pre, activation, backend, need_dx, need_dw, need_db):
+    out = [x.new_empty(x.shape)] if need_dx else []
+    out += [weight.new_empty(weight.shape)] if need_dw else []
+    return out + ([bias.new_empty(bias.shape)] if need_db and bias is not None else [])
 
 
 def _setup_context(ctx, inputs, output):
@@ -241,9 +249,14 @@ def _backward(ctx, dy, dpre):
     if dy is None:  # y unused
         return None, None, None, None, None, None, None
     dy = dy.contiguous()
-    grads = _bwd(dy, x, weight, bias, pre, ctx.activation, ctx.backend)
-    return (grads[0], grads[1], grads[2] if bias is not None else None, dy if ctx.has_residual else None,
-            None, None, None)
+    need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
+    need_db = need_db and bias is not None
+    grads = iter(_bwd(dy, x, weight, bias, pre, ctx.activation, ctx.backend, need_dx, need_dw, need_db)
+                 if need_dx or need_dw or need_db else ())  # only the gradients autograd asks for
+    dx = next(grads) if need_dx else None
+    dw = next(grads) if need_dw else None
+    db = next(grads) if need_db else None
+    return dx, dw, db, dy if ctx.has_residual and need_dr else None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)

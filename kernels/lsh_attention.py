@@ -50,6 +50,19 @@ def _rows_of(n, B, H):
 
 
 @triton.jit
+def _slot_pos(PERM, NREAL, n, b, slot, ok, items, S, SHARED: tl.constexpr, MASKED: tl.constexpr):
+    """(query position, key position) of a block of slots of row n, -1 where the slot holds none: past the
+    real items (padding sorts last), past `items` (the last chunk's tail), or the other kind of item."""
+    ok = ok & (slot < items)
+    if MASKED:
+        ok = ok & (slot < tl.load(NREAL + b) * (1 if SHARED else 2))
+    item = tl.load(PERM + n * items + slot, mask=ok, other=-1)
+    if SHARED:
+        return item, item
+    return tl.where(ok & (item < S), item, -1), tl.where(ok & (item >= S), item - S, -1)
+
+
+@triton.jit
 def _gather(X, b, h, pos, stride_b, stride_s, stride_h, offs_d, dmask):
     """x[b, pos, h, :] for a block of positions (pos < 0: zeros, never read)."""
     ok = pos >= 0
@@ -62,14 +75,15 @@ def _lsh_chunk_fwd(
     Q,  # (B, S, H, D) queries, last stride 1
     K,  # (B, S, H, D) keys, last stride 1
     V,  # (B, S, H, D) values, last stride 1
-    QPOS,  # (N, L) int64: the slot's query position, -1 none; N = R * B * H
-    KPOS,  # (N, L) int64: the slot's key position, -1 none
+    PERM,  # (N, items) int64: the item in each slot (lsh.slots); N = R * B * H
+    NREAL,  # (B,) int32: real tokens per sequence (MASKED only)
     O,  # (R, B, S, H, D) contiguous: per-round output at positions, q's dtype
     LSE,  # (R, B, S, H) contiguous float32: per-round natural-log log-sum-exp at positions
-    L, C, B, S, H, D,
+    items, C, B, S, H, D,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,  # scale * log2(e)
-    SHARED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     c = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -80,7 +94,7 @@ def _lsh_chunk_fwd(
     dmask = offs_d < D
     rows = c * C + offs  # slot indices of this chunk's queries
     rmask = offs < C
-    qpos = tl.load(QPOS + n * L + rows, mask=rmask, other=-1)
+    qpos = _slot_pos(PERM, NREAL, n, b, rows, rmask, items, S, SHARED, MASKED)[0]
     q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
     if UPCAST:
         q = q.to(tl.float32)
@@ -89,7 +103,7 @@ def _lsh_chunk_fwd(
     acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     for kc in range(tl.maximum(c - 1, 0), c + 1):
         cols = kc * C + offs
-        kpos = tl.load(KPOS + n * L + cols, mask=rmask, other=-1)
+        kpos = _slot_pos(PERM, NREAL, n, b, cols, rmask, items, S, SHARED, MASKED)[1]
         ok = kpos >= 0
         k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
         v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
@@ -170,14 +184,15 @@ def _lsh_chunk_bwd_dq(
     DO,  # (B, S, H, D) contiguous: gradient of the combined output
     LSE_ALL,  # (B, S, H) float32: the combined lse
     DELTA,  # (B, S, H) float32: rowsum(dO * out)
-    QPOS,  # (N, L) int64
-    KPOS,  # (N, L) int64
+    PERM,  # (N, items) int64
+    NREAL,  # (B,) int32 (MASKED only)
     DQ,  # (R, B, S, H, D) contiguous: per-round dq at positions, q's dtype
-    L, C, B, S, H, D,
+    items, C, B, S, H, D,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
-    SHARED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     c = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -188,7 +203,7 @@ def _lsh_chunk_bwd_dq(
     dmask = offs_d < D
     rows = c * C + offs
     rmask = offs < C
-    qpos = tl.load(QPOS + n * L + rows, mask=rmask, other=-1)
+    qpos = _slot_pos(PERM, NREAL, n, b, rows, rmask, items, S, SHARED, MASKED)[0]
     q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
     do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
     if UPCAST:
@@ -198,7 +213,7 @@ def _lsh_chunk_bwd_dq(
     dq = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     for kc in range(tl.maximum(c - 1, 0), c + 1):
         cols = kc * C + offs
-        kpos = tl.load(KPOS + n * L + cols, mask=rmask, other=-1)
+        kpos = _slot_pos(PERM, NREAL, n, b, cols, rmask, items, S, SHARED, MASKED)[1]
         ok = kpos >= 0
         k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
         v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
@@ -228,15 +243,16 @@ def _lsh_chunk_bwd_dkdv(
     DO,  # (B, S, H, D) contiguous
     LSE_ALL,  # (B, S, H) float32
     DELTA,  # (B, S, H) float32
-    QPOS,  # (N, L) int64
-    KPOS,  # (N, L) int64
+    PERM,  # (N, items) int64
+    NREAL,  # (B,) int32 (MASKED only)
     DK,  # (R, B, S, H, D) contiguous: per-round dk at positions, q's dtype
     DV,  # (R, B, S, H, D) contiguous: per-round dv at positions, q's dtype
-    L, C, B, S, H, D,
+    items, C, B, S, H, D,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
-    SHARED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     kc = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -247,7 +263,7 @@ def _lsh_chunk_bwd_dkdv(
     dmask = offs_d < D
     cols = kc * C + offs  # this program's key slots
     rmask = offs < C
-    kpos = tl.load(KPOS + n * L + cols, mask=rmask, other=-1)
+    kpos = _slot_pos(PERM, NREAL, n, b, cols, rmask, items, S, SHARED, MASKED)[1]
     k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
     v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
     if UPCAST:
@@ -255,10 +271,10 @@ def _lsh_chunk_bwd_dkdv(
         v = v.to(tl.float32)
     dk = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-    n_chunks = L // C
+    n_chunks = (items + C - 1) // C
     for c in range(kc, tl.minimum(kc + 2, n_chunks)):  # the query chunks that see these keys
         rows = c * C + offs
-        qpos = tl.load(QPOS + n * L + rows, mask=rmask, other=-1)
+        qpos = _slot_pos(PERM, NREAL, n, b, rows, rmask, items, S, SHARED, MASKED)[0]
         q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
         do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
         if UPCAST:
@@ -315,57 +331,59 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _meta(q, chunk: int, shared: bool) -> dict:
+def _meta(q, chunk: int, shared: bool, masked: bool) -> dict:
     block_c = _pow2(chunk)
-    return dict(SHARED=bool(shared), UPCAST=interpret_mode() and q.dtype == torch.bfloat16, BLOCK_C=block_c,
-                BLOCK_D=_pow2(q.shape[-1]), num_warps=4 if block_c <= 64 else 8)
+    return dict(SHARED=bool(shared), MASKED=bool(masked), UPCAST=interpret_mode() and q.dtype == torch.bfloat16,
+                BLOCK_C=block_c, BLOCK_D=_pow2(q.shape[-1]), num_warps=4 if block_c <= 64 else 8)
 
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
 
 
-def lsh_forward(q, k, v, qpos, kpos, chunk: int, scale: float, shared: bool, padded: bool):
-    """(out (B, S, H, D) q.dtype, lse (B, S, H) float32) of every round's chunked attention combined.
-    q, k, v (B, S, H, D) with unit last stride (k: the normalised queries under shared QK); qpos, kpos int64
-    (R * B * H, L) from roberta_fast.lsh.slots; padded: some positions hold no real query (a key padding
-    mask), so the per-round lse starts at -inf (positions no round writes give zeros)."""
+def lsh_forward(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
+    """(out (B, S, H, D) q.dtype, lse (B, S, H) float32) of every round's chunked attention combined: two
+    launches (three with a mask: the per-round lse starts at -inf, positions no round writes give zeros).
+    q, k, v (B, S, H, D) with unit last stride (k: the normalised queries under shared QK); perm int64
+    (R * B * H, items) and nreal int32 (B,) or None from roberta_fast.lsh.slots."""
     B, S, H, D = q.shape
-    N, L = qpos.shape
+    N, items = perm.shape
     R = N // max(B * H, 1)
     o_r = torch.empty((R, B, S, H, D), dtype=q.dtype, device=q.device)
-    if padded:  # positions no round writes (padding) must read as "nothing": lse -inf
+    if nreal is not None:
         lse_r = torch.full((R, B, S, H), float("-inf"), dtype=torch.float32, device=q.device)
     else:
         lse_r = torch.empty((R, B, S, H), dtype=torch.float32, device=q.device)
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
-    if N == 0 or L == 0 or S == 0:
+    if N == 0 or S == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    meta = _meta(q, chunk, shared)
-    _lsh_chunk_fwd[(cdiv(L, chunk), N)](q, k, v, qpos, kpos, o_r, lse_r, L, chunk, B, S, H, D,
-                                        *_strides(q, k, v), float(scale) * LOG2E, **meta)
+    meta = _meta(q, chunk, shared, nreal is not None)
+    _lsh_chunk_fwd[(cdiv(items, chunk), N)](q, k, v, perm, perm if nreal is None else nreal, o_r, lse_r, items,
+                                            chunk, B, S, H, D, *_strides(q, k, v), float(scale) * LOG2E, **meta)
     M = B * S * H
     _lsh_combine[(cdiv(M, COMBINE_BLOCK),)](o_r, lse_r, out, lse, R, M, D, BLOCK_M=COMBINE_BLOCK,
                                             BLOCK_D=meta["BLOCK_D"], num_warps=4)
     return out, lse
 
 
-def lsh_backward(do, q, k, v, out, lse, qpos, kpos, chunk: int, scale: float, shared: bool, padded: bool):
+def lsh_backward(do, q, k, v, out, lse, perm, nreal, chunk: int, scale: float, shared: bool):
     """(dq, dk, dv) (B, S, H, D) q.dtype of `lsh_forward`'s out, given do (B, S, H, D)."""
     B, S, H, D = q.shape
-    N, L = qpos.shape
+    N, items = perm.shape
     R = N // max(B * H, 1)
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1)  # (B, S, H)
-    alloc = torch.zeros if padded else torch.empty  # positions without a real query / key are never written
+    # positions without a real query / key (padding) are never written
+    alloc = torch.empty if nreal is None else torch.zeros
     dq, dk, dv = (alloc((R, B, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    if N and L and S:
-        meta = _meta(q, chunk, shared)
-        args = (L, chunk, B, S, H, D, *_strides(q, k, v), float(scale) * LOG2E, float(scale))
-        grid = (cdiv(L, chunk), N)
-        _lsh_chunk_bwd_dq[grid](q, k, v, do, lse, delta, qpos, kpos, dq, *args, **meta)
-        _lsh_chunk_bwd_dkdv[grid](q, k, v, do, lse, delta, qpos, kpos, dk, dv, *args, **meta)
+    if N and S:
+        meta = _meta(q, chunk, shared, nreal is not None)
+        args = (perm, perm if nreal is None else nreal)
+        tail = (items, chunk, B, S, H, D, *_strides(q, k, v), float(scale) * LOG2E, float(scale))
+        grid = (cdiv(items, chunk), N)
+        _lsh_chunk_bwd_dq[grid](q, k, v, do, lse, delta, *args, dq, *tail, **meta)
+        _lsh_chunk_bwd_dkdv[grid](q, k, v, do, lse, delta, *args, dk, dv, *tail, **meta)
     if R == 1:
         return dq[0], dk[0], dv[0]
     return dq.sum(0), dk.sum(0), dv.sum(0)
@@ -376,29 +394,28 @@ class LSHAttention(torch.autograd.Function):
     original (B, S, H, D) tensors through the layout's indices."""
 
     @staticmethod
-    def forward(ctx, q, k, v, qpos, kpos, chunk, scale, shared, padded):
-        out, lse = lsh_forward(q, k, v, qpos, kpos, chunk, scale, shared, padded)
-        ctx.save_for_backward(q, k, v, out, lse, qpos, kpos)
-        ctx.args = (chunk, scale, shared, padded)
+    def forward(ctx, q, k, v, perm, nreal, chunk, scale, shared):
+        out, lse = lsh_forward(q, k, v, perm, nreal, chunk, scale, shared)
+        ctx.save_for_backward(q, k, v, out, lse, perm, nreal)
+        ctx.args = (chunk, scale, shared)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, qpos, kpos = ctx.saved_tensors
-        if dout is None:
-            return None, None, None, None, None, None, None, None, None
-        dq, dk, dv = lsh_backward(dout, q, k, v, out, lse, qpos, kpos, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, perm, nreal = ctx.saved_tensors
+        dq, dk, dv = lsh_backward(dout, q, k, v, out, lse, perm, nreal, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def lsh_attention(q, k, v, qpos, kpos, chunk: int, scale: float, shared: bool, padded: bool):
+def lsh_attention(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
     """out (B, S, H, D) q.dtype (rows without a real query or key: zeros), with autograd when an input needs
-    gradients. q, k, v (B, S, H, D) (k: the keys, the normalised queries under shared QK)."""
+    gradients. q, k, v (B, S, H, D) (k: the keys, the normalised queries under shared QK); perm, nreal, chunk,
+    shared from roberta_fast.lsh.slots."""
     q, k, v = (_unit_last(t) for t in (q, k, v))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return LSHAttention.apply(q, k, v, qpos, kpos, chunk, scale, shared, padded)[0]
-    return lsh_forward(q, k, v, qpos, kpos, chunk, scale, shared, padded)[0]
+        return LSHAttention.apply(q, k, v, perm, nreal, chunk, scale, shared)[0]
+    return lsh_forward(q, k, v, perm, nreal, chunk, scale, shared)[0]
 
 
 # ------------------------------------------------------------------------------ ahead-of-time specs
@@ -409,11 +426,12 @@ def aot_specs() -> list[AOTSpec]:
     head_dim 64) for the ahead-of-time compile check; the backward once, with shared QK (chunks of 64)
     left to the same code path."""
     f16 = ptr(torch.float16)
-    dims = {"L": "i32", "C": "i32", "B": "i32", "S": "i32", "H": "i32", "D": "i32",
+    dims = {"items": "i32", "C": "i32", "B": "i32", "S": "i32", "H": "i32", "D": "i32",
             **{f"stride_{t}{s}": "i32" for t in "qkv" for s in "bsh"}, "qk_scale": "fp32"}
-    meta = {"SHARED": "constexpr", "UPCAST": "constexpr", "BLOCK_C": "constexpr", "BLOCK_D": "constexpr"}
-    consts = {"SHARED": False, "UPCAST": False, "BLOCK_C": 128, "BLOCK_D": 64}
-    idx = {"QPOS": ptr(torch.int64), "KPOS": ptr(torch.int64)}
+    meta = {"SHARED": "constexpr", "MASKED": "constexpr", "UPCAST": "constexpr", "BLOCK_C": "constexpr",
+            "BLOCK_D": "constexpr"}
+    consts = {"SHARED": False, "MASKED": True, "UPCAST": False, "BLOCK_C": 128, "BLOCK_D": 64}
+    idx = {"PERM": ptr(torch.int64), "NREAL": ptr(torch.int32)}
     fwd = {"Q": f16, "K": f16, "V": f16, **idx, "O": f16, "LSE": "*fp32", **dims, **meta}
     bwd_in = {"Q": f16, "K": f16, "V": f16, "DO": f16, "LSE_ALL": "*fp32", "DELTA": "*fp32", **idx}
     dq = {**bwd_in, "DQ": f16, **dims, "sm_scale": "fp32", **meta}

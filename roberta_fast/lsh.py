@@ -32,6 +32,7 @@ pair a query with a key (separate k: half the slots hold no query, half no key).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -55,28 +56,44 @@ def rotations(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: in
     return r.to(device)
 
 
+@functools.lru_cache(maxsize=32)
+def _hash_matrix(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: int, device) -> torch.Tensor:
+    """[R, -R] (num_hashes, heads, head_dim, buckets) of `rotations`, made once per (seed, sizes, device): a
+    call draws nothing and copies nothing to the device; argmax(x [R, -R]) is the bucket."""
+    r = rotations(seed, num_hashes, heads, head_dim, buckets, "cpu")
+    return torch.cat([r, -r], dim=-1).to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _tiebreak(S: int, shared: bool, device) -> torch.Tensor:
+    """The order of the items inside a bucket, made once per (S, layout, device): position (shared QK), else
+    2 * position + (1 for a key), items being the S queries then the S keys."""
+    pos = torch.arange(S, device=device)
+    return pos if shared else torch.cat([2 * pos, 2 * pos + 1])
+
+
 def hash_buckets(x: torch.Tensor, rot: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """x (B, S, H, D), rot (R, H, D, nb / 2), valid bool (B, S) or None -> buckets int64 (R, B, H, S) in
-    [0, nb); invalid (padding) tokens get nb. One matmul and one argmax for every round."""
-    xr = torch.einsum("bshd,rhdn->rbhsn", x.detach().float(), rot)
-    b = torch.cat([xr, -xr], dim=-1).argmax(dim=-1)
+    """x (B, S, H, D), rot [R, -R] (R, H, D, nb) (`_hash_matrix`), valid bool (B, S) or None -> buckets int64
+    (R, B, H, S) in [0, nb); invalid (padding) tokens get nb. One matmul and one argmax for every round."""
+    b = torch.einsum("bshd,rhdn->rbhsn", x.detach().float(), rot).argmax(dim=-1)
     if valid is not None:
-        b = torch.where(valid[None, :, None, :], b, rot.shape[-1] * 2)
+        b = torch.where(valid[None, :, None, :], b, rot.shape[-1])
     return b
 
 
-def sort_items(q, k, key_padding_mask, rot, nb: int):
+def sort_items(q, k, key_padding_mask, seed: int, num_hashes: int, nb: int):
     """The sort every backend shares: (sorted keys, perm), both (R, B, H, items). Shared QK (k None): items
     are the S tokens, sorted by (bucket, position). Separate k: items are the S queries then the S keys,
     hashed together (one matmul) and sorted by (bucket, position, query before key). Padding items get
-    bucket nb and sort last: a sorted key >= nb * items marks one."""
-    S = q.shape[1]
-    pos = torch.arange(S, device=q.device)
+    bucket nb and sort last (after every real item of their row)."""
+    B, S, H, D = q.shape
+    rot = _hash_matrix(int(seed), num_hashes, H, D, nb, q.device)
+    tie = _tiebreak(S, k is None, q.device)
     if k is None:
-        return torch.sort(hash_buckets(q, rot, key_padding_mask) * S + pos, dim=-1)
+        return torch.sort(hash_buckets(q, rot, key_padding_mask) * S + tie, dim=-1)
     mask = None if key_padding_mask is None else torch.cat([key_padding_mask, key_padding_mask], dim=1)
     b = hash_buckets(torch.cat([q, k], dim=1), rot, mask)  # (R, B, H, 2S)
-    return torch.sort(b * (2 * S) + torch.cat([2 * pos, 2 * pos + 1]), dim=-1)
+    return torch.sort(b * (2 * S) + tie, dim=-1)
 
 
 class Plan(NamedTuple):
@@ -104,11 +121,10 @@ def plan(q, k, v, key_padding_mask, bucket_size: int, num_hashes: int, seed: int
     R, C = num_hashes, bucket_size
     shared = k is None
     nb = n_buckets(S, C)
-    rot = rotations(seed, R, H, D, nb, q.device)
     qh, vh = q.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
     valid = torch.ones(B, S, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     vfull = valid[None, :, None, :].expand(R, B, H, S)
-    perm = sort_items(q, k, key_padding_mask, rot, nb)[1]  # (R, B, H, items)
+    perm = sort_items(q, k, key_padding_mask, seed, R, nb)[1]  # (R, B, H, items)
     if shared:
         kh = torch.nn.functional.normalize(qh, dim=-1)
         items, chunk = S, C
@@ -145,41 +161,29 @@ def plan(q, k, v, key_padding_mask, bucket_size: int, num_hashes: int, seed: int
 
 
 class Slots(NamedTuple):
-    """The sorted, chunked layout as indices (no sorted copies): N = num_hashes * B * H rows of L slots, row
-    n = (r * B + b) * H + h. What the Triton backend's kernels read q, k, v through (kernels/lsh_attention.py)."""
+    """The sorted, chunked layout as the sort's own indices (no sorted copies): N = num_hashes * B * H rows,
+    row n = (r * B + b) * H + h, of `items` sorted items (S tokens with shared QK; S queries then S keys with
+    separate k) in chunks of `chunk`. What the Triton backend's kernels read q, k, v through
+    (kernels/lsh_attention.py): slot j of row n holds item perm[n, j]; the slots from nreal[b] on (padding
+    sorts last) and from `items` on (the tail of the last chunk) hold nothing."""
 
-    qpos: torch.Tensor  # (N, L) int64: the position of the slot's real query, -1 where it holds none
-    kpos: torch.Tensor  # (N, L) int64: the position of the slot's real key (and value), -1 where it holds none
+    perm: torch.Tensor  # (N, items) int64
+    nreal: torch.Tensor | None  # (B,) int32: real items per sequence; None without a key padding mask
     chunk: int
     shared: bool
 
 
 def slots(q, k, key_padding_mask, bucket_size: int, num_hashes: int, seed: int) -> Slots:
-    """The layout of `plan` (same hashing, same sort, same chunks) as slot -> position indices, in few ops:
-    one hashing matmul for every round, one argmax, one sort. q (B, S, H, D); k like q or None (shared QK: k
-    is not needed, the keys are the queries' positions)."""
+    """The layout of `plan` (the same hashing, sort and chunks) as the sort's indices: one hashing matmul for
+    every round (and queries and keys together), one argmax, one sort. q (B, S, H, D); k like q or None."""
     B, S, H, D = q.shape
-    R, C = num_hashes, bucket_size
     shared = k is None
-    nb = n_buckets(S, C)
-    vals, perm = sort_items(q, k, key_padding_mask, rotations(seed, R, H, D, nb, q.device), nb)
-    items = S if shared else 2 * S
-    real = vals < nb * items  # not a padding item
-    if shared:
-        qpos = kpos = torch.where(real, perm, -1)
-        chunk = C
-    else:
-        qpos = torch.where(real & (perm < S), perm, -1)
-        kpos = torch.where(real & (perm >= S), perm - S, -1)
-        chunk = 2 * C
-    L = max(1, -(-items // chunk)) * chunk
-
-    def rows(t):  # (R, B, H, items) -> (N, L), tail slots -1
-        t = t.reshape(R * B * H, items)
-        return torch.nn.functional.pad(t, (0, L - items), value=-1) if L > items else t
-
-    qpos = rows(qpos)
-    return Slots(qpos, qpos if shared else rows(kpos), chunk, shared)
+    perm = sort_items(q, k, key_padding_mask, seed, num_hashes, n_buckets(S, bucket_size))[1]
+    nreal = None
+    if key_padding_mask is not None:
+        nreal = key_padding_mask.sum(dim=1, dtype=torch.int32)
+    return Slots(perm.view(num_hashes * B * H, perm.shape[-1]), nreal, bucket_size if shared else 2 * bucket_size,
+                 shared)
 
 
 def chunk_attention(qs, ks, vs, kvalid, chunk: int, scale: float, shared: bool, *, same_dtype: bool = False):

@@ -79,8 +79,7 @@ def _triton_padded(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, sca
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     sl = lsh.slots(q, k, key_padding_mask, bucket_size, num_hashes, seed)
     keys = torch.nn.functional.normalize(q, dim=-1) if k is None else k
-    return _kernel().lsh_attention(q, keys, v, sl.qpos, sl.kpos, sl.chunk, float(scale), sl.shared,
-                                   key_padding_mask is not None)
+    return _kernel().lsh_attention(q, keys, v, sl.perm, sl.nreal, sl.chunk, float(scale), sl.shared)
 
 
 def lsh_attention(q, k, v, *, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0, scale=None,

@@ -14,6 +14,7 @@ import torch
 from roberta_fast.kernels import attention as kattn
 from roberta_fast.kernels import bias_gelu as kgelu
 from roberta_fast.kernels import layer_norm as kln
+from roberta_fast.kernels import linear as klin
 from roberta_fast.kernels import masked_softmax as ksm
 
 from roberta_fast import backends, ops, testing, tuned, tuning
@@ -452,7 +453,7 @@ def test_a_tuned_order_wins_over_the_architecture_default(fake_gpu, monkeypatch)
 # ------------------------------------------------------------------------------- Triton block configs
 
 KERNEL_FILES = {"attention": kattn, "attention_varlen": kattn, "layer_norm": kln, "bias_gelu": kgelu,
-                "masked_softmax": ksm}
+                "masked_softmax": ksm, "linear": klin}
 CPU = torch.device("cpu")
 
 
@@ -757,6 +758,23 @@ def test_cache_round_trip_with_configs(fake_gpu, monkeypatch):
     tuned.save_entries([dict(e, triton_configs={"fwd": [8, 256, 8]})], FAKE_ID)
     assert not kgelu._TUNED.active and first("bias_gelu", key) == "triton"
     assert kgelu._TUNED.pick("fwd", CUDA0, "bias_gelu", key) == (8, 256, 8)
+
+
+def test_linear_configs_reach_the_kernel_file_through_the_registry(fake_gpu):
+    """A saved linear tuning with Triton configs (FFN1 at 16k tokens, train: the forward's and the two backward
+    GEMMs' classes) is read for cuda:0 and installed in kernels/linear.py (connected by the registry like the
+    other kernel files); another bucket keeps the defaults."""
+    fixed, tok = tuned.bucket("linear", (16384, 3072, 768, "float16"))
+    cfgs = {"fwd": [128, 256, 64, 8, 8, 4], "bwd_dx": [256, 128, 64, 8, 8, 3], "bwd_dw": [128, 64, 64, 8, 4, 4]}
+    tuned.save_entries([dict(entry("linear", fixed, tok, ["triton", "torch"], mode="train"), triton_configs=cfgs)],
+                       FAKE_ID)
+    key = (16384, 3072, 768, torch.float16)
+    backends.implementation("triton", "linear")  # the registry connects the kernel files (as on any use)
+    assert backends.resolve("linear", "triton", CUDA0, tune_key=(16384, 3072, 768, "float16")) == "triton"
+    assert {c: klin._TUNED.pick(c, CUDA0, "linear", key) for c in cfgs} == {c: tuple(v) for c, v in cfgs.items()}
+    assert klin._TUNED.pick("fwd", CUDA0, "linear", (16384, 768, 3072, torch.float16)) is None  # another bucket
+    tuned.reset()
+    assert not klin._TUNED.active
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -126,7 +126,8 @@ def plan(q, k, v, key_padding_mask, bucket_size: int, num_hashes: int, seed: int
     vfull = valid[None, :, None, :].expand(R, B, H, S)
     perm = sort_items(q, k, key_padding_mask, seed, R, nb)[1]  # (R, B, H, items)
     if shared:
-        kh = torch.nn.functional.normalize(qh, dim=-1)
+        real = qh if key_padding_mask is None else torch.where(key_padding_mask[:, None, :, None], qh, 0.0)
+        kh = torch.nn.functional.normalize(real, dim=-1)  # padding zeroed: NaN there stays out of dq
         items, chunk = S, C
         qsrc, ksrc, vsrc = qh, kh, vh
         is_q = is_k = torch.gather(vfull, 3, perm)

@@ -182,12 +182,17 @@ def test_gradients_match_float64(shared):
 # ------------------------------------------------------------------------------ triton vs the reference
 
 
-def _check_triton(dtype, shared, mask_lens=None, varlen=False, grads=False):
+def _check_triton(dtype, shared, mask_lens=None, varlen=False, grads=False, num_hashes=2):
+    """The triton op against the float64 reference (2x rule), forward and, with grads, dq / dk / dv; with a
+    mask, the padded positions of q, k, v hold NaN (never read: every result stays finite)."""
     B, S, H, D, C = 2, 45, 2, 16, 8
     q, k, v = _qkv(B, S, H, D, dtype, seed=3, device=DEV)
-    kw = dict(bucket_size=C, num_hashes=2, seed=1)
+    kw = dict(bucket_size=C, num_hashes=num_hashes, seed=1)
     do = torch.randn(B, S, H, D, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
     mask = None if mask_lens is None else _mask(B, S, mask_lens, DEV)
+    if mask is not None:
+        for t in (q, k, v):
+            t[~mask] = float("nan")
     if varlen:
         lens = [S, 17]
         cu = torch.tensor([0, S, S + 17], dtype=torch.int32, device=DEV)
@@ -218,6 +223,7 @@ def _check_triton(dtype, shared, mask_lens=None, varlen=False, grads=False):
     assert_rule(ours[0], ref[0], same[0])
     for name, a, r, s in zip("qkv", ours[1], ref[1], same[1]):
         if a is not None:
+            assert torch.isfinite(a).all(), f"d{name} not finite"
             assert_rule(a, r, s, name=f"d{name}")
 
 
@@ -228,8 +234,15 @@ def test_triton_forward_matches_reference(dtype):
 
 
 @TRITON
-def test_triton_shared_qk_and_gradients():
-    _check_triton(F16, shared=True, mask_lens=[45, 30], grads=True)
+@pytest.mark.parametrize("dtype, shared, mask_lens, num_hashes", [
+    (F16, True, [45, 30], 2),  # shared QK, padded (NaN in the padding)
+    (F16, False, [45, 30], 2),  # separate keys, padded: the joint sort's chunks of 2C slots
+    (BF16, True, None, 3),  # no mask: every position written by every round; three rounds
+    (F32, False, None, 1),  # one round
+])
+def test_triton_gradients(dtype, shared, mask_lens, num_hashes):
+    """The Triton backward (dq, dk, dv from the combined lse) against float64 autograd of the reference."""
+    _check_triton(dtype, shared=shared, mask_lens=mask_lens, grads=True, num_hashes=num_hashes)
 
 
 @TRITON

@@ -78,7 +78,10 @@ def _triton_padded(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, sca
     are. Padded query rows give zeros."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     sl = lsh.slots(q, k, key_padding_mask, bucket_size, num_hashes, seed)
-    keys = torch.nn.functional.normalize(q, dim=-1) if k is None else k
+    keys = k
+    if k is None:  # shared QK: the keys are the normalised queries (padding zeroed: NaN there stays out of dq)
+        real = q if key_padding_mask is None else torch.where(key_padding_mask[:, :, None, None], q, 0.0)
+        keys = torch.nn.functional.normalize(real, dim=-1)
     return _kernel().lsh_attention(q, keys, v, sl.perm, sl.nreal, sl.chunk, float(scale), sl.shared)
 
 

@@ -407,3 +407,54 @@ def test_bench_rows_validate_and_render(monkeypatch):
     assert all(r["error"] is None and r["ms_p50"] > 0 for r in rows[:4])
     md = report.to_markdown(doc)
     assert "## LSH attention against exact attention" in md and "| random | 48 | 48 | 0.000 | 1.000 |" in md
+
+
+# ----------------------------------------------------------------------------------- launches per call
+
+_ALLOC_ONLY = {"empty", "empty_strided", "new_empty", "scalar_tensor"}  # allocation / host scalars: no kernel
+
+
+def _launches(monkeypatch, fn, grad=False):
+    """(torch ops that launch a kernel, Triton launches) of fn, the Triton kernels replaced by recorders (so
+    the interpreter's own tensor traffic is not counted)."""
+    from roberta_fast.kernels import lsh_attention as kmod
+
+    from benchmarks.layers import count_ops
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append(self.name)
+
+    for name in ("_lsh_chunk_fwd", "_lsh_combine", "_lsh_chunk_bwd_dq", "_lsh_chunk_bwd_dkdv"):
+        monkeypatch.setattr(kmod, name, Recorder(name))
+    fn()  # the cached rotations and tie-break made outside the count
+    launched.clear()
+    ops = count_ops(fn, grad=grad)
+    return {k: n for k, n in ops.items() if k not in _ALLOC_ONLY}, launched
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_launches_per_call(monkeypatch, shared, masked):
+    """The triton backend's forward: the hashing (one matmul for every round, queries and keys together, its
+    input cast and transposed, one argmax), the sort key, one sort, then one launch for every round's chunked
+    attention and one combining the rounds; no gathers, no un-sort. Counted so it cannot regress (the
+    figures docs/lsh_attention.md gives)."""
+    q, k, v = _qkv(1, 64, 2, 16, F16)
+    mask = _mask(1, 64, [50]) if masked else None
+    kk = None if shared else k
+    torch_ops, triton = _launches(monkeypatch, lambda: lsh_attention(
+        q, kk, v, key_padding_mask=mask, bucket_size=8, num_hashes=2, backend="triton"))
+    assert triton == ["_lsh_chunk_fwd", "_lsh_combine"]
+    assert not {"gather", "index_select", "scatter", "argsort"} & set(torch_ops), torch_ops
+    # hashing: _to_copy (fp16 -> fp32), clone (per-head layout), bmm, argmax; sort key: mul, add; sort.
+    # separate keys: cat (queries and keys hashed together), with a mask cat (its copy for the keys);
+    # shared QK: the normalised keys (linalg_vector_norm, clamp_min, div), with a mask where (padding zeroed);
+    # with a mask: where (padding's bucket), sum (real tokens per sequence), full (per-round lse at -inf)
+    want = {(False, False): 8, (True, False): 10, (False, True): 12, (True, True): 14}[(shared, masked)]
+    assert sum(torch_ops.values()) == want, sorted(torch_ops.items())

@@ -75,4 +75,6 @@ def test_compile_targets(cc, compiled, capsys):
     gemm = [r for r in rows if r["kernel"].startswith(("linear_ffn1", "linear_proj"))]  # kernels/linear.py
     assert gemm, "the fused-epilogue GEMM (kernels/linear.py) was not compiled"
     assert all(r["mma"] == ("HGMMA" if cc >= 90 else "HMMA") for r in gemm), [(r["kernel"], r["mma"]) for r in gemm]
+    lsh = [r for r in rows if r["kernel"].startswith("lsh_attention_bwd")]  # kernels/lsh_attention.py's backward
+    assert len(lsh) == 2 and all(r["mma"] == ("HGMMA" if cc >= 90 else "HMMA") for r in lsh), lsh
     assert returncode == 0, stderr[-2000:]

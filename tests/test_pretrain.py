@@ -1,7 +1,7 @@
 """MLM pretraining (roberta_fast.pretrain, `roberta-fast pretrain`): the streamed corpus and its packing, the
 byte-level BPE tokenizer, exact resume, the saved checkpoint in transformers and in ours, the CLI's errors, and
-that a tiny model pretrained on the built-in corpus learns the unigram distribution of the masked tokens (going
-below it, i.e. reading the context, is the opt-in test_default_cli_run_reads_the_context: not reached yet)."""
+that the tiny preset pretrained on the built-in corpus reads the context: its masked-LM loss on held-out modules
+ends below their unigram entropy (the best loss of any predictor that ignores the context)."""
 
 import json
 import os
@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from roberta_fast.cli import main as cli_main
-from roberta_fast.data import MLMCollator, pack
+from roberta_fast.data import pack
 from roberta_fast.pretrain import (
     BUILTIN_MODULES,
+    PRESETS,
     Corpus,
     CorpusError,
     PackedStream,
@@ -23,7 +24,6 @@ from roberta_fast.pretrain import (
     Pretrainer,
     TokenizerError,
     builtin_documents,
-    pretrain,
     train_bpe,
     unigram_entropy,
     write_builtin_corpus,
@@ -32,6 +32,9 @@ from roberta_fast.pretrain import tokenizer as T
 
 pytest.importorskip("tokenizers")
 
+# the default run's held-out MLM loss must end this far (nats) below the held-out unigram entropy: measured 1.51
+# (3.72 vs 5.23) on 2026-12-01 on the 2-core machine (docs/pretraining.md)
+DEFAULT_MARGIN = 1.0
 # a small encoder for the fast tests (the shape of a config.json; --model takes the file)
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 
@@ -294,45 +297,15 @@ def test_accumulation_equals_a_larger_step_split(builtin_dir, small_config, tmp_
 # ------------------------------------------------------------------------------------------------ learning
 
 
-def _eval_with_and_without_context(out, corpus, batches=6, seed=1234):
-    """At masked positions of `corpus` where every chosen token is <mask> (mask_prob 1: the input never shows the
-    answer): the model's cross entropy with the real context, the same with every other ordinary token replaced by
-    a random one (the context destroyed, the positions kept), and the number of targets."""
-    from roberta_fast import RobertaForMaskedLM
-
-    model = RobertaForMaskedLM.from_pretrained(str(out)).eval()
-    tok = T.load(out)
-    ids = T.special_ids(tok)
-    V = tok.get_vocab_size()
-    stream = PackedStream(Corpus(corpus), lambda ts: [e.ids for e in tok.encode_batch(ts, add_special_tokens=False)],
-                          max_tokens=2048, max_seqlen=model.config.max_position_embeddings - ids["pad"] - 1)
-    col = MLMCollator(V, ids["mask"], ids["all"], pad_token_id=ids["pad"], mask_prob=1.0, random_prob=0.0, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    real = rand = 0.0
-    n = 0
-    with torch.no_grad():
-        for k in range(batches):
-            x, att = stream.next_batch().to_padded(ids["pad"])
-            inputs, labels = col(x, step=k, attention_mask=att)
-            keep = labels != -100
-            other = ~keep & ~torch.isin(inputs, torch.tensor(ids["all"]))
-            noisy = inputs.clone()
-            noisy[other] = torch.randint(max(ids["all"]) + 1, V, (int(other.sum()),), generator=gen)
-            for name, inp in (("real", inputs), ("rand", noisy)):
-                logits = model(input_ids=inp, attention_mask=att).logits
-                ce = F.cross_entropy(logits[keep].double(), labels[keep], reduction="sum").item()
-                real, rand = (real + ce, rand) if name == "real" else (real, rand + ce)
-            n += int(keep.sum())
-    return real / n, rand / n, n
-
-
 def test_unigram_entropy():
     assert unigram_entropy(torch.tensor([0, 5, 5, 5, 5])) == pytest.approx(torch.log(torch.tensor(4.0)).item())
     assert unigram_entropy(torch.tensor([0, 7, 0])) == 0.0
 
 
 def test_small_run_learns_the_token_distribution(builtin_dir, small_config, tmp_path):
-    """The fast version of the next test: a hidden-32 model, 80 steps of 256 tokens, vocabulary 300."""
+    """The fast stand-in for test_default_cli_run_reads_the_context (minutes: the tiny preset leaves the unigram
+    plateau after ~1,200 steps): a hidden-32 model, 80 steps of 256 tokens, vocabulary 300, falls from about
+    ln(vocabulary) to the unigram entropy of the masked targets."""
     res = Pretrainer(_small_args(builtin_dir, tmp_path / "o", small_config, max_steps=80, batch_tokens=256,
                                  lr=5e-3)).fit()
     losses = [v for _, v in res.losses]
@@ -340,48 +313,57 @@ def test_small_run_learns_the_token_distribution(builtin_dir, small_config, tmp_
     assert last < first - 0.5 and last < res.unigram_entropy + 0.3, (first, last, res.unigram_entropy)
 
 
-@pytest.mark.slow
-def test_short_run_learns_the_token_distribution(builtin_dir, tmp_path):
-    """150 steps of the tiny preset (sequences of 64, micro-batches of 1024 tokens): the loss falls from about
-    ln(vocabulary) (random init predicts nearly uniformly) to the unigram entropy of the masked targets, the loss of
-    the best predictor that ignores the context (see test_default_cli_run_reads_the_context for why)."""
-    res = pretrain(corpus=builtin_dir, output=str(tmp_path / "o"), max_steps=150, max_seqlen=64, batch_tokens=1024,
-                   lr=2e-3, progress=False, save_every=0, device="cpu")
-    losses = [v for _, v in res.losses]
-    first, last = sum(losses[:5]) / 5, sum(losses[-20:]) / 20
-    assert first > torch.log(torch.tensor(1024.0)).item() - 0.5, first
-    assert last < res.unigram_entropy + 0.15, (last, res.unigram_entropy)
-    assert last < first - 0.8
+def test_mlm_eval_baselines(builtin_dir, small_config, tmp_path):
+    """pretrain.evaluate.mlm_eval: the unigram entropy is that of every ordinary token read (not of the small
+    sample of targets, whose plug-in entropy is biased low), the cross entropy under the training targets'
+    distribution is >= it, and an untrained model is no better than either."""
+    from roberta_fast.pretrain.evaluate import mlm_eval
+
+    out = tmp_path / "o"
+    held = _write_docs(tmp_path / "held", {"a.txt": "\n\n".join(list(Corpus(builtin_dir).texts())[-40:])})
+    p = Pretrainer(_small_args(builtin_dir, out, small_config, max_steps=1))
+    p.fit()
+    r = mlm_eval(out, held, train_counts=p.target_counts, random_context=True)
+    tok = T.load(out)
+    counts = torch.zeros(tok.get_vocab_size(), dtype=torch.int64)
+    for text in Corpus(held).texts():
+        counts += torch.bincount(torch.tensor(tok.encode(text, add_special_tokens=False).ids),
+                                 minlength=tok.get_vocab_size())
+    assert r["tokens"] == int(counts.sum()) and r["unigram_entropy"] == pytest.approx(unigram_entropy(counts))
+    assert 0.1 * r["tokens"] < r["targets"] < 0.2 * r["tokens"]
+    assert r["unigram_cross_entropy"] > r["unigram_entropy"]
+    assert r["loss"] > r["unigram_entropy"] and r["random_loss"] > r["unigram_entropy"]
+
+
+def _beats_unigram(e, margin):
+    return (f"held-out MLM loss {e['loss']:.3f} nats (random context {e['random_loss']:.3f}), unigram entropy "
+            f"{e['unigram_entropy']:.3f}, training unigram {e['unigram_cross_entropy']:.3f}; margin wanted {margin}")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ROBERTA_FAST_PRETRAIN_LONG") != "1",
-                    reason="opt-in (ROBERTA_FAST_PRETRAIN_LONG=1): the whole default run (minutes), and its "
-                           "context margin is not reached yet on the CPU default (issue 14: the tiny model stays at "
-                           "the unigram entropy through 1,200 steps)")
 def test_default_cli_run_reads_the_context(tmp_path):
-    """`roberta-fast pretrain --output DIR`, the whole default run (built-in corpus, tiny preset, 1000 steps) as a
-    process; then what it learned.
+    """`roberta-fast pretrain --output DIR`, the whole default run (built-in corpus, tiny preset, default steps) as a
+    process, then what it learned, on the tenth of the built-in modules it held out (OUTPUT/builtin-heldout).
 
-    The baseline is the unigram entropy H(p) of the masked targets, p their token distribution: a predictor that
+    The baseline is the unigram entropy H(p) of the held-out tokens, p their token distribution: a predictor that
     ignores the context gives every masked position one fixed distribution q, and its mean cross entropy is
-    H(p) + KL(p || q) >= H(p). Only reading the unmasked neighbours can go below it. The training loss is not the
-    measure on its own: at the 10% of targets left unchanged the input shows the answer (worth about 0.45 nats at
-    H = 6 without any context), so the context is measured directly: the same model, the same masked positions
-    (every chosen token <mask>), with the real context and with the other tokens replaced by random ones."""
+    H(p) + KL(p || q) >= H(p) (p fitted to the held-out text itself: an oracle no context-free model trained on
+    other text reaches). Only reading the unmasked neighbours can go below it. Every chosen token is <mask> in the
+    evaluation: the training loss alone is not the measure, since at the 10% of targets left unchanged the input
+    shows the answer. The same model with the context replaced by random tokens is checked to lose what it gained."""
     out = tmp_path / "o"
     p = subprocess.run([sys.executable, "-m", "roberta_fast.cli", "pretrain", "--output", str(out), "--no-progress"],
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "model written to" in p.stdout and "tokens/s" in p.stderr
+    assert "model written to" in p.stdout and "tokens/s" in p.stderr and "held-out" in p.stderr
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     train = [r["loss"] for r in rows if r["type"] == "train"]
-    h = rows[-1]["unigram_entropy"]
-    assert len(train) == 1000 and sum(train[-50:]) / 50 < h - 0.5, (sum(train[-50:]) / 50, h)
-    real, rand, n = _eval_with_and_without_context(out, out / "builtin-corpus")
-    assert n > 1000
-    assert real < rand - 0.03, f"MLM loss with the real context {real:.3f}, with a random one {rand:.3f} nats"
-    assert real < h, (real, h)
+    assert len(train) == PRESETS["tiny"]["max_steps"]
+    e = rows[-1]["eval"]
+    assert e["targets"] > 5000
+    assert e["loss"] < e["unigram_entropy"] - DEFAULT_MARGIN, _beats_unigram(e, DEFAULT_MARGIN)
+    assert e["loss"] < e["unigram_cross_entropy"] - DEFAULT_MARGIN, _beats_unigram(e, DEFAULT_MARGIN)
+    assert e["random_loss"] > e["loss"] + DEFAULT_MARGIN, _beats_unigram(e, DEFAULT_MARGIN)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -407,7 +389,7 @@ def test_subcommand_list_is_complete():
     (["--output", "{tmp}/file.txt"], "exists and is not a folder"),
     (["--output", "{out}", "--corpus", "{tmp}/emptydir"], "has no files"),
     (["--output", "{out}", "--vocab-size", "100"], "vocab_size must be >= 262"),
-    (["--output", "{out}", "--batch-tokens", "64"], "batch_tokens (64) must be >= max_seqlen (128)"),
+    (["--output", "{out}", "--batch-tokens", "8"], "batch_tokens (8) must be >= max_seqlen (16)"),
 ])
 def test_cli_errors_exit_2(tmp_path, capsys, argv, msg):
     (tmp_path / "file.txt").write_text("x")

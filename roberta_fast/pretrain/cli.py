@@ -12,21 +12,24 @@ import sys
 from ..train.cli import fail, run_main
 
 # the PretrainArgs fields set from flags of the same name (dashes for underscores); None = PretrainArgs' default
-_FLAGS = ("corpus", "model", "tokenizer", "vocab_size", "min_frequency", "max_seqlen", "packing", "max_steps",
-          "batch_tokens", "accumulation", "lr", "weight_decay", "warmup_steps", "warmup_ratio", "clip", "precision",
-          "mlm_probability", "mask_prob", "random_prob", "dropout", "seed", "save_every", "keep_checkpoints", "resume",
-          "log_every", "device", "backend")
+_FLAGS = ("corpus", "eval_corpus", "model", "tokenizer", "vocab_size", "min_frequency", "max_seqlen", "packing",
+          "max_steps", "batch_tokens", "accumulation", "lr", "weight_decay", "warmup_steps", "warmup_ratio", "clip",
+          "precision", "mlm_probability", "mask_prob", "random_prob", "dropout", "seed", "save_every",
+          "keep_checkpoints", "resume", "log_every", "device", "backend")
 
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--corpus", metavar="DIR",
                    help="folder of text files (documents separated by blank lines; read lazily); default: the built-in "
                         "corpus (docstrings of Python's standard library), written to OUTPUT/builtin-corpus")
+    p.add_argument("--eval-corpus", metavar="DIR",
+                   help="held-out text files: the masked-LM loss on them (every chosen token <mask>) against their "
+                        "unigram entropy, at the end; default with the built-in corpus: its held-out tenth")
     p.add_argument("--output", metavar="DIR", help="output folder: the model (config.json, model.safetensors, "
                    "tokenizer.json), metrics.jsonl, checkpoints/")
     g = p.add_argument_group("model and tokenizer")
     g.add_argument("--model", metavar="PRESET|CONFIG",
-                   help="tiny (default: hidden 128, 2 layers, vocabulary 1024, sequences of 128), base (roberta-base's "
+                   help="tiny (default: hidden 128, 2 layers, vocabulary 512, sequences of 16), base (roberta-base's "
                         "shape) or a config.json whose encoder shape to use")
     g.add_argument("--tokenizer", metavar="PATH",
                    help="reuse this tokenizer.json (or a folder with one); default: train byte-level BPE on the corpus")
@@ -39,10 +42,10 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--dropout", type=float, help="hidden and attention dropout (tiny: 0, base: 0.1)")
     g.add_argument("--backend", choices=("torch", "triton", "cuda"), help="op backend (default: automatic)")
     g = p.add_argument_group("schedule")
-    g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (tiny: 1000, base: 100000)")
+    g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (tiny: 2000, base: 100000)")
     g.add_argument("--batch-tokens", type=int, metavar="N", help="tokens per device and micro-batch (tiny: 2048)")
     g.add_argument("--accumulation", type=int, metavar="K", help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (tiny: 1e-3, base: 6e-4)")
+    g.add_argument("--lr", type=float, help="peak learning rate (tiny: 2e-3, base: 6e-4)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay of matrices (default 0.01)")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: --warmup-ratio of the steps)")
     g.add_argument("--warmup-ratio", type=float, help="default 0.06")
@@ -76,6 +79,8 @@ def _check(args) -> str | None:
         return f"--output {args.output!r} exists and is not a folder"
     if args.corpus is not None and not os.path.isdir(args.corpus):
         return f"--corpus {args.corpus!r} is not a folder (a folder of text files is expected)"
+    if args.eval_corpus is not None and not os.path.isdir(args.eval_corpus):
+        return f"--eval-corpus {args.eval_corpus!r} is not a folder (a folder of text files is expected)"
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
         return f"--tokenizer {args.tokenizer!r} does not exist (a tokenizer.json or a folder holding one)"
     from .trainer import PRESETS

@@ -87,15 +87,22 @@ def builtin_documents():
             yield name, docs
 
 
-def write_builtin_corpus(folder) -> str:
+HELDOUT_EVERY = 10  # with a held-out folder: modules 9, 19, 29, ... of the built-in corpus go there
+
+
+def write_builtin_corpus(folder, heldout=None) -> str:
     """The built-in corpus as text files in `folder` (one per module, its docstrings separated by blank lines),
-    each written only when its content differs (so a resumed run finds the same files untouched)."""
+    each written only when its content differs (so a resumed run finds the same files untouched). With `heldout`
+    (a folder), every HELDOUT_EVERY-th module is written there instead: text the model never trains on."""
     from ..train.checkpoint import atomic_text
 
     os.makedirs(folder, exist_ok=True)
+    if heldout is not None:
+        os.makedirs(heldout, exist_ok=True)
     for i, (name, docs) in enumerate(builtin_documents()):
         text = "\n\n".join(docs) + "\n"
-        path = os.path.join(folder, f"{i:03d}-{name}.txt")
+        held = heldout is not None and i % HELDOUT_EVERY == HELDOUT_EVERY - 1
+        path = os.path.join(heldout if held else folder, f"{i:03d}-{name}.txt")
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 if f.read() == text:

@@ -40,10 +40,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 # model presets: the encoder's shape and the run's defaults that go with it
 PRESETS = {
-    # 0.5 M parameters. On the built-in corpus it reaches the unigram level in ~150 steps and starts to read the
-    # context after a few hundred (docs/pretraining.md has the figures): 1000 steps are a few CPU minutes
+    # 0.5 M parameters, sequences of 16 tokens. On the built-in corpus a masked token's prediction starts to use its
+    # neighbours after ~300 steps (the plateau at the unigram entropy lasts longer the longer the sequences: 128
+    # tokens had not left it after 1,200 steps); docs/pretraining.md has the figures. A few CPU minutes
     "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 512,
-             "vocab_size": 1024, "max_seqlen": 128, "batch_tokens": 2048, "lr": 1e-3, "max_steps": 1000,
+             "vocab_size": 512, "max_seqlen": 16, "batch_tokens": 2048, "lr": 2e-3, "max_steps": 2000,
              "dropout": 0.0},
     # roberta-base's shape (125 M parameters with a 50,265 vocabulary); RoBERTa's peak lr for a batch of 8k x 512
     "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -60,6 +61,7 @@ class PretrainArgs:
     """Every option of a pretraining run (the CLI's flags, same names with dashes)."""
 
     corpus: str | None = None  # folder of text files; None: the built-in corpus, written to OUTPUT/builtin-corpus
+    eval_corpus: str | None = None  # held-out text files evaluated at the end (built-in: OUTPUT/builtin-heldout)
     output: str = "pretrain_out"
     model: str = "tiny"  # a preset (tiny | base) or a config.json whose encoder shape to use
     tokenizer: str | None = None  # reuse this tokenizer.json (or folder); None: train byte-level BPE on the corpus
@@ -122,6 +124,8 @@ class PretrainArgs:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.corpus is not None and not os.path.isdir(self.corpus):
             raise ValueError(f"corpus folder {self.corpus!r} does not exist (or is not a folder)")
+        if self.eval_corpus is not None and not os.path.isdir(self.eval_corpus):
+            raise ValueError(f"eval_corpus folder {self.eval_corpus!r} does not exist (or is not a folder)")
         return self
 
     def resolved(self) -> PretrainArgs:
@@ -155,6 +159,7 @@ class PretrainResult:
     tokens: int = 0  # real tokens trained on by this process's steps (all ranks)
     seconds: float = 0.0
     unigram_entropy: float | None = None  # nats: the entropy of the masked targets' token distribution (all steps)
+    eval: dict | None = None  # pretrain.evaluate.mlm_eval on the held-out corpus at the end (rank 0)
     skipped_steps: int = 0
     resumed_from: str | None = None
 
@@ -179,11 +184,13 @@ class Pretrainer(RunBase):
             os.makedirs(a.output, exist_ok=True)
         # the corpus (the built-in one: each rank writes its own copy, as the fine-tuning --builtin does, so that
         # nodes need not share a file system) and the tokenizer (decided on rank 0 and sent to the others)
-        corpus_dir = a.corpus
-        if corpus_dir is None:
+        corpus_dir, self.eval_dir = a.corpus, a.eval_corpus
+        if corpus_dir is None:  # a tenth of its modules held out for the evaluation at the end
             r = self.dist.rank
-            corpus_dir = write_builtin_corpus(os.path.join(a.output, "builtin-corpus" if r == 0 else
-                                                           f"builtin-corpus-rank{r}"))
+            suffix = "" if r == 0 else f"-rank{r}"
+            held = os.path.join(a.output, "builtin-heldout" + suffix)
+            corpus_dir = write_builtin_corpus(os.path.join(a.output, "builtin-corpus" + suffix), heldout=held)
+            self.eval_dir = self.eval_dir or held
         self.corpus = Corpus(corpus_dir, seed=a.seed)
         self.tokenizer = self._tokenizer()
         ids = T.special_ids(self.tokenizer)
@@ -392,6 +399,17 @@ class Pretrainer(RunBase):
         result.steps, result.skipped_steps = step, self.skipped
         if self.target_counts.sum() > 0:
             result.unigram_entropy = unigram_entropy(self.target_counts)
+        if self.is_main and self.eval_dir is not None:
+            from .evaluate import mlm_eval
+
+            t1 = time.perf_counter()
+            result.eval = mlm_eval(a.output, self.eval_dir, train_counts=self.target_counts, random_context=True)
+            e = result.eval
+            self.log(f"held-out ({self.eval_dir}, {e['targets']:,} targets, every one <mask>): MLM loss "
+                     f"{e['loss']:.3f} nats; unigram entropy of its tokens {e['unigram_entropy']:.3f} "
+                     f"({e['unigram_entropy'] - e['loss']:+.3f} below it), the training targets' unigram "
+                     f"{e['unigram_cross_entropy']:.3f}; with a random context {e['random_loss']:.3f} "
+                     f"({time.perf_counter() - t1:.1f} s)")
         if self.is_main:
             last = [v for _, v in result.losses[-10:]]
             tail = f"; mean loss of the last {len(last)} steps {sum(last) / len(last):.3f} nats" if last else ""
@@ -400,7 +418,8 @@ class Pretrainer(RunBase):
             self.log(f"done: {step} steps, {tokens:,} tokens in {result.seconds:.1f} s "
                      f"({tokens / max(1e-9, result.seconds):,.0f} tokens/s){tail}{uni}; model written to {a.output}")
             self._write_metrics({"type": "summary", "step": step, "tokens": self.tokens_total,
-                                 "unigram_entropy": result.unigram_entropy, "seconds": result.seconds})
+                                 "unigram_entropy": result.unigram_entropy, "seconds": result.seconds,
+                                 "eval": result.eval})
         self.dist.close()
         return result
 

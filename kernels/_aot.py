@@ -22,6 +22,8 @@ class AOTSpec:
     # arguments Triton's launcher marks as divisible by 16 when the tensors are aligned (the usual case at
     # run time); a spec that names any is also compiled as that second, aligned variant
     aligned: tuple = ()
+    aligned_only: bool = False  # launched only on aligned tensors (e.g. TMA descriptors): no unaligned variant
+    min_cc: int = 0  # compiled only for targets of at least this compute capability (e.g. 90: sm_90 only)
 
 
 TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -58,8 +60,11 @@ def cuobjdump_path():
     return str(cand) if cand.exists() else shutil.which("cuobjdump")
 
 
-def all_specs(files=KERNEL_FILES):
+def all_specs(files=KERNEL_FILES, every_candidate: bool = False):
+    """Every file's aot_specs(); every_candidate: also the tuning candidates a file compiles only on request
+    (kernels/linear.py: `aot_specs(every_candidate=True)`; too many for the CI check)."""
     import importlib
+    import inspect
 
     out = []
     for f in files:
@@ -69,7 +74,8 @@ def all_specs(files=KERNEL_FILES):
             if e.name == f"roberta_fast.kernels.{f}":
                 continue
             raise
-        out += list(mod.aot_specs())
+        takes = "every_candidate" in inspect.signature(mod.aot_specs).parameters
+        out += list(mod.aot_specs(every_candidate=True) if every_candidate and takes else mod.aot_specs())
     return out
 
 
@@ -156,15 +162,17 @@ def main(argv=None):
     ap.add_argument("--cc", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--files", nargs="+", default=list(KERNEL_FILES))
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--every-candidate", action="store_true",
+                    help="also compile the tuning candidates a kernel file leaves out of the CI check (linear's)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run the compile check without TRITON_INTERPRET=1")
     tool = cuobjdump_path()
     if tool is None:
         raise SystemExit("no cuobjdump (neither in the triton package nor on PATH)")
-    specs = all_specs(args.files)
-    rows = [compile_and_inspect(s, cc, tool, aligned) for cc in args.cc for s in specs
-            for aligned in ((False, True) if s.aligned else (False,))]
+    specs = all_specs(args.files, args.every_candidate)
+    rows = [compile_and_inspect(s, cc, tool, aligned) for cc in args.cc for s in specs if cc >= s.min_cc
+            for aligned in ((True,) if s.aligned_only else (False, True) if s.aligned else (False,))]
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -86,7 +86,15 @@ def _linear_kernel(
         a_ptr += BLOCK_K * stride_ak
         b_ptr += BLOCK_K * stride_bk
 
-    # the epilogue, in registers
+    _epilogue(acc, rows, cols, M, N, BIAS, R, C, PRE, stride_rm, stride_cm, HAS_BIAS, ACT, HAS_RES, SAVE_PRE)
+
+
+@triton.jit
+def _epilogue(acc, rows, cols, M, N, BIAS, R, C, PRE, stride_rm, stride_cm, HAS_BIAS: tl.constexpr,
+              ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr):
+    """The epilogue, in registers: + bias, store pre, act, + residual, one store of C (rows, cols: int64)."""
+    row_ok = rows < M
+    col_ok = cols < N
     ok = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -97,6 +105,55 @@ def _linear_kernel(
     if HAS_RES:
         acc += tl.load(R + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(C + rows[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _linear_tma_kernel(
+    X,  # (M, K) contiguous, 16-byte aligned, K * element size a multiple of 16 (a TMA descriptor's rules)
+    W,  # (N, K) contiguous, the same rules
+    BIAS,  # (N,) contiguous (unused unless HAS_BIAS)
+    R,  # (M, N) residual, row stride stride_rm, unit column stride (unused unless HAS_RES)
+    C,  # (M, N) output, row stride stride_cm, unit column stride
+    PRE,  # (M, N) pre-activation, C's strides (written only when SAVE_PRE)
+    M,
+    N,
+    K,
+    stride_rm,
+    stride_cm,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter + bfloat16 only
+):
+    """The forward Y = epilogue(X W^T) with X and W tiles fetched by TMA (tensor descriptors made in the kernel:
+    out-of-range rows / columns read as zeros, no address arithmetic or masks in the loop). sm_90 only."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K)
+        b = w_desc.load([pid_n * BLOCK_N, k0])  # (BLOCK_N, BLOCK_K)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.T, acc)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    _epilogue(acc, rows, cols, M, N, BIAS, R, C, PRE, stride_rm, stride_cm, HAS_BIAS, ACT, HAS_RES, SAVE_PRE)
 
 
 @triton.jit
@@ -145,6 +202,11 @@ CANDIDATES_HALF = (
     (128, 64, 64, 8, 4, 4),  # 96 KB
     (64, 64, 64, 8, 4, 4),  # 64 KB
 )
+# sm_90 only, the forward only: the large tile with X and W fetched by TMA (`_linear_tma_kernel`); the 7th value
+# marks the variant. Offered where the installed Triton has in-kernel tensor descriptors (3.4 on; checked by
+# feature, so Triton versions without them simply never list it).
+TMA_CANDIDATE = (128, 256, 64, 8, 8, 3, 1)
+HAS_TMA = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 CANDIDATES_FP32 = (
     CONFIGS["fp32"],
     (128, 64, 32, 8, 4, 3),  # 72 KB
@@ -174,7 +236,7 @@ def config(M: int, N: int, dtype):
 
 def smem_bytes(cfg, elem_size: int) -> int:
     """The operand ring's shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size."""
-    bm, bn, bk, _gm, _w, stages = cfg
+    bm, bn, bk, _gm, _w, stages = cfg[:6]
     return stages * (bm + bn) * bk * elem_size
 
 
@@ -199,7 +261,8 @@ def config_space(op: str, fixed: tuple, train: bool = False, tokens_log2=None, c
     """The candidates per kernel class ("fwd"; with `train` also "bwd_dx" and "bwd_dw", the backward's two
     GEMMs) for a tuned linear bucket (`fixed` = (N, K, dtype) as roberta_fast.tuned.bucket gives it), the class's
     default first, pruned: shared memory over the GPU's limit (capability (major, minor) or None: the largest,
-    sm_90's), a tile or K step larger than the problem, a tile over 128 x 128 with under one wave of programs.
+    sm_90's), a tile or K step larger than the problem, a tile over 128 x 128 with under one wave of programs;
+    the forward's TMA variant (TMA_CANDIDATE) only for sm_90 (or capability None) and K a multiple of 8.
     tokens_log2 (the bucket's rounded log2 of M) or None: M unknown, no pruning by M and every default of the
     class (what installing a tuned table checks against)."""
     N, K, dtype = int(fixed[0]), int(fixed[1]), str(fixed[2]).removeprefix("torch.")
@@ -219,6 +282,9 @@ def config_space(op: str, fixed: tuple, train: bool = False, tokens_log2=None, c
         else:
             defaults = (CONFIGS[bucket(rows, cols, tdtype)],)
         rest = tuple(c for c in pool if c not in defaults and _keep(c, rows, cols, red, elem, limit))
+        if cls == "fwd" and half and HAS_TMA and (cc is None or cc >= 90) and K % 8 == 0 and \
+                _keep(TMA_CANDIDATE, rows, cols, red, elem, limit):
+            rest += (TMA_CANDIDATE,)  # TMA's rule: K * 2 bytes, the row pitch, a multiple of 16
         space[cls] = defaults + rest
     return space
 
@@ -247,11 +313,14 @@ def _gemm(a, b, c, *, cls="fwd", tkey=None, bias=None, act=0, residual=None, pre
     cls / tkey: the kernel class and the op call's tune key (M, N, K, dtype), for a tuned config."""
     M, K = a.shape
     N = b.shape[1]
-    bm, bn, bk, gm, warps, stages = _config(cls, M, N, a.dtype, a.device, tkey)
+    bm, bn, bk, gm, warps, stages, *variant = _config(cls, M, N, a.dtype, a.device, tkey)
     grid = (cdiv(M, bm) * cdiv(N, bn),)
     bt = bias if bias is not None else c
     rt = residual if residual is not None else c
     pt = pre if pre is not None else c
+    if variant and variant[0] == 1 and _tma_ok(a, b):
+        return _gemm_tma(a, b.t(), c, bt, rt, pt, bias is not None, act, residual, pre is not None,
+                         (bm, bn, bk, gm, warps, stages))
     args = (a, b, bt, rt, c, pt, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             residual.stride(0) if residual is not None else 0, c.stride(0))
     # what fixes Triton's specialization (kernels/_launch.py): dtypes, 16-byte alignment, int classes, constexprs
@@ -266,6 +335,52 @@ def _gemm(a, b, c, *, cls="fwd", tkey=None, bias=None, act=0, residual=None, pre
 
 
 _LINEAR = launcher(_linear_kernel)  # launches through the cached compiled handle (docs/host_path.md)
+
+
+def _tma_ok(a, w_t) -> bool:
+    """Whether the TMA kernel can take a (M, K) @ w_t (K, N): a and w = w_t.t() contiguous rows of a 2-byte dtype,
+    16-byte aligned, K a multiple of 8 (the descriptor's row pitch a multiple of 16 bytes). Else the plain kernel
+    runs the same tile."""
+    K = a.shape[1]
+    return (HAS_TMA and a.dtype in (torch.float16, torch.bfloat16) and K % 8 == 0 and a.stride() == (K, 1)
+            and w_t.stride() == (1, K) and not (a.data_ptr() | w_t.data_ptr()) & 15)
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for the in-kernel tensor descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Triton needs an allocator for the TMA kernel's descriptors; set ours only where none is set (a context
+    variable: per thread)."""
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # another Triton layout: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch)
+
+
+def _gemm_tma(x, w, c, bt, rt, pt, has_bias, act, residual, save_pre, cfg):
+    """c (M, N) = epilogue(x w^T) through `_linear_tma_kernel` (x (M, K), w (N, K) as `_tma_ok` checked)."""
+    bm, bn, bk, gm, warps, stages = cfg
+    M, K = x.shape
+    N = w.shape[0]
+    if not INTERPRET:
+        _ensure_allocator()
+    args = (x, w, bt, rt, c, pt, M, N, K, residual.stride(0) if residual is not None else 0, c.stride(0))
+    key = (x.dtype, bt.dtype, rt.dtype, c.dtype, pt.dtype, tuple(t.data_ptr() & 15 for t in (bt, rt, c, pt)),
+           ints_key(args[6:]), has_bias, act, residual is not None, save_pre, cfg)
+    _LINEAR_TMA(key, (cdiv(M, bm) * cdiv(N, bn),), args, dict(
+        HAS_BIAS=has_bias, ACT=act, HAS_RES=residual is not None, SAVE_PRE=save_pre, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, GROUP_M=gm, UPCAST=INTERPRET and x.dtype == torch.bfloat16, num_warps=warps, num_stages=stages))
+    return c
+
+
+_LINEAR_TMA = launcher(_linear_tma_kernel)
 
 
 # ----------------------------------------------------------------------------- host functions
@@ -330,30 +445,67 @@ def backward(dy, x, weight, bias, pre, activation, needs=(True, True, True)):
 # ----------------------------------------------------------------------------- ahead-of-time specs
 
 
-def aot_specs():
-    """Two representative GEMM specializations (the compile check already takes minutes): FFN1's (fp16, bias,
-    exact GELU, pre saved, the "large" tile) and an output projection's (bf16, bias + residual, the "medium"
-    tile); plus the backward's dZ kernel."""
-    specs = []
-    for name, dt, cfg, consts in (
-        ("linear_ffn1[fp16,bias,gelu,save_pre]", torch.float16, CONFIGS["large"],
-         {"HAS_BIAS": True, "ACT": 1, "HAS_RES": False, "SAVE_PRE": True}),
-        ("linear_proj[bf16,bias,residual]", torch.bfloat16, CONFIGS["medium"],
-         {"HAS_BIAS": True, "ACT": 0, "HAS_RES": True, "SAVE_PRE": False}),
-    ):
-        bm, bn, bk, gm, warps, stages = cfg
-        consts = {**consts, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "DOT_PREC": _prec(dt),
-                  "UPCAST": False}
-        p = ptr(dt)
-        sig = {"A": p, "B": p, "BIAS": p, "R": p, "C": p, "PRE": p, "M": "i32", "N": "i32", "K": "i32",
-               "stride_am": "i64", "stride_ak": "constexpr", "stride_bk": "constexpr", "stride_bn": "i64",
-               "stride_rm": "i64", "stride_cm": "i64", **{k: "constexpr" for k in consts}}
-        specs.append(AOTSpec(name=f"{name}[{bm}x{bn}x{bk}]", fn=_linear_kernel, signature=sig,
-                             constexprs={**consts, "stride_ak": 1, "stride_bk": 1}, num_warps=warps,
-                             num_stages=stages, uses_mma=True,
-                             aligned=("A", "B", "C", "K", "stride_am", "stride_bn", "stride_cm")))
+def _gemm_spec(name, dt, cfg, epilogue, layout="fwd"):
+    """The AOTSpec of `_linear_kernel` at one config, epilogue ({HAS_BIAS, ACT, HAS_RES, SAVE_PRE}) and operand
+    layout: "fwd" X W^T (A rows, B = W^T), "bwd_dx" dZ W (A rows, B rows), "bwd_dw" dZ^T X (A = dZ^T, B rows)."""
+    bm, bn, bk, gm, warps, stages = cfg[:6]
+    unit = {"fwd": ("stride_ak", "stride_bk"), "bwd_dx": ("stride_ak", "stride_bn"),
+            "bwd_dw": ("stride_am", "stride_bn")}[layout]  # the strides equal to 1 (Triton specializes them)
+    consts = {**epilogue, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "DOT_PREC": _prec(dt),
+              "UPCAST": False}
+    p = ptr(dt)
+    strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn")
+    sig = {"A": p, "B": p, "BIAS": p, "R": p, "C": p, "PRE": p, "M": "i32", "N": "i32", "K": "i32",
+           **{st: "constexpr" if st in unit else "i64" for st in strides}, "stride_rm": "i64", "stride_cm": "i64",
+           **{k: "constexpr" for k in consts}}
+    aligned = ("A", "B", "C", "K", *(st for st in strides if st not in unit), "stride_cm")
+    return AOTSpec(name=f"{name}[{bm}x{bn}x{bk},w{warps}s{stages}]", fn=_linear_kernel, signature=sig,
+                   constexprs={**consts, **{st: 1 for st in unit}}, num_warps=warps, num_stages=stages,
+                   uses_mma=dt != torch.float32, aligned=aligned)
+
+
+def _tma_spec(dt, cfg, epilogue):
+    """The AOTSpec of `_linear_tma_kernel` (sm_90 only; launched only on aligned tensors)."""
+    bm, bn, bk, gm, warps, stages = cfg[:6]
+    consts = {**epilogue, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "UPCAST": False}
+    p = ptr(dt)
+    sig = {"X": p, "W": p, "BIAS": p, "R": p, "C": p, "PRE": p, "M": "i32", "N": "i32", "K": "i32",
+           "stride_rm": "i64", "stride_cm": "i64", **{k: "constexpr" for k in consts}}
+    tag = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+    return AOTSpec(name=f"linear_ffn1_tma[{tag},bias,gelu,save_pre][{bm}x{bn}x{bk},w{warps}s{stages}]",
+                   fn=_linear_tma_kernel, signature=sig, constexprs=consts, num_warps=warps, num_stages=stages,
+                   uses_mma=True, aligned=("X", "W", "C", "K", "stride_cm"), aligned_only=True, min_cc=90)
+
+
+_FFN1 = {"HAS_BIAS": True, "ACT": 1, "HAS_RES": False, "SAVE_PRE": True}
+_PROJ = {"HAS_BIAS": True, "ACT": 0, "HAS_RES": True, "SAVE_PRE": False}
+_PLAIN = {"HAS_BIAS": False, "ACT": 0, "HAS_RES": False, "SAVE_PRE": False}
+
+
+def aot_specs(every_candidate: bool = False):
+    """The CI check (the compile check already takes minutes): two representative GEMM specializations, FFN1's
+    (fp16, bias, exact GELU, pre saved, the "large" tile) and an output projection's (bf16, bias + residual, the
+    "medium" tile); the TMA variant of FFN1's (sm_90 only, when the installed Triton has tensor descriptors);
+    the backward's dZ kernel.
+
+    every_candidate (`python -m roberta_fast.kernels._aot --files linear --every-candidate`): also every tuning
+    candidate with FFN1's epilogue (fp16; fp32 for the fp32 list) and the backward GEMMs' operand layouts (dZ W,
+    dZ^T X; no epilogue) at each half-precision candidate: what a tuning can launch, by tile, register and
+    shared memory use."""
+    specs = [_gemm_spec("linear_ffn1[fp16,bias,gelu,save_pre]", torch.float16, CONFIGS["large"], _FFN1),
+             _gemm_spec("linear_proj[bf16,bias,residual]", torch.bfloat16, CONFIGS["medium"], _PROJ)]
+    if HAS_TMA:
+        specs.append(_tma_spec(torch.float16, TMA_CANDIDATE, _FFN1))
     specs.append(AOTSpec(name="linear_dgelu[fp16,erf]", fn=_dgelu_kernel,
                          signature={"DY": "*fp16", "PRE": "*fp16", "DZ": "*fp16", "n": "i32", "TANH": "constexpr",
                                     "BLOCK": "constexpr"},
                          constexprs={"TANH": False, "BLOCK": DGELU_BLOCK}, num_warps=4, num_stages=1))
+    if every_candidate:
+        for cfg in CANDIDATES_HALF:
+            if cfg != CONFIGS["large"]:
+                specs.append(_gemm_spec("linear_cand_ffn1[fp16,bias,gelu,save_pre]", torch.float16, cfg, _FFN1))
+            for layout in ("bwd_dx", "bwd_dw"):
+                specs.append(_gemm_spec(f"linear_cand_{layout}[fp16]", torch.float16, cfg, _PLAIN, layout))
+        for cfg in CANDIDATES_FP32:
+            specs.append(_gemm_spec("linear_cand_ffn1[fp32,bias,gelu,save_pre]", torch.float32, cfg, _FFN1))
     return specs

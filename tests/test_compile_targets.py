@@ -75,6 +75,10 @@ def test_compile_targets(cc, compiled, capsys):
     gemm = [r for r in rows if r["kernel"].startswith(("linear_ffn1", "linear_proj"))]  # kernels/linear.py
     assert gemm, "the fused-epilogue GEMM (kernels/linear.py) was not compiled"
     assert all(r["mma"] == ("HGMMA" if cc >= 90 else "HMMA") for r in gemm), [(r["kernel"], r["mma"]) for r in gemm]
+    from roberta_fast.kernels.linear import HAS_TMA  # the TMA variant: sm_90 only, where Triton has descriptors
+
+    tma = [r for r in gemm if r["kernel"].startswith("linear_ffn1_tma")]
+    assert len(tma) == (1 if HAS_TMA and cc >= 90 else 0), [r["kernel"] for r in tma]
     lsh = [r for r in rows if r["kernel"].startswith("lsh_attention_bwd")]  # kernels/lsh_attention.py's backward
     assert len(lsh) == 2 and all(r["mma"] == ("HGMMA" if cc >= 90 else "HMMA") for r in lsh), lsh
     assert returncode == 0, stderr[-2000:]

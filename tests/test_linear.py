@@ -367,6 +367,7 @@ def test_config_space_is_well_formed_and_pruned():
         half = dt != "float32"
         pool, elem = (k.CANDIDATES_HALF, 2) if half else (k.CANDIDATES_FP32, 4)
         tdt = torch.float16 if half else torch.float32
+        tma = half and k.HAS_TMA
         for tok in (3, 7, 11, 14, None):
             for cc in ((8, 0), (9, 0), None):
                 space = k.config_space("linear", fixed, True, tokens_log2=tok, capability=cc)
@@ -376,8 +377,12 @@ def test_config_space_is_well_formed_and_pruned():
                 M = None if tok is None else 1 << tok
                 for cls, cands in space.items():
                     rows, cols, red = ({"M": M, "N": N, "K": K}[d] for d in k.CLASSES[cls])
-                    assert 1 <= len(cands) <= 8 and len(set(cands)) == len(cands), (cls, cands)
-                    assert all(c in pool and len(c) == 6 and all(isinstance(v, int) for v in c) for c in cands)
+                    assert 1 <= len(cands) <= 8 + (cls == "fwd") and len(set(cands)) == len(cands), (cls, cands)
+                    assert all(all(isinstance(v, int) for v in c) for c in cands)
+                    assert all(c in pool for c in cands if c != k.TMA_CANDIDATE)  # 6 ints each
+                    has_tma = k.TMA_CANDIDATE in cands  # the forward's TMA variant: sm_90 (or any) only
+                    assert has_tma == (tma and cls == "fwd" and cc != (8, 0)
+                                       and k._keep(k.TMA_CANDIDATE, rows, cols, red, elem, limit)), (cls, tok, cc)
                     if rows is not None:
                         assert cands[0] == k.CONFIGS[k.bucket(rows, cols, tdt)]  # the launch's default first
                     else:
@@ -389,7 +394,7 @@ def test_config_space_is_well_formed_and_pruned():
                             assert c[0] <= max(16, 1 << (rows - 1).bit_length())
     # what pruning keeps at roberta-base's FFN1 (16k tokens) and dW (3072 x 768 outputs: under a wave of big tiles)
     ffn1 = k.config_space("linear", (3072, 768, "float16"), True, tokens_log2=14, capability=(9, 0))
-    assert len(ffn1["fwd"]) == 8 and (128, 256, 64, 8, 8, 4) in ffn1["fwd"]
+    assert len(ffn1["fwd"]) == 8 + k.HAS_TMA and (128, 256, 64, 8, 8, 4) in ffn1["fwd"]
     assert (128, 256, 64, 8, 8, 4) not in k.config_space("linear", (3072, 768, "float16"), True, tokens_log2=14,
                                                          capability=(8, 0))["fwd"]  # 192 KB > sm_80's 163 KB
     assert not {(128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)} & set(ffn1["bwd_dw"])
@@ -397,6 +402,57 @@ def test_config_space_is_well_formed_and_pruned():
         c: (k.CONFIGS["small"],) for c in ("fwd", "bwd_dx", "bwd_dw")}  # a tiny problem: the default only
     for name, cfg in k.CONFIGS.items():  # the defaults fit both GPUs
         assert k.smem_bytes(cfg, 4 if name == "fp32" else 2) <= k.SMEM_LIMIT[80]
+
+
+def test_every_candidate_is_in_the_compile_check():
+    """Each config a tuning can pick is an ahead-of-time spec: the CI list holds the defaults of FFN1 / the output
+    projections and the TMA variant (sm_90 only, aligned only); `every_candidate` adds every other candidate with
+    FFN1's epilogue and the backward GEMMs' layouts."""
+    from roberta_fast.kernels import linear as k
+
+    def key(spec):
+        c = spec.constexprs
+        return (spec.fn, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["GROUP_M"], spec.num_warps, spec.num_stages)
+
+    gemm = (k._linear_kernel, k._linear_tma_kernel)
+    ci = [s for s in k.aot_specs() if s.fn in gemm]
+    every = {key(s) for s in k.aot_specs(every_candidate=True) if s.fn in gemm}
+    assert {key(s) for s in ci} <= every and len(ci) == 2 + k.HAS_TMA
+    for fixed in ((3072, 768, "float16"), (768, 3072, "float16"), (1024, 4096, "bfloat16"), (768, 768, "float32")):
+        for cls, cands in k.config_space("linear", fixed, True).items():
+            for c in cands:
+                fn = k._linear_tma_kernel if c == k.TMA_CANDIDATE else k._linear_kernel
+                assert (fn, *c[:6]) in every, (cls, c)
+    if k.HAS_TMA:
+        (tma,) = [s for s in ci if s.fn is k._linear_tma_kernel]
+        assert tma.min_cc == 90 and tma.aligned_only and tma.uses_mma
+
+
+@pytest.mark.skipif(not backends.interpret_mode(), reason="the Triton backend on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_tma_variant(monkeypatch, dtype, poison_empty):
+    """The forward's TMA candidate (forced as a tuning would install it): the TMA kernel runs where its rules hold
+    (K a multiple of 8, contiguous aligned rows) and is right by the rule, out-of-range rows and columns of the
+    128 x 256 tile included; elsewhere (K = 36) the plain kernel runs the same tile."""
+    from roberta_fast.kernels import linear as k
+
+    if not k.HAS_TMA:
+        pytest.skip("this Triton has no tl.make_tensor_descriptor")
+    launches = []
+    for name in ("_LINEAR", "_LINEAR_TMA"):
+        real = getattr(k, name)
+        monkeypatch.setattr(k, name, lambda key, grid, args, meta, real=real, name=name: (
+            launches.append(name), real(key, grid, args, meta)))
+    g = torch.Generator().manual_seed(7)
+    for K, want in ((72, "_LINEAR_TMA"), (36, "_LINEAR")):
+        x, w, b, r = (torch.randn(*s, generator=g).to(dtype) for s in ((37, K), (100, K), (100,), (37, 100)))
+        w = w * K ** -0.5
+        with k.forced_configs({"fwd": k.TMA_CANDIDATE}), torch.no_grad():
+            y = linear(x, w, b, activation="gelu", residual=r, backend="triton")
+        ref = _plain(x.double(), w.double(), b.double(), "gelu", r.double(), torch.float64)
+        assert_rule(y, ref, _plain(x, w, b, "gelu", r, dtype), name=f"y K={K}")
+        assert launches == [want], launches
+        launches.clear()
 
 
 class _GemmSpy:

@@ -170,6 +170,9 @@ def run_encoder(*, device: torch.device, models, dtypes, quick: bool, ceilings: 
     total = len(models) * len(dtypes) * len(variants) * len(wls_spec)
     bar = Progress(total, "encoder", enable=progress)
     rows: list[dict] = []
+    if device.type == "cpu":  # what the CPU figures depend on beside the machine's load (docs/cpu_path.md)
+        notes.append(f"encoder suite on the CPU: {torch.get_num_threads()} torch threads, interleaved rounds "
+                     "(medians); attention on CPU tensors through SDPA")
     if quick and device.type == "cuda":
         notes.append("hf_sdpa_compile (torch.compile mode='max-autotune') skipped under --quick: its compile "
                      "takes minutes per shape; run without --quick to include it")

@@ -26,6 +26,9 @@ gelu'(pre) is computed from the SAVED pre-activation pre = X W^T + b (x's dtype,
 X W^T: recomputing costs a third GEMM (2 M N K FLOPs, +50% on the backward's two), while saving costs one
 (M, N) store in the forward and one read in the backward, a few percent of the GEMM's time at BERT shapes
 (K = 768 / 1024). The pre-activation is only kept when autograd records the call and an activation is set.
+Only the gradients autograd asks for are computed (ctx.needs_input_grad, passed to the backend's backward as
+`needs`): frozen weights skip the dW GEMM (and a frozen bias db), an input that needs no grad the dX GEMM; the
+custom backward op returns just those (none is called when only the residual needs a gradient).
 """
 
 from __future__ import annotations

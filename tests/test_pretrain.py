@@ -303,9 +303,9 @@ def test_unigram_entropy():
 
 
 def test_small_run_learns_the_token_distribution(builtin_dir, small_config, tmp_path):
-    """The fast stand-in for test_default_cli_run_reads_the_context (minutes: the tiny preset leaves the unigram
-    plateau after ~1,200 steps): a hidden-32 model, 80 steps of 256 tokens, vocabulary 300, falls from about
-    ln(vocabulary) to the unigram entropy of the masked targets."""
+    """A hidden-32 model, 80 steps of 256 tokens of real text, vocabulary 300, falls from about ln(vocabulary) to
+    the unigram entropy of the masked targets (going well below it on real text takes the tiny preset ~1,500 steps:
+    test_default_cli_run_reads_the_context; test_small_run_reads_a_neighbour shows context reading fast)."""
     res = Pretrainer(_small_args(builtin_dir, tmp_path / "o", small_config, max_steps=80, batch_tokens=256,
                                  lr=5e-3)).fit()
     losses = [v for _, v in res.losses]
@@ -333,6 +333,40 @@ def test_mlm_eval_baselines(builtin_dir, small_config, tmp_path):
     assert 0.1 * r["tokens"] < r["targets"] < 0.2 * r["tokens"]
     assert r["unigram_cross_entropy"] > r["unigram_entropy"]
     assert r["loss"] > r["unigram_entropy"] and r["random_loss"] > r["unigram_entropy"]
+
+
+def test_small_run_reads_a_neighbour(tmp_path):
+    """The fast check that the pretraining loop learns to read the context (the real-text one,
+    test_default_cli_run_reads_the_context, takes minutes): documents of 200 word-level tokens, each written twice
+    in a row ("w7 w7 w42 w42 ..."), so a masked token's twin is usually next to it; 250 steps of 1,024 tokens
+    (sequences of 16, hidden 64) through Pretrainer with a word-level tokenizer.json, then mlm_eval on held-out
+    documents. Measured 2026-12-01: held-out loss 3.81 nats against a unigram entropy of 5.25 (random context 5.61),
+    32 s on the loaded 2-core machine."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(200)]
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tok.json"))
+    rng = random.Random(0)
+    for folder, n in (("train", 4), ("held", 1)):
+        docs = {f"{f}.txt": "\n\n".join(" ".join(f"{w} {w}" for w in rng.choices(words, k=20)) for _ in range(100))
+                for f in range(n)}
+        _write_docs(tmp_path / folder, docs)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                               "intermediate_size": 256}))
+    res = Pretrainer(PretrainArgs(corpus=str(tmp_path / "train"), eval_corpus=str(tmp_path / "held"),
+                                  output=str(tmp_path / "out"), model=str(cfg), tokenizer=str(tmp_path / "tok.json"),
+                                  max_seqlen=16, batch_tokens=1024, max_steps=250, lr=3e-3, dropout=0.0,
+                                  progress=False, save_every=0, device="cpu"), log=lambda msg: None).fit()
+    e = res.eval
+    assert e["targets"] > 400
+    assert e["loss"] < e["unigram_entropy"] - 0.8, _beats_unigram(e, 0.8)
+    assert e["random_loss"] > e["loss"] + 0.8, _beats_unigram(e, 0.8)
 
 
 def _beats_unigram(e, margin):

@@ -71,6 +71,68 @@ def _gather(X, b, h, pos, stride_b, stride_s, stride_h, offs_d, dmask):
 
 
 @triton.jit
+def _lsh_hash(
+    Q,  # (B, S, H, D) queries, last stride 1
+    K,  # (B, S, H, D) keys, last stride 1 (not read with SHARED)
+    ROT,  # (R, H, D, NB) float32: [R_r, -R_r] per round and head
+    MASK,  # (B, S) bool as int8, True = real token (MASKED only)
+    KEY,  # (R, B, H, items) int64: bucket * items + tie-break (the sort key)
+    R, B, S, H, D, NB, items,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_NB: tl.constexpr,
+):
+    """The sort key of a block of items of one (b, h), every round: bucket = argmax(x [R, -R]) in float32
+    (first index on ties, as torch.argmax), padding -> NB; key = bucket * items + (position, or 2 * position
+    + 1 for a key of the joint sort). x is read once; the projections never leave registers."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    it = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = it < items
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    if SHARED:
+        pos = it
+        x = tl.load(Q + b * stride_qb + pos[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+                    mask=imask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        tie = pos
+    else:
+        is_k = it >= S
+        pos = tl.where(is_k, it - S, it)
+        qm = imask & (it < S)
+        km = imask & is_k
+        xq = tl.load(Q + b * stride_qb + pos[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
+                     mask=qm[:, None] & dmask[None, :], other=0.0)
+        xk = tl.load(K + b * stride_kb + pos[:, None] * stride_ks + h * stride_kh + offs_d[None, :],
+                     mask=km[:, None] & dmask[None, :], other=0.0)
+        x = tl.where(is_k[:, None], xk.to(tl.float32), xq.to(tl.float32))
+        tie = 2 * pos + is_k.to(tl.int32)
+    valid = imask
+    if MASKED:
+        valid = valid & (tl.load(MASK + b * S + pos, mask=imask, other=0) != 0)
+    offs_n = tl.arange(0, BLOCK_NB)
+    for r in range(0, R):
+        best = tl.full((BLOCK_I,), float("-inf"), tl.float32)
+        arg = tl.zeros((BLOCK_I,), tl.int32)
+        w_base = ROT + ((r * H + h) * D) * NB
+        for n0 in range(0, NB, BLOCK_NB):
+            cols = n0 + offs_n
+            w = tl.load(w_base + offs_d[:, None] * NB + cols[None, :], mask=dmask[:, None] & (cols < NB)[None, :],
+                        other=0.0)
+            proj = tl.dot(x, w, input_precision="ieee")  # (BLOCK_I, BLOCK_NB) float32
+            proj = tl.where((cols < NB)[None, :], proj, float("-inf"))
+            m = tl.max(proj, 1)
+            a = tl.argmax(proj, 1).to(tl.int32) + n0
+            up = m > best  # strictly: an earlier block keeps a tie
+            best = tl.where(up, m, best)
+            arg = tl.where(up, a, arg)
+        bucket = tl.where(valid, arg, NB).to(tl.int64)
+        tl.store(KEY + ((r * B + b) * H + h) * items + it, bucket * items + tie, mask=imask)
+
+
+@triton.jit
 def _lsh_chunk_fwd(
     Q,  # (B, S, H, D) queries, last stride 1
     K,  # (B, S, H, D) keys, last stride 1
@@ -182,8 +244,9 @@ def _lsh_chunk_bwd_dq(
     K,  # (B, S, H, D) keys, last stride 1
     V,  # (B, S, H, D) values, last stride 1
     DO,  # (B, S, H, D) contiguous: gradient of the combined output
+    OUT,  # (B, S, H, D) contiguous: the combined output
     LSE_ALL,  # (B, S, H) float32: the combined lse
-    DELTA,  # (B, S, H) float32: rowsum(dO * out)
+    DELTA,  # (B, S, H) float32: rowsum(dO * out), written by round 0's programs (for _lsh_chunk_bwd_dkdv)
     PERM,  # (N, items) int64
     NREAL,  # (B,) int32 (MASKED only)
     DQ,  # (R, B, S, H, D) contiguous: per-round dq at positions, q's dtype
@@ -209,7 +272,14 @@ def _lsh_chunk_bwd_dq(
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2, delta = _row_stats(LSE_ALL, DELTA, b, h, qpos, S, H)
+    qok = qpos >= 0
+    idx = (b * S + tl.where(qok, qpos, 0)) * H + h
+    lse = tl.load(LSE_ALL + idx, mask=qok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no key: p = 0
+    o = _gather(OUT, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # every round's programs: no launch between
+    if rb < B:  # round 0 holds each real query once
+        tl.store(DELTA + idx, delta, mask=qok)
     dq = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     for kc in range(tl.maximum(c - 1, 0), c + 1):
         cols = kc * C + offs
@@ -229,7 +299,6 @@ def _lsh_chunk_bwd_dq(
         if SHARED:
             ds = tl.where(rows[:, None] == cols[None, :], 0.0, ds)  # the self score is a constant
         dq += tl.dot(ds.to(k.dtype), k)
-    qok = qpos >= 0
     out_row = (rb * S + tl.where(qok, qpos, 0)) * H + h
     tl.store(DQ + out_row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qok[:, None] & dmask[None, :])
@@ -327,7 +396,7 @@ def unsupported(q, chunk: int) -> str | None:
     return None
 
 
-def _unit_last(t):
+def unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -339,6 +408,29 @@ def _meta(q, chunk: int, shared: bool, masked: bool) -> dict:
 
 def _strides(*ts):
     return [s for t in ts for s in t.stride()[:3]]
+
+
+HASH_BLOCK_I, HASH_BLOCK_NB = 64, 64  # items per program, buckets per step of the hashing kernel
+
+
+def sort_keys(q, k, rot, key_padding_mask):
+    """(R, B, H, items) int64 sort keys (roberta_fast.lsh.sort_items' keys) from one launch: q, k (B, S, H, D)
+    with unit last stride (k None: shared QK), rot [R, -R] float32 (R, H, D, nb), key_padding_mask bool (B, S)
+    or None."""
+    B, S, H, D = q.shape
+    R, NB = rot.shape[0], rot.shape[-1]
+    shared = k is None
+    items = S if shared else 2 * S
+    key = torch.empty((R, B, H, items), dtype=torch.int64, device=q.device)
+    if key.numel() == 0:
+        return key
+    kk = q if shared else k
+    mask = q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.int8)
+    _lsh_hash[(cdiv(items, HASH_BLOCK_I), B * H)](
+        q, kk, rot, mask, key, R, B, S, H, D, NB, items, *_strides(q, kk), SHARED=shared,
+        MASKED=key_padding_mask is not None, BLOCK_I=HASH_BLOCK_I, BLOCK_D=_pow2(D), BLOCK_NB=HASH_BLOCK_NB,
+        num_warps=4)
+    return key
 
 
 def lsh_forward(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
@@ -373,20 +465,19 @@ def lsh_backward(do, q, k, v, out, lse, perm, nreal, chunk: int, scale: float, s
     N, items = perm.shape
     R = N // max(B * H, 1)
     do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)  # (B, S, H)
-    # positions without a real query / key (padding) are never written
-    alloc = torch.empty if nreal is None else torch.zeros
-    dq, dk, dv = (alloc((R, B, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    delta = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
+    # dq, dk, dv of every round in one buffer, summed over the rounds at once; positions without a real
+    # query / key (padding) are never written
+    grads = (torch.empty if nreal is None else torch.zeros)((3, R, B, S, H, D), dtype=q.dtype, device=q.device)
     if N and S:
         meta = _meta(q, chunk, shared, nreal is not None)
         args = (perm, perm if nreal is None else nreal)
         tail = (items, chunk, B, S, H, D, *_strides(q, k, v), float(scale) * LOG2E, float(scale))
         grid = (cdiv(items, chunk), N)
-        _lsh_chunk_bwd_dq[grid](q, k, v, do, lse, delta, *args, dq, *tail, **meta)
-        _lsh_chunk_bwd_dkdv[grid](q, k, v, do, lse, delta, *args, dk, dv, *tail, **meta)
-    if R == 1:
-        return dq[0], dk[0], dv[0]
-    return dq.sum(0), dk.sum(0), dv.sum(0)
+        _lsh_chunk_bwd_dq[grid](q, k, v, do, out, lse, delta, *args, grads[0], *tail, **meta)
+        _lsh_chunk_bwd_dkdv[grid](q, k, v, do, lse, delta, *args, grads[1], grads[2], *tail, **meta)
+    g = grads[:, 0] if R == 1 else grads.sum(1)
+    return g[0], g[1], g[2]
 
 
 class LSHAttention(torch.autograd.Function):
@@ -395,6 +486,7 @@ class LSHAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, perm, nreal, chunk, scale, shared):
+        ctx.set_materialize_grads(False)
         out, lse = lsh_forward(q, k, v, perm, nreal, chunk, scale, shared)
         ctx.save_for_backward(q, k, v, out, lse, perm, nreal)
         ctx.args = (chunk, scale, shared)
@@ -404,6 +496,8 @@ class LSHAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, perm, nreal = ctx.saved_tensors
+        if dout is None:
+            return (None,) * 8
         dq, dk, dv = lsh_backward(dout, q, k, v, out, lse, perm, nreal, *ctx.args)
         return dq, dk, dv, None, None, None, None, None
 
@@ -412,7 +506,7 @@ def lsh_attention(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
     """out (B, S, H, D) q.dtype (rows without a real query or key: zeros), with autograd when an input needs
     gradients. q, k, v (B, S, H, D) (k: the keys, the normalised queries under shared QK); perm, nreal, chunk,
     shared from roberta_fast.lsh.slots."""
-    q, k, v = (_unit_last(t) for t in (q, k, v))
+    q, k, v = (unit_last(t) for t in (q, k, v))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return LSHAttention.apply(q, k, v, perm, nreal, chunk, scale, shared)[0]
     return lsh_forward(q, k, v, perm, nreal, chunk, scale, shared)[0]
@@ -434,7 +528,8 @@ def aot_specs() -> list[AOTSpec]:
     idx = {"PERM": ptr(torch.int64), "NREAL": ptr(torch.int32)}
     fwd = {"Q": f16, "K": f16, "V": f16, **idx, "O": f16, "LSE": "*fp32", **dims, **meta}
     bwd_in = {"Q": f16, "K": f16, "V": f16, "DO": f16, "LSE_ALL": "*fp32", "DELTA": "*fp32", **idx}
-    dq = {**bwd_in, "DQ": f16, **dims, "sm_scale": "fp32", **meta}
+    dq = {"Q": f16, "K": f16, "V": f16, "DO": f16, "OUT": f16, "LSE_ALL": "*fp32", "DELTA": "*fp32", **idx,
+          "DQ": f16, **dims, "sm_scale": "fp32", **meta}
     dkdv = {**bwd_in, "DK": f16, "DV": f16, **dims, "sm_scale": "fp32", **meta}
     comb = {"O": f16, "LSE": "*fp32", "OUT": f16, "LSE_ALL": "*fp32", "R": "i32", "M": "i32", "D": "i32",
             "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}

@@ -57,7 +57,7 @@ def rotations(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: in
 
 
 @functools.lru_cache(maxsize=32)
-def _hash_matrix(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: int, device) -> torch.Tensor:
+def hash_matrix(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: int, device) -> torch.Tensor:
     """[R, -R] (num_hashes, heads, head_dim, buckets) of `rotations`, made once per (seed, sizes, device): a
     call draws nothing and copies nothing to the device; argmax(x [R, -R]) is the bucket."""
     r = rotations(seed, num_hashes, heads, head_dim, buckets, "cpu")
@@ -73,7 +73,7 @@ def _tiebreak(S: int, shared: bool, device) -> torch.Tensor:
 
 
 def hash_buckets(x: torch.Tensor, rot: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """x (B, S, H, D), rot [R, -R] (R, H, D, nb) (`_hash_matrix`), valid bool (B, S) or None -> buckets int64
+    """x (B, S, H, D), rot [R, -R] (R, H, D, nb) (`hash_matrix`), valid bool (B, S) or None -> buckets int64
     (R, B, H, S) in [0, nb); invalid (padding) tokens get nb. One matmul and one argmax for every round."""
     b = torch.einsum("bshd,rhdn->rbhsn", x.detach().float(), rot).argmax(dim=-1)
     if valid is not None:
@@ -81,19 +81,25 @@ def hash_buckets(x: torch.Tensor, rot: torch.Tensor, valid: torch.Tensor | None)
     return b
 
 
-def sort_items(q, k, key_padding_mask, seed: int, num_hashes: int, nb: int):
-    """The sort every backend shares: (sorted keys, perm), both (R, B, H, items). Shared QK (k None): items
-    are the S tokens, sorted by (bucket, position). Separate k: items are the S queries then the S keys,
-    hashed together (one matmul) and sorted by (bucket, position, query before key). Padding items get
-    bucket nb and sort last (after every real item of their row)."""
-    B, S, H, D = q.shape
-    rot = _hash_matrix(int(seed), num_hashes, H, D, nb, q.device)
+def sort_keys(q, k, rot, key_padding_mask) -> torch.Tensor:
+    """(R, B, H, items) int64 sort keys: bucket * items + tie-break (`_tiebreak`). Shared QK (k None): items
+    are the S tokens. Separate k: the S queries then the S keys, hashed together (one matmul)."""
+    S = q.shape[1]
     tie = _tiebreak(S, k is None, q.device)
     if k is None:
-        return torch.sort(hash_buckets(q, rot, key_padding_mask) * S + tie, dim=-1)
+        return hash_buckets(q, rot, key_padding_mask) * S + tie
     mask = None if key_padding_mask is None else torch.cat([key_padding_mask, key_padding_mask], dim=1)
-    b = hash_buckets(torch.cat([q, k], dim=1), rot, mask)  # (R, B, H, 2S)
-    return torch.sort(b * (2 * S) + tie, dim=-1)
+    return hash_buckets(torch.cat([q, k], dim=1), rot, mask) * (2 * S) + tie  # (R, B, H, 2S)
+
+
+def sort_items(q, k, key_padding_mask, seed: int, num_hashes: int, nb: int, keys_fn=None):
+    """The sort every backend shares: (sorted keys, perm), both (R, B, H, items), sorted by (bucket, position)
+    with shared QK, by (bucket, position, query before key) with separate k. Padding items get bucket nb and
+    sort last (after every real item of their row). keys_fn(q, k, rot, key_padding_mask) computes the keys
+    (default `sort_keys`; the Triton backend passes its hashing kernel)."""
+    B, S, H, D = q.shape
+    rot = hash_matrix(int(seed), num_hashes, H, D, nb, q.device)
+    return torch.sort((keys_fn or sort_keys)(q, k, rot, key_padding_mask), dim=-1)
 
 
 class Plan(NamedTuple):
@@ -174,12 +180,13 @@ class Slots(NamedTuple):
     shared: bool
 
 
-def slots(q, k, key_padding_mask, bucket_size: int, num_hashes: int, seed: int) -> Slots:
-    """The layout of `plan` (the same hashing, sort and chunks) as the sort's indices: one hashing matmul for
-    every round (and queries and keys together), one argmax, one sort. q (B, S, H, D); k like q or None."""
+def slots(q, k, key_padding_mask, bucket_size: int, num_hashes: int, seed: int, keys_fn=None) -> Slots:
+    """The layout of `plan` (the same hashing, sort and chunks) as the sort's indices: the keys (one hashing
+    matmul for every round, queries and keys together, or keys_fn), one sort. q (B, S, H, D); k like q or
+    None."""
     B, S, H, D = q.shape
     shared = k is None
-    perm = sort_items(q, k, key_padding_mask, seed, num_hashes, n_buckets(S, bucket_size))[1]
+    perm = sort_items(q, k, key_padding_mask, seed, num_hashes, n_buckets(S, bucket_size), keys_fn)[1]
     nreal = None
     if key_padding_mask is not None:
         nreal = key_padding_mask.sum(dim=1, dtype=torch.int32)

@@ -185,7 +185,7 @@ def test_gradients_match_float64(shared):
 def _check_triton(dtype, shared, mask_lens=None, varlen=False, grads=False, num_hashes=2):
     """The triton op against the float64 reference (2x rule), forward and, with grads, dq / dk / dv; with a
     mask, the padded positions of q, k, v hold NaN (never read: every result stays finite)."""
-    B, S, H, D, C = 2, 45, 2, 16, 8
+    B, S, H, D, C = 2, 29, 2, 16, 8  # 4 chunks of 8 (shared QK) / 16 slots (separate keys), tails padded
     q, k, v = _qkv(B, S, H, D, dtype, seed=3, device=DEV)
     kw = dict(bucket_size=C, num_hashes=num_hashes, seed=1)
     do = torch.randn(B, S, H, D, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
@@ -194,9 +194,9 @@ def _check_triton(dtype, shared, mask_lens=None, varlen=False, grads=False, num_
         for t in (q, k, v):
             t[~mask] = float("nan")
     if varlen:
-        lens = [S, 17]
-        cu = torch.tensor([0, S, S + 17], dtype=torch.int32, device=DEV)
-        q, k, v, do = (t.reshape(B * S, H, D)[: S + 17] for t in (q, k, v, do))
+        lens = [S, 11]
+        cu = torch.tensor([0, S, S + 11], dtype=torch.int32, device=DEV)
+        q, k, v, do = (t.reshape(B * S, H, D)[: S + 11] for t in (q, k, v, do))
 
     def run(fn, dt):
         leaves = [t.detach().to(dt).clone().requires_grad_(grads) for t in (q, k, v)]
@@ -230,13 +230,13 @@ def _check_triton(dtype, shared, mask_lens=None, varlen=False, grads=False, num_
 @TRITON
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_triton_forward_matches_reference(dtype):
-    _check_triton(dtype, shared=False, mask_lens=[45, 30])
+    _check_triton(dtype, shared=False, mask_lens=[29, 18])
 
 
 @TRITON
 @pytest.mark.parametrize("dtype, shared, mask_lens, num_hashes", [
-    (F16, True, [45, 30], 2),  # shared QK, padded (NaN in the padding)
-    (F16, False, [45, 30], 2),  # separate keys, padded: the joint sort's chunks of 2C slots
+    (F16, True, [29, 18], 2),  # shared QK, padded (NaN in the padding)
+    (F16, False, [29, 18], 2),  # separate keys, padded: the joint sort's chunks of 2C slots
     (BF16, True, None, 3),  # no mask: every position written by every round; three rounds
     (F32, False, None, 1),  # one round
 ])
@@ -430,7 +430,7 @@ def _launches(monkeypatch, fn, grad=False):
         def __getitem__(self, grid):
             return lambda *a, **kw: launched.append(self.name)
 
-    for name in ("_lsh_chunk_fwd", "_lsh_combine", "_lsh_chunk_bwd_dq", "_lsh_chunk_bwd_dkdv"):
+    for name in ("_lsh_hash", "_lsh_chunk_fwd", "_lsh_combine", "_lsh_chunk_bwd_dq", "_lsh_chunk_bwd_dkdv"):
         monkeypatch.setattr(kmod, name, Recorder(name))
     fn()  # the cached rotations and tie-break made outside the count
     launched.clear()
@@ -441,20 +441,32 @@ def _launches(monkeypatch, fn, grad=False):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_triton_launches_per_call(monkeypatch, shared, masked):
-    """The triton backend's forward: the hashing (one matmul for every round, queries and keys together, its
-    input cast and transposed, one argmax), the sort key, one sort, then one launch for every round's chunked
-    attention and one combining the rounds; no gathers, no un-sort. Counted so it cannot regress (the
-    figures docs/lsh_attention.md gives)."""
+    """The triton backend's forward: one hashing kernel (every round, queries and keys together: the sort
+    keys, the projections never leave registers), one sort, one launch for every round's chunked attention
+    (q, k, v read through the sort's indices) and one combining the rounds; no gathers, no un-sort. Counted so
+    it cannot regress (the figures docs/lsh_attention.md gives)."""
     q, k, v = _qkv(1, 64, 2, 16, F16)
     mask = _mask(1, 64, [50]) if masked else None
     kk = None if shared else k
     torch_ops, triton = _launches(monkeypatch, lambda: lsh_attention(
         q, kk, v, key_padding_mask=mask, bucket_size=8, num_hashes=2, backend="triton"))
-    assert triton == ["_lsh_chunk_fwd", "_lsh_combine"]
-    assert not {"gather", "index_select", "scatter", "argsort"} & set(torch_ops), torch_ops
-    # hashing: _to_copy (fp16 -> fp32), clone (per-head layout), bmm, argmax; sort key: mul, add; sort.
-    # separate keys: cat (queries and keys hashed together), with a mask cat (its copy for the keys);
-    # shared QK: the normalised keys (linalg_vector_norm, clamp_min, div), with a mask where (padding zeroed);
-    # with a mask: where (padding's bucket), sum (real tokens per sequence), full (per-round lse at -inf)
-    want = {(False, False): 8, (True, False): 10, (False, True): 12, (True, True): 14}[(shared, masked)]
+    assert triton == ["_lsh_hash", "_lsh_chunk_fwd", "_lsh_combine"]
+    # sort; shared QK: the normalised keys (linalg_vector_norm, clamp_min, div), with a mask also where
+    # (padding zeroed); with a mask: sum (real tokens per sequence), full (per-round lse at -inf)
+    want = {(False, False): 1, (True, False): 4, (False, True): 3, (True, True): 7}[(shared, masked)]
     assert sum(torch_ops.values()) == want, sorted(torch_ops.items())
+
+
+def test_triton_backward_launches(monkeypatch):
+    """The backward: the two gradient kernels (dq also computes delta = rowsum(dO * out)) and one sum over the
+    rounds of dq, dk, dv together. The rest is this test's: the loss's sum, its gradient (ones_like, made
+    contiguous: clone) and the accumulation into .grad (add_, the warm-up filled it)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 64, 2, 16, F16))
+
+    def step():
+        lsh_attention(q, k, v, bucket_size=8, num_hashes=2, backend="triton").sum().backward()
+
+    torch_ops, triton = _launches(monkeypatch, step, grad=True)
+    assert triton == ["_lsh_hash", "_lsh_chunk_fwd", "_lsh_combine", "_lsh_chunk_bwd_dq", "_lsh_chunk_bwd_dkdv"]
+    assert not {"gather", "index_select", "scatter", "scatter_add", "argsort"} & set(torch_ops), torch_ops
+    assert sorted(torch_ops.items()) == [("add_", 3), ("clone", 1), ("ones_like", 1), ("sort", 1), ("sum", 2)]

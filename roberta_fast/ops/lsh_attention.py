@@ -77,12 +77,15 @@ def _triton_padded(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, sca
     kernels (chunked attention of every round, the rounds' combination; their backward) on q, k, v as they
     are. Padded query rows give zeros."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sl = lsh.slots(q, k, key_padding_mask, bucket_size, num_hashes, seed)
+    mod = _kernel()
+    q, v = mod.unit_last(q), mod.unit_last(v)
+    k = None if k is None else mod.unit_last(k)
+    sl = lsh.slots(q, k, key_padding_mask, bucket_size, num_hashes, seed, keys_fn=mod.sort_keys)
     keys = k
     if k is None:  # shared QK: the keys are the normalised queries (padding zeroed: NaN there stays out of dq)
         real = q if key_padding_mask is None else torch.where(key_padding_mask[:, :, None, None], q, 0.0)
         keys = torch.nn.functional.normalize(real, dim=-1)
-    return _kernel().lsh_attention(q, keys, v, sl.perm, sl.nreal, sl.chunk, float(scale), sl.shared)
+    return mod.lsh_attention(q, keys, v, sl.perm, sl.nreal, sl.chunk, float(scale), sl.shared)
 
 
 def lsh_attention(q, k, v, *, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0, scale=None,

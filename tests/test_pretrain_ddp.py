@@ -33,7 +33,7 @@ def _curve(path):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(path)) if r["type"] == "train"]
 
 
-@pytest.mark.slow  # 43 s measured on the 2-core machine under a load of ~8 (two process starts, two runs)
+@pytest.mark.slow  # 29-43 s on the 2-core machine under loads of 6-8 (two process starts, two runs)
 def test_two_ranks_match_one_process(tmp_path):
     corpus = tmp_path / "corpus"  # the built-in corpus's first modules: enough text for 6 steps of 2 x 128 tokens
     corpus.mkdir()

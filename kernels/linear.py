@@ -13,8 +13,13 @@ replaces write the (M, N) product, then read and write it again per elementwise 
 by strides, so X W^T (B = W^T: strides (1, stride_wn)), dZ W and dZ^T X are the same kernel with different
 strides and no epilogue. fp16 / bf16 tiles go to tl.dot (HMMA on sm_80; wgmma / HGMMA on sm_90 with 4+ warps
 and 3+ stages, checked ahead of time by tests/test_compile_targets.py); fp32 takes the ieee dot (no TF32, as
-torch's default matmul). Plain tl.load tiles: TMA descriptors (tl.make_tensor_descriptor) are not used, so
-one code path serves Triton 3.6 and 3.9. `_dgelu_kernel` makes dZ (one read of dY and pre, one write).
+torch's default matmul). Plain tl.load tiles by default; `_linear_tma_kernel` is the forward with X and W tiles
+fetched through in-kernel TMA descriptors (tl.make_tensor_descriptor, where the installed Triton has it), one
+more tuning candidate on sm_90 only. `_dgelu_kernel` makes dZ (one read of dY and pre, one write).
+
+Configs: `config` is each GEMM's built-in one by its output size; `config_space` lists the tuner's candidates
+per class ("fwd", "bwd_dx", "bwd_dw"), pruned per bucket; a tuned config (kernels/_configs.py) replaces the
+built-in one for every launch of its class in its bucket (docs/tuning.md, "linear: three backends").
 """
 
 import torch

@@ -79,11 +79,12 @@ def _lsh_hash(
     KEY,  # (R, B, H, items) int64: bucket * items + tie-break (the sort key)
     R, B, S, H, D, NB, items,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    SHARED: tl.constexpr, MASKED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_NB: tl.constexpr,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, F16_DOT: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr,
 ):
-    """The sort key of a block of items of one (b, h), every round: bucket = argmax(x [R, -R]) in float32
-    (first index on ties, as torch.argmax), padding -> NB; key = bucket * items + (position, or 2 * position
+    """The sort key of a block of items of one (b, h), every round: bucket = argmax(x [R, -R]), the products
+    exact (R holds fp16 values) and summed in float32 (first index on ties, as torch.argmax), padding -> NB;
+    F16_DOT (fp16 inputs): on tensor cores, else fp32 FMA; key = bucket * items + (position, or 2 * position
     + 1 for a key of the joint sort). x is read once; the projections never leave registers."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -96,7 +97,7 @@ def _lsh_hash(
     if SHARED:
         pos = it
         x = tl.load(Q + b * stride_qb + pos[:, None] * stride_qs + h * stride_qh + offs_d[None, :],
-                    mask=imask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                    mask=imask[:, None] & dmask[None, :], other=0.0)
         tie = pos
     else:
         is_k = it >= S
@@ -107,8 +108,10 @@ def _lsh_hash(
                      mask=qm[:, None] & dmask[None, :], other=0.0)
         xk = tl.load(K + b * stride_kb + pos[:, None] * stride_ks + h * stride_kh + offs_d[None, :],
                      mask=km[:, None] & dmask[None, :], other=0.0)
-        x = tl.where(is_k[:, None], xk.to(tl.float32), xq.to(tl.float32))
+        x = tl.where(is_k[:, None], xk, xq)
         tie = 2 * pos + is_k.to(tl.int32)
+    if not F16_DOT:
+        x = x.to(tl.float32)
     valid = imask
     if MASKED:
         valid = valid & (tl.load(MASK + b * S + pos, mask=imask, other=0) != 0)
@@ -121,7 +124,10 @@ def _lsh_hash(
             cols = n0 + offs_n
             w = tl.load(w_base + offs_d[:, None] * NB + cols[None, :], mask=dmask[:, None] & (cols < NB)[None, :],
                         other=0.0)
-            proj = tl.dot(x, w, input_precision="ieee")  # (BLOCK_I, BLOCK_NB) float32
+            if F16_DOT:  # fp16 x and R (R's values are fp16's): exact products, fp32 sums, tensor cores
+                proj = tl.dot(x, w.to(tl.float16))  # (BLOCK_I, BLOCK_NB) float32
+            else:
+                proj = tl.dot(x, w, input_precision="ieee")
             proj = tl.where((cols < NB)[None, :], proj, float("-inf"))
             m = tl.max(proj, 1)
             a = tl.argmax(proj, 1).to(tl.int32) + n0
@@ -428,7 +434,8 @@ def sort_keys(q, k, rot, key_padding_mask):
     mask = q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.int8)
     _lsh_hash[(cdiv(items, HASH_BLOCK_I), B * H)](
         q, kk, rot, mask, key, R, B, S, H, D, NB, items, *_strides(q, kk), SHARED=shared,
-        MASKED=key_padding_mask is not None, BLOCK_I=HASH_BLOCK_I, BLOCK_D=_pow2(D), BLOCK_NB=HASH_BLOCK_NB,
+        MASKED=key_padding_mask is not None, F16_DOT=q.dtype == torch.float16, BLOCK_I=HASH_BLOCK_I,
+        BLOCK_D=_pow2(D), BLOCK_NB=HASH_BLOCK_NB,
         num_warps=4)
     return key
 
@@ -516,9 +523,9 @@ def lsh_attention(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
 
 
 def aot_specs() -> list[AOTSpec]:
-    """The GPU's specialization of each kernel (fp16, bucket 64 with separate keys: chunks of 128 slots,
-    head_dim 64) for the ahead-of-time compile check; the backward once, with shared QK (chunks of 64)
-    left to the same code path."""
+    """The GPU's specialization of each kernel (fp16, bucket 64 with separate keys and a mask: chunks of 128
+    slots, head_dim 64) for the ahead-of-time compile check: hashing, forward, combine, backward dq and dkdv
+    (shared QK, chunks of 64, runs the same code with smaller tiles)."""
     f16 = ptr(torch.float16)
     dims = {"items": "i32", "C": "i32", "B": "i32", "S": "i32", "H": "i32", "D": "i32",
             **{f"stride_{t}{s}": "i32" for t in "qkv" for s in "bsh"}, "qk_scale": "fp32"}
@@ -533,7 +540,14 @@ def aot_specs() -> list[AOTSpec]:
     dkdv = {**bwd_in, "DK": f16, "DV": f16, **dims, "sm_scale": "fp32", **meta}
     comb = {"O": f16, "LSE": "*fp32", "OUT": f16, "LSE_ALL": "*fp32", "R": "i32", "M": "i32", "D": "i32",
             "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+    hash_sig = {"Q": f16, "K": f16, "ROT": "*fp32", "MASK": ptr(torch.int8), "KEY": ptr(torch.int64),
+                **{n: "i32" for n in ("R", "B", "S", "H", "D", "NB", "items")},
+                **{f"stride_{t}{s}": "i32" for t in "qk" for s in "bsh"},
+                **{n: "constexpr" for n in ("SHARED", "MASKED", "F16_DOT", "BLOCK_I", "BLOCK_D", "BLOCK_NB")}}
     return [
+        AOTSpec("lsh_attention_hash[fp16,D=64]", _lsh_hash, hash_sig,
+                {"SHARED": False, "MASKED": True, "F16_DOT": True, "BLOCK_I": HASH_BLOCK_I, "BLOCK_D": 64,
+                 "BLOCK_NB": HASH_BLOCK_NB}, num_warps=4, uses_mma=True),
         AOTSpec("lsh_attention_fwd[fp16,C=128,D=64]", _lsh_chunk_fwd, fwd, consts, num_warps=8, uses_mma=True),
         AOTSpec("lsh_attention_combine[fp16,D=64]", _lsh_combine, comb, {"BLOCK_M": COMBINE_BLOCK, "BLOCK_D": 64},
                 num_warps=4),

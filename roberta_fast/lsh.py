@@ -58,9 +58,10 @@ def rotations(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: in
 
 @functools.lru_cache(maxsize=32)
 def hash_matrix(seed: int, num_hashes: int, heads: int, head_dim: int, buckets: int, device) -> torch.Tensor:
-    """[R, -R] (num_hashes, heads, head_dim, buckets) of `rotations`, made once per (seed, sizes, device): a
-    call draws nothing and copies nothing to the device; argmax(x [R, -R]) is the bucket."""
-    r = rotations(seed, num_hashes, heads, head_dim, buckets, "cpu")
+    """[R, -R] (num_hashes, heads, head_dim, buckets) float32 of `rotations` rounded to float16's values (so a
+    float16 x R is exact in every product, on tensor cores too), made once per (seed, sizes, device): a call
+    draws nothing and copies nothing to the device; argmax(x [R, -R]) is the bucket."""
+    r = rotations(seed, num_hashes, heads, head_dim, buckets, "cpu").half().float()  # values fp16 can hold
     return torch.cat([r, -r], dim=-1).to(device)
 
 

@@ -13,6 +13,8 @@ position; the backward regenerates it from the saved rng (no mask is stored). Ea
 position indexing: masks agree between a backend's forward and backward, not across backends.
 """
 
+import operator
+
 import torch
 
 from .. import backends, reference
@@ -290,9 +292,11 @@ def _bind_varlen(q, k, v, cu_seqlens, max_seqlen, scale, backend, check_values):
         return None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ms = int(max_seqlen)
-    if check_values and cu_seqlens.device.type == "cpu":
+    if check_values and cu_seqlens.device.type == "cpu":  # the public op's CPU value checks, at every call
+        total = q.shape[0]
+
         def attention_varlen_cached(q, k, v, cu_seqlens):
-            _check_cu_seqlens(cu_seqlens, ms, q.shape[0])
+            _check_cu_values(cu_seqlens.tolist(), ms, total)
             return fn(q, k, v, cu_seqlens, ms, scale)
     else:
         def attention_varlen_cached(q, k, v, cu_seqlens):
@@ -417,11 +421,15 @@ def _check_cu_seqlens(cu_seqlens, max_seqlen, total):
     """Value checks on CPU tensors (free there); on GPUs they would synchronize, so they are skipped."""
     if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    cu = cu_seqlens.tolist()
+    _check_cu_values(cu_seqlens.tolist(), max_seqlen, total)
+
+
+def _check_cu_values(cu, max_seqlen, total):
+    """_check_cu_seqlens on the values as a list (the inference cache calls it directly on CPU tensors)."""
     if cu[0] != 0:
         raise ValueError(f"{_OPV}: cu_seqlens must start at 0, got {cu[0]}")
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    if any(n < 0 for n in lens):
+    lens = list(map(operator.sub, cu[1:], cu[:-1]))
+    if lens and min(lens) < 0:
         i = next(i for i, n in enumerate(lens) if n < 0)
         raise ValueError(f"{_OPV}: cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > "
                          f"cu_seqlens[{i + 1}] = {cu[i + 1]}")

@@ -218,6 +218,24 @@ def test_run_outputs_metrics_checkpoint_and_self_contained_folder(builtin_dir, s
     assert sorted(os.listdir(out / "checkpoints")) == ["step-00000003", "step-00000006"]
 
 
+def test_lsh_attention_long_context_run(builtin_dir, small_config, tmp_path):
+    """--attention lsh (issue 17): the model trains with LSH self-attention, a position table past 512 when asked,
+    and its config.json remembers both, so from_pretrained rebuilds the same model."""
+    from roberta_fast import RobertaForMaskedLM
+
+    out = tmp_path / "out"
+    res = Pretrainer(_small_args(builtin_dir, out, small_config, max_seqlen=600, batch_tokens=1200, max_steps=2,
+                                 attention="lsh", lsh_bucket_size=16, lsh_num_hashes=2)).fit()
+    assert res.steps == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in res.losses)
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["attention"], cfg["lsh_bucket_size"], cfg["lsh_num_hashes"]) == ("lsh", 16, 2)
+    assert cfg["max_position_embeddings"] == 602
+    model = RobertaForMaskedLM.from_pretrained(str(out))
+    assert model.config.attention == "lsh" and model.config.lsh_bucket_size == 16
+    with pytest.raises(ValueError, match="attention must be 'full' or 'lsh'"):
+        PretrainArgs(output=str(out), attention="sparse").check()
+
+
 def test_output_loads_in_transformers_and_ours(builtin_dir, small_config, tmp_path):
     transformers = pytest.importorskip("transformers")
     from roberta_fast import RobertaForMaskedLM
@@ -424,6 +442,7 @@ def test_subcommand_list_is_complete():
     (["--output", "{out}", "--corpus", "{tmp}/emptydir"], "has no files"),
     (["--output", "{out}", "--vocab-size", "100"], "vocab_size must be >= 262"),
     (["--output", "{out}", "--batch-tokens", "8"], "batch_tokens (8) must be >= max_seqlen (16)"),
+    (["--output", "{out}", "--lsh-bucket-size", "0"], "--lsh-bucket-size must be >= 1, got 0"),
 ])
 def test_cli_errors_exit_2(tmp_path, capsys, argv, msg):
     (tmp_path / "file.txt").write_text("x")

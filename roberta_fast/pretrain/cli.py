@@ -15,7 +15,8 @@ from ..train.cli import fail, run_main
 _FLAGS = ("corpus", "eval_corpus", "model", "tokenizer", "vocab_size", "min_frequency", "max_seqlen", "packing",
           "max_steps", "batch_tokens", "accumulation", "lr", "weight_decay", "warmup_steps", "warmup_ratio", "clip",
           "precision", "mlm_probability", "mask_prob", "random_prob", "dropout", "seed", "save_every",
-          "keep_checkpoints", "resume", "log_every", "device", "backend")
+          "keep_checkpoints", "resume", "log_every", "device", "backend", "attention", "lsh_bucket_size",
+          "lsh_num_hashes")
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -41,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser):
                         "one document per sequence, never attending across documents")
     g.add_argument("--dropout", type=float, help="hidden and attention dropout (tiny: 0, base: 0.1)")
     g.add_argument("--backend", choices=("torch", "triton", "cuda"), help="op backend (default: automatic)")
+    g.add_argument("--attention", choices=("full", "lsh"),
+                   help="self-attention: full (RoBERTa's, default) or lsh (opt-in, approximate; docs/lsh_attention.md)")
+    g.add_argument("--lsh-bucket-size", type=int, metavar="N", help="LSH attention's bucket size (default 64)")
+    g.add_argument("--lsh-num-hashes", type=int, metavar="N", help="LSH attention's hash rounds (default 2)")
     g = p.add_argument_group("schedule")
     g.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (tiny: 2000, base: 100000)")
     g.add_argument("--batch-tokens", type=int, metavar="N", help="tokens per device and micro-batch (tiny: 2048)")
@@ -88,7 +93,7 @@ def _check(args) -> str | None:
     if args.model is not None and args.model not in PRESETS and not os.path.isfile(args.model):
         return f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
     for flag in ("max_steps", "batch_tokens", "accumulation", "vocab_size", "max_seqlen", "log_every",
-                 "min_frequency"):
+                 "min_frequency", "lsh_bucket_size", "lsh_num_hashes"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             return f"--{flag.replace('_', '-')} must be >= 1, got {v}"

@@ -92,6 +92,9 @@ class PretrainArgs:
     progress: bool = True
     device: str | None = None
     backend: str | None = None
+    attention: str = "full"  # "full" (RoBERTa's) or "lsh" (opt-in LSH self-attention for long sequences)
+    lsh_bucket_size: int = 64
+    lsh_num_hashes: int = 2
 
     def check(self):
         if self.model not in PRESETS and not os.path.isfile(str(self.model)):
@@ -107,7 +110,9 @@ class PretrainArgs:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        for name in ("accumulation", "log_every", "min_frequency"):
+        if self.attention not in ("full", "lsh"):
+            raise ValueError(f"attention must be 'full' or 'lsh', got {self.attention!r}")
+        for name in ("accumulation", "log_every", "min_frequency", "lsh_bucket_size", "lsh_num_hashes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seqlen is not None and self.max_seqlen < 3:
@@ -269,6 +274,8 @@ class Pretrainer(RunBase):
                "max_position_embeddings": a.max_seqlen + ids["pad"] + 1}
         if a.dropout is not None:
             cfg.update(hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=a.dropout)
+        if a.attention != "full":  # long context: --max-seqlen sizes the position table past 512 too
+            cfg.update(attention=a.attention, lsh_bucket_size=a.lsh_bucket_size, lsh_num_hashes=a.lsh_num_hashes)
         return EncoderConfig(**cfg)
 
     def _encode(self, texts):

@@ -39,7 +39,8 @@ LOG2E = 1.4426950408889634
 SELF_SCORE = -1e5  # roberta_fast.lsh.SELF_SCORE (kernels do not import the package above them)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # on GPUs; float32 too under the interpreter
 MAX_HEAD_DIM = 128
-MAX_CHUNK = 128  # C x C blocks of fp32 scores live in registers
+MAX_CHUNK = 128  # chunk slots (the tiles are at most TILE x TILE; longer chunks are a few of them)
+TILE = 64
 COMBINE_BLOCK = 32  # (position, head) rows per program of _lsh_combine
 
 
@@ -150,45 +151,49 @@ def _lsh_chunk_fwd(
     items, C, B, S, H, D,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,  # scale * log2(e)
-    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    c = tl.program_id(0)
+    """One program per (BLOCK_M query slots of a chunk, row n); keys in steps of BLOCK_N slots."""
+    subs = (C + BLOCK_M - 1) // BLOCK_M
+    c = tl.program_id(0) // subs
+    i0 = (tl.program_id(0) % subs) * BLOCK_M
     n = tl.program_id(1).to(tl.int64)
     rb, h = _rows_of(n, B, H)
     b = rb % B
-    offs = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    rows = c * C + offs  # slot indices of this chunk's queries
-    rmask = offs < C
-    qpos = _slot_pos(PERM, NREAL, n, b, rows, rmask, items, S, SHARED, MASKED)[0]
+    rows = c * C + i0 + offs_m  # slot indices of this program's queries
+    qpos = _slot_pos(PERM, NREAL, n, b, rows, i0 + offs_m < C, items, S, SHARED, MASKED)[0]
     q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
     if UPCAST:
         q = q.to(tl.float32)
-    m_i = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_C,), tl.float32)
-    acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for kc in range(tl.maximum(c - 1, 0), c + 1):
-        cols = kc * C + offs
-        kpos = _slot_pos(PERM, NREAL, n, b, cols, rmask, items, S, SHARED, MASKED)[1]
-        ok = kpos >= 0
-        k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
-        v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_C, BLOCK_C) in log2 units
-        if SHARED:
-            s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE * 1.4426950408889634, s)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        for j0 in range(0, C, BLOCK_N):
+            cols = kc * C + j0 + offs_n
+            kpos = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)[1]
+            ok = kpos >= 0
+            k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+            v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) in log2 units
+            if SHARED:
+                s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE * 1.4426950408889634, s)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
     dead = l_i == 0.0
     o = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
@@ -260,19 +265,22 @@ def _lsh_chunk_bwd_dq(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
-    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    c = tl.program_id(0)
+    """One program per (BLOCK_M query slots of a chunk, row n) over the key slots of chunks c - 1 and c."""
+    subs = (C + BLOCK_M - 1) // BLOCK_M
+    c = tl.program_id(0) // subs
+    i0 = (tl.program_id(0) % subs) * BLOCK_M
     n = tl.program_id(1).to(tl.int64)
     rb, h = _rows_of(n, B, H)
     b = rb % B
-    offs = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    rows = c * C + offs
-    rmask = offs < C
-    qpos = _slot_pos(PERM, NREAL, n, b, rows, rmask, items, S, SHARED, MASKED)[0]
+    rows = c * C + i0 + offs_m
+    qpos = _slot_pos(PERM, NREAL, n, b, rows, i0 + offs_m < C, items, S, SHARED, MASKED)[0]
     q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
     do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
     if UPCAST:
@@ -286,25 +294,26 @@ def _lsh_chunk_bwd_dq(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # every round's programs: no launch between
     if rb < B:  # round 0 holds each real query once
         tl.store(DELTA + idx, delta, mask=qok)
-    dq = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for kc in range(tl.maximum(c - 1, 0), c + 1):
-        cols = kc * C + offs
-        kpos = _slot_pos(PERM, NREAL, n, b, cols, rmask, items, S, SHARED, MASKED)[1]
-        ok = kpos >= 0
-        k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
-        v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if SHARED:
-            s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE * 1.4426950408889634, s)
-        p = tl.exp2(tl.where(ok[None, :], s - lse2[:, None], float("-inf")))
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        if SHARED:
-            ds = tl.where(rows[:, None] == cols[None, :], 0.0, ds)  # the self score is a constant
-        dq += tl.dot(ds.to(k.dtype), k)
+        for j0 in range(0, C, BLOCK_N):
+            cols = kc * C + j0 + offs_n
+            kpos = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)[1]
+            ok = kpos >= 0
+            k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+            v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if SHARED:
+                s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE * 1.4426950408889634, s)
+            p = tl.exp2(tl.where(ok[None, :], s - lse2[:, None], float("-inf")))
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            if SHARED:
+                ds = tl.where(rows[:, None] == cols[None, :], 0.0, ds)  # the self score is a constant
+            dq += tl.dot(ds.to(k.dtype), k)
     out_row = (rb * S + tl.where(qok, qpos, 0)) * H + h
     tl.store(DQ + out_row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=qok[:, None] & dmask[None, :])
@@ -326,46 +335,51 @@ def _lsh_chunk_bwd_dkdv(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     qk_scale,  # scale * log2(e)
     sm_scale,  # scale
-    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SHARED: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    kc = tl.program_id(0)
+    """One program per (BLOCK_N key slots of a chunk kc, row n) over the query slots of chunks kc and kc + 1
+    (the queries that see these keys)."""
+    subs = (C + BLOCK_N - 1) // BLOCK_N
+    kc = tl.program_id(0) // subs
+    j0 = (tl.program_id(0) % subs) * BLOCK_N
     n = tl.program_id(1).to(tl.int64)
     rb, h = _rows_of(n, B, H)
     b = rb % B
-    offs = tl.arange(0, BLOCK_C)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    cols = kc * C + offs  # this program's key slots
-    rmask = offs < C
-    kpos = _slot_pos(PERM, NREAL, n, b, cols, rmask, items, S, SHARED, MASKED)[1]
+    cols = kc * C + j0 + offs_n  # this program's key slots
+    kpos = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)[1]
     k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
     v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    dk = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     n_chunks = (items + C - 1) // C
-    for c in range(kc, tl.minimum(kc + 2, n_chunks)):  # the query chunks that see these keys
-        rows = c * C + offs
-        qpos = _slot_pos(PERM, NREAL, n, b, rows, rmask, items, S, SHARED, MASKED)[0]
-        q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
-        do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse2, delta = _row_stats(LSE_ALL, DELTA, b, h, qpos, S, H)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (keys, queries)
-        if SHARED:
-            s_t = tl.where(cols[:, None] == rows[None, :], SELF_SCORE * 1.4426950408889634, s_t)
-        p_t = tl.exp2(s_t - lse2[None, :])  # rows without a query: lse2 = +inf, p = 0
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SHARED:
-            ds_t = tl.where(cols[:, None] == rows[None, :], 0.0, ds_t)
-        dk += tl.dot(ds_t.to(q.dtype), q)
+    for c in range(kc, tl.minimum(kc + 2, n_chunks)):
+        for i0 in range(0, C, BLOCK_M):
+            rows = c * C + i0 + offs_m
+            qpos = _slot_pos(PERM, NREAL, n, b, rows, i0 + offs_m < C, items, S, SHARED, MASKED)[0]
+            q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
+            do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse2, delta = _row_stats(LSE_ALL, DELTA, b, h, qpos, S, H)
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (keys, queries)
+            if SHARED:
+                s_t = tl.where(cols[:, None] == rows[None, :], SELF_SCORE * 1.4426950408889634, s_t)
+            p_t = tl.exp2(s_t - lse2[None, :])  # slots without a query: lse2 = +inf, p = 0
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SHARED:
+                ds_t = tl.where(cols[:, None] == rows[None, :], 0.0, ds_t)
+            dk += tl.dot(ds_t.to(q.dtype), q)
     kok = kpos >= 0
     out_row = (rb * S + tl.where(kok, kpos, 0)) * H + h
     out = out_row[:, None] * D + offs_d[None, :]
@@ -407,9 +421,16 @@ def unit_last(t):
 
 
 def _meta(q, chunk: int, shared: bool, masked: bool) -> dict:
-    block_c = _pow2(chunk)
+    """Tiles: BLOCK_M query slots per program (a chunk of C slots is cdiv(C, BLOCK_M) programs), keys in steps
+    of BLOCK_N slots; 64 x 64 at most, on 8 warps: the gathers' per-element pointers cost registers, and
+    128 x 128 tiles (or 64 x 64 on 4 warps) left a stack frame (spills) on sm_90 (cuobjdump -res-usage STACK)."""
+    block = min(_pow2(chunk), TILE)
     return dict(SHARED=bool(shared), MASKED=bool(masked), UPCAST=interpret_mode() and q.dtype == torch.bfloat16,
-                BLOCK_C=block_c, BLOCK_D=_pow2(q.shape[-1]), num_warps=4 if block_c <= 64 else 8)
+                BLOCK_M=block, BLOCK_N=block, BLOCK_D=_pow2(q.shape[-1]), num_warps=8 if block == TILE else 4)
+
+
+def _grid(items: int, chunk: int, meta: dict, rows: int):
+    return (cdiv(items, chunk) * cdiv(chunk, meta["BLOCK_M"]), rows)
 
 
 def _strides(*ts):
@@ -458,7 +479,7 @@ def lsh_forward(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
     if N == 0 or S == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     meta = _meta(q, chunk, shared, nreal is not None)
-    _lsh_chunk_fwd[(cdiv(items, chunk), N)](q, k, v, perm, perm if nreal is None else nreal, o_r, lse_r, items,
+    _lsh_chunk_fwd[_grid(items, chunk, meta, N)](q, k, v, perm, perm if nreal is None else nreal, o_r, lse_r, items,
                                             chunk, B, S, H, D, *_strides(q, k, v), float(scale) * LOG2E, **meta)
     M = B * S * H
     _lsh_combine[(cdiv(M, COMBINE_BLOCK),)](o_r, lse_r, out, lse, R, M, D, BLOCK_M=COMBINE_BLOCK,
@@ -480,7 +501,7 @@ def lsh_backward(do, q, k, v, out, lse, perm, nreal, chunk: int, scale: float, s
         meta = _meta(q, chunk, shared, nreal is not None)
         args = (perm, perm if nreal is None else nreal)
         tail = (items, chunk, B, S, H, D, *_strides(q, k, v), float(scale) * LOG2E, float(scale))
-        grid = (cdiv(items, chunk), N)
+        grid = _grid(items, chunk, meta, N)  # BLOCK_M == BLOCK_N: the same for both kernels
         _lsh_chunk_bwd_dq[grid](q, k, v, do, out, lse, delta, *args, grads[0], *tail, **meta)
         _lsh_chunk_bwd_dkdv[grid](q, k, v, do, lse, delta, *args, grads[1], grads[2], *tail, **meta)
     g = grads[:, 0] if R == 1 else grads.sum(1)
@@ -529,9 +550,9 @@ def aot_specs() -> list[AOTSpec]:
     f16 = ptr(torch.float16)
     dims = {"items": "i32", "C": "i32", "B": "i32", "S": "i32", "H": "i32", "D": "i32",
             **{f"stride_{t}{s}": "i32" for t in "qkv" for s in "bsh"}, "qk_scale": "fp32"}
-    meta = {"SHARED": "constexpr", "MASKED": "constexpr", "UPCAST": "constexpr", "BLOCK_C": "constexpr",
-            "BLOCK_D": "constexpr"}
-    consts = {"SHARED": False, "MASKED": True, "UPCAST": False, "BLOCK_C": 128, "BLOCK_D": 64}
+    meta = {"SHARED": "constexpr", "MASKED": "constexpr", "UPCAST": "constexpr", "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
+    consts = {"SHARED": False, "MASKED": True, "UPCAST": False, "BLOCK_M": TILE, "BLOCK_N": TILE, "BLOCK_D": 64}
     idx = {"PERM": ptr(torch.int64), "NREAL": ptr(torch.int32)}
     fwd = {"Q": f16, "K": f16, "V": f16, **idx, "O": f16, "LSE": "*fp32", **dims, **meta}
     bwd_in = {"Q": f16, "K": f16, "V": f16, "DO": f16, "LSE_ALL": "*fp32", "DELTA": "*fp32", **idx}
@@ -548,11 +569,11 @@ def aot_specs() -> list[AOTSpec]:
         AOTSpec("lsh_attention_hash[fp16,D=64]", _lsh_hash, hash_sig,
                 {"SHARED": False, "MASKED": True, "F16_DOT": True, "BLOCK_I": HASH_BLOCK_I, "BLOCK_D": 64,
                  "BLOCK_NB": HASH_BLOCK_NB}, num_warps=4, uses_mma=True),
-        AOTSpec("lsh_attention_fwd[fp16,C=128,D=64]", _lsh_chunk_fwd, fwd, consts, num_warps=8, uses_mma=True),
+        AOTSpec("lsh_attention_fwd[fp16,M64N64,D=64]", _lsh_chunk_fwd, fwd, consts, num_warps=8, uses_mma=True),
         AOTSpec("lsh_attention_combine[fp16,D=64]", _lsh_combine, comb, {"BLOCK_M": COMBINE_BLOCK, "BLOCK_D": 64},
                 num_warps=4),
-        AOTSpec("lsh_attention_bwd_dq[fp16,C=128,D=64]", _lsh_chunk_bwd_dq, dq, consts, num_warps=8,
+        AOTSpec("lsh_attention_bwd_dq[fp16,M64N64,D=64]", _lsh_chunk_bwd_dq, dq, consts, num_warps=8,
                 uses_mma=True),
-        AOTSpec("lsh_attention_bwd_dkdv[fp16,C=128,D=64]", _lsh_chunk_bwd_dkdv, dkdv, consts, num_warps=8,
+        AOTSpec("lsh_attention_bwd_dkdv[fp16,M64N64,D=64]", _lsh_chunk_bwd_dkdv, dkdv, consts, num_warps=8,
                 uses_mma=True),
     ]

@@ -254,14 +254,23 @@ def test_triton_varlen_and_gradients():
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", [False, True])
 def test_triton_at_the_gpu_block_sizes(shared):
-    """bucket 64, head_dim 64: the blocks the GPU runs (128 slots with separate keys, 64 with shared QK)."""
+    """bucket 64, head_dim 64: the blocks the GPU runs (chunks of 128 slots with separate keys, two 64-slot
+    tiles each way, 64 with shared QK), forward and backward."""
     q, k, v = _qkv(1, 300, 2, 64, F16, seed=7, device=DEV)
     mask = _mask(1, 300, [290], DEV)
-    kk = None if shared else k
-    ours = lsh_attention(q, kk, v, key_padding_mask=mask, bucket_size=64, backend="triton")
-    ref = lsh.lsh_attention(q.double(), None if shared else k.double(), v.double(), mask, 64)
-    same = lsh.lsh_attention(q, kk, v, mask, 64, chunk_fn=_same_dtype_chunks)
-    assert_rule(ours, ref, same)
+    do = torch.randn(1, 300, 2, 64, generator=torch.Generator().manual_seed(8)).to(DEV, F16)
+
+    def run(fn, dt):
+        leaves = [t.detach().to(dt).clone().requires_grad_() for t in (q, k, v)]
+        out = fn(leaves[0], None if shared else leaves[1], leaves[2])
+        out.backward(do.to(dt))
+        return [out] + [t.grad for t in (leaves if not shared else leaves[::2])]
+
+    ours = run(lambda a, b, c: lsh_attention(a, b, c, key_padding_mask=mask, bucket_size=64, backend="triton"), F16)
+    ref = run(lambda a, b, c: lsh.lsh_attention(a, b, c, mask, 64), F64)
+    same = run(lambda a, b, c: lsh.lsh_attention(a, b, c, mask, 64, chunk_fn=_same_dtype_chunks), F16)
+    for name, a, r, s in zip(["out", "dq", "dk" if not shared else "dv", "dv"], ours, ref, same):
+        assert_rule(a, r, s, name=name)
 
 
 @TRITON

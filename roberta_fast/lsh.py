@@ -5,8 +5,11 @@ One call, per sequence and head (docs/lsh_attention.md):
   1. n_buckets = ceil(S / bucket_size), rounded up to an even number (at least 2), where S is the padded length
      (padded inputs) or max_seqlen (varlen inputs, which run as a padded batch with a key padding mask).
   2. Per hash round r, random rotations R_r (head_dim, n_buckets / 2) per head, drawn from a CPU
-     torch.Generator seeded with `seed` (identical on every device); bucket(x) = argmax([x R_r, -x R_r]),
-     computed in float32 from the input's values (so a float64 oracle hashes exactly as the float16 call does).
+     torch.Generator seeded with `seed` (identical on every device) and rounded to float16's values;
+     bucket(x) = argmax([x R_r, -x R_r]), computed in float32 from the input's values (so a float64 oracle
+     hashes as the float16 call does; a float16 x R_r is exact in every product, and the Triton backend's
+     hashing kernel sums in float32 too, on tensor cores for float16 inputs: only a near-tie within float32
+     rounding, summed in another order, can put a token in another bucket than the reference's).
      Padding tokens get the bucket n_buckets: they sort after every real token.
   3. Sorting. Shared QK (k=None, Reformer's choice): keys are the L2-normalised queries; each token is one item,
      sorted by (bucket, position) (stable within a bucket), cut into chunks of C = bucket_size. Separate k:

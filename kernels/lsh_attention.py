@@ -416,10 +416,6 @@ def unsupported(q, chunk: int) -> str | None:
     return None
 
 
-def unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _meta(q, chunk: int, shared: bool, masked: bool) -> dict:
     """Tiles: BLOCK_M query slots per program (a chunk of C slots is cdiv(C, BLOCK_M) programs), keys in steps
     of BLOCK_N slots; 64 x 64 at most, on 8 warps: the gathers' per-element pointers cost registers, and
@@ -532,9 +528,8 @@ class LSHAttention(torch.autograd.Function):
 
 def lsh_attention(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
     """out (B, S, H, D) q.dtype (rows without a real query or key: zeros), with autograd when an input needs
-    gradients. q, k, v (B, S, H, D) (k: the keys, the normalised queries under shared QK); perm, nreal, chunk,
-    shared from roberta_fast.lsh.slots."""
-    q, k, v = (unit_last(t) for t in (q, k, v))
+    gradients. q, k, v (B, S, H, D) with unit last stride (k: the keys, the normalised queries under shared
+    QK); perm, nreal, chunk, shared from roberta_fast.lsh.slots."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return LSHAttention.apply(q, k, v, perm, nreal, chunk, scale, shared)[0]
     return lsh_forward(q, k, v, perm, nreal, chunk, scale, shared)[0]

@@ -16,7 +16,7 @@ import functools
 import torch
 
 from .. import backends, lsh
-from .._utils import dtype_name
+from .._utils import dtype_name, unit_last_stride
 from ._checks import check_same_device, check_shape, check_tensor
 
 _OP = "lsh_attention"
@@ -78,8 +78,8 @@ def _triton_padded(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, sca
     are. Padded query rows give zeros."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mod = _kernel()
-    q, v = mod.unit_last(q), mod.unit_last(v)
-    k = None if k is None else mod.unit_last(k)
+    q, v = unit_last_stride(q), unit_last_stride(v)
+    k = None if k is None else unit_last_stride(k)
     sl = lsh.slots(q, k, key_padding_mask, bucket_size, num_hashes, seed, keys_fn=mod.sort_keys)
     keys = k
     if k is None:  # shared QK: the keys are the normalised queries (padding zeroed: NaN there stays out of dq)

@@ -18,9 +18,10 @@ Kernels, all rounds in one launch each:
                     delta = rowsum(dO * out) of the combined output no per-round dO or dlse is needed. dq per
                     (query chunk, row) over key chunks c - 1, c; dk, dv per (key chunk, row) over query chunks
                     c, c + 1. Per-round gradients are written at positions and summed over rounds in torch.
-Slots that hold no real query (kpos / qpos -1: padding, the tail, key slots of the joint sort) are never read
-(predicated loads) and never written; SHARED (shared QK) replaces a slot's score with itself by SELF_SCORE
-(whose gradient is 0). A row with no valid key gives o = 0, lse = -inf.
+Slots that hold no real query or key (padding, the tail, the other kind of item of the joint sort) are never
+read (predicated loads); a padding token's slot writes its zeros (o = 0, lse = -inf, zero gradients), so every
+output position is written and nothing is zero-filled first; SHARED (shared QK) replaces a slot's score with
+itself by SELF_SCORE (whose gradient is 0). A row with no valid key gives o = 0, lse = -inf.
 
 Work per round: 4 * L * 2C * D FLOPs forward (linear in the length L), q, k, v read about twice and o written
 once, through the gathers (each slot's row of D contiguous elements).
@@ -52,15 +53,21 @@ def _rows_of(n, B, H):
 
 @triton.jit
 def _slot_pos(PERM, NREAL, n, b, slot, ok, items, S, SHARED: tl.constexpr, MASKED: tl.constexpr):
-    """(query position, key position) of a block of slots of row n, -1 where the slot holds none: past the
-    real items (padding sorts last), past `items` (the last chunk's tail), or the other kind of item."""
+    """(query position, key position) of a block of slots of row n, -1 where the slot holds no real one: past
+    the real items (padding sorts last), past `items` (the last chunk's tail), or the other kind of item; then
+    the same with padding items kept (where their outputs and gradients are written as zeros)."""
     ok = ok & (slot < items)
-    if MASKED:
-        ok = ok & (slot < tl.load(NREAL + b) * (1 if SHARED else 2))
     item = tl.load(PERM + n * items + slot, mask=ok, other=-1)
     if SHARED:
-        return item, item
-    return tl.where(ok & (item < S), item, -1), tl.where(ok & (item >= S), item - S, -1)
+        qall = item
+        kall = item
+    else:
+        qall = tl.where(ok & (item < S), item, -1)
+        kall = tl.where(ok & (item >= S), item - S, -1)
+    if MASKED:
+        real = slot < tl.load(NREAL + b) * (1 if SHARED else 2)
+        return tl.where(real, qall, -1), tl.where(real, kall, -1), qall, kall
+    return qall, kall, qall, kall
 
 
 @triton.jit
@@ -166,7 +173,7 @@ def _lsh_chunk_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     rows = c * C + i0 + offs_m  # slot indices of this program's queries
-    qpos = _slot_pos(PERM, NREAL, n, b, rows, i0 + offs_m < C, items, S, SHARED, MASKED)[0]
+    qpos, _, qall, _ = _slot_pos(PERM, NREAL, n, b, rows, i0 + offs_m < C, items, S, SHARED, MASKED)
     q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
     if UPCAST:
         q = q.to(tl.float32)
@@ -197,10 +204,13 @@ def _lsh_chunk_fwd(
     dead = l_i == 0.0
     o = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / 1.4426950408889634)
-    qok = qpos >= 0
-    out_row = (rb * S + tl.where(qok, qpos, 0)) * H + h  # (r, b, pos, h)
-    tl.store(O + out_row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=qok[:, None] & dmask[None, :])
-    tl.store(LSE + out_row, lse, mask=qok)
+    qok = qpos >= 0  # padding queries: o = 0, lse = -inf (every position of O and LSE is written)
+    o = tl.where(qok[:, None], o, 0.0)
+    lse = tl.where(qok, lse, float("-inf"))
+    out_row = (rb * S + tl.where(qall >= 0, qall, 0)) * H + h  # (r, b, pos, h)
+    tl.store(O + out_row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=(qall >= 0)[:, None] & dmask[None, :])
+    tl.store(LSE + out_row, lse, mask=qall >= 0)
 
 
 @triton.jit
@@ -280,7 +290,7 @@ def _lsh_chunk_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     rows = c * C + i0 + offs_m
-    qpos = _slot_pos(PERM, NREAL, n, b, rows, i0 + offs_m < C, items, S, SHARED, MASKED)[0]
+    qpos, _, qall, _ = _slot_pos(PERM, NREAL, n, b, rows, i0 + offs_m < C, items, S, SHARED, MASKED)
     q = _gather(Q, b, h, qpos, stride_qb, stride_qs, stride_qh, offs_d, dmask)
     do = _gather(DO, b, h, qpos, S * H * D, H * D, D, offs_d, dmask)
     if UPCAST:
@@ -314,9 +324,10 @@ def _lsh_chunk_bwd_dq(
             if SHARED:
                 ds = tl.where(rows[:, None] == cols[None, :], 0.0, ds)  # the self score is a constant
             dq += tl.dot(ds.to(k.dtype), k)
-    out_row = (rb * S + tl.where(qok, qpos, 0)) * H + h
-    tl.store(DQ + out_row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qok[:, None] & dmask[None, :])
+    dq = tl.where(qok[:, None], dq * sm_scale, 0.0)  # padding: zeros (every position of DQ is written)
+    out_row = (rb * S + tl.where(qall >= 0, qall, 0)) * H + h
+    tl.store(DQ + out_row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=(qall >= 0)[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -351,7 +362,7 @@ def _lsh_chunk_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     cols = kc * C + j0 + offs_n  # this program's key slots
-    kpos = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)[1]
+    _, kpos, _, kall = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)
     k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
     v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
     if UPCAST:
@@ -380,11 +391,13 @@ def _lsh_chunk_bwd_dkdv(
             if SHARED:
                 ds_t = tl.where(cols[:, None] == rows[None, :], 0.0, ds_t)
             dk += tl.dot(ds_t.to(q.dtype), q)
-    kok = kpos >= 0
-    out_row = (rb * S + tl.where(kok, kpos, 0)) * H + h
+    kok = kpos >= 0  # padding keys: zeros (every position of DK and DV is written)
+    dk = tl.where(kok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(kok[:, None], dv, 0.0)
+    out_row = (rb * S + tl.where(kall >= 0, kall, 0)) * H + h
     out = out_row[:, None] * D + offs_d[None, :]
-    omask = kok[:, None] & dmask[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
+    omask = (kall >= 0)[:, None] & dmask[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=omask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
 
 
@@ -459,17 +472,14 @@ def sort_keys(q, k, rot, key_padding_mask):
 
 def lsh_forward(q, k, v, perm, nreal, chunk: int, scale: float, shared: bool):
     """(out (B, S, H, D) q.dtype, lse (B, S, H) float32) of every round's chunked attention combined: two
-    launches (three with a mask: the per-round lse starts at -inf, positions no round writes give zeros).
+    launches (padding positions are written by the chunk kernel as o = 0, lse = -inf).
     q, k, v (B, S, H, D) with unit last stride (k: the normalised queries under shared QK); perm int64
     (R * B * H, items) and nreal int32 (B,) or None from roberta_fast.lsh.slots."""
     B, S, H, D = q.shape
     N, items = perm.shape
     R = N // max(B * H, 1)
     o_r = torch.empty((R, B, S, H, D), dtype=q.dtype, device=q.device)
-    if nreal is not None:
-        lse_r = torch.full((R, B, S, H), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        lse_r = torch.empty((R, B, S, H), dtype=torch.float32, device=q.device)
+    lse_r = torch.empty((R, B, S, H), dtype=torch.float32, device=q.device)  # every position written
     out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
     if N == 0 or S == 0:
@@ -490,9 +500,8 @@ def lsh_backward(do, q, k, v, out, lse, perm, nreal, chunk: int, scale: float, s
     R = N // max(B * H, 1)
     do = do.contiguous()
     delta = torch.empty((B, S, H), dtype=torch.float32, device=q.device)
-    # dq, dk, dv of every round in one buffer, summed over the rounds at once; positions without a real
-    # query / key (padding) are never written
-    grads = (torch.empty if nreal is None else torch.zeros)((3, R, B, S, H, D), dtype=q.dtype, device=q.device)
+    # dq, dk, dv of every round in one buffer (every position written, padding as zeros), summed at once
+    grads = torch.empty((3, R, B, S, H, D), dtype=q.dtype, device=q.device)
     if N and S:
         meta = _meta(q, chunk, shared, nreal is not None)
         args = (perm, perm if nreal is None else nreal)

@@ -194,14 +194,14 @@ CONFIG_INTERPRET = (16, 32, 32, 2, 4, 1)  # the interpreter: small tiles, severa
 DGELU_BLOCK = 1024
 
 # What `roberta-fast tune` may try for each of the three GEMMs (docs/tuning.md), before pruning. fp16 / bf16:
-# the three defaults; the large tile on 4 stages (192 KB: sm_90 only); a tall 256 x 128 tile; 128 x 128 on 8
+# the three defaults; the large tile on 4 stages; a tall 256 x 128 tile; 128 x 128 on 8
 # warps (two warpgroups on sm_90) with 3 stages; 128 x 64 for narrow outputs (hidden 768 / 1024 columns at a few
 # thousand tokens); 64 x 64 for small problems. fp32 (ieee dots, 4-byte tiles): the default and three larger
-# tiles. Shared memory per candidate = stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size (the operand ring;
-# the ahead-of-time check reports what Triton really allocates).
+# tiles. Shared memory per candidate: `smem_bytes` (sm_90 figures beside each; the ahead-of-time check reports
+# what Triton really allocates: `python -m roberta_fast.kernels._aot --files linear --every-candidate`).
 CANDIDATES_HALF = (
     CONFIGS["large"], CONFIGS["medium"], CONFIGS["small"],
-    (128, 256, 64, 8, 8, 4),  # 192 KB
+    (128, 256, 64, 8, 8, 4),  # 192 KB on sm_90, 144 KB on sm_80 (smem_bytes)
     (256, 128, 64, 8, 8, 3),  # 144 KB
     (128, 128, 64, 8, 8, 3),  # 96 KB
     (128, 64, 64, 8, 4, 4),  # 96 KB
@@ -239,20 +239,24 @@ def config(M: int, N: int, dtype):
     return CONFIG_INTERPRET if INTERPRET else CONFIGS[bucket(M, N, dtype)]
 
 
-def smem_bytes(cfg, elem_size: int) -> int:
-    """The operand ring's shared memory: stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element size."""
+def smem_bytes(cfg, elem_size: int, cc=None) -> int:
+    """The operand ring's shared memory on sm_<cc>: buffers * (BLOCK_M + BLOCK_N) * BLOCK_K * element size, with
+    `stages` buffers on sm_90 (the wgmma pipeline; also the bound when cc is None) and stages - 1 on sm_80 (the
+    cp.async pipeline). Measured by the ahead-of-time check (Triton 3.9, aligned fp16 operands): 128 x 256 x 64
+    takes 147,456 B on sm_90 at 3 stages and 196,608 B at 4; on sm_80 98,304 B at 3 and 147,456 B at 4."""
     bm, bn, bk, _gm, _w, stages = cfg[:6]
-    return stages * (bm + bn) * bk * elem_size
+    return (stages - 1 if cc is not None and cc < 90 else stages) * (bm + bn) * bk * elem_size
 
 
 def _pow2(n: int) -> int:
     return 1 << max(4, (int(n) - 1).bit_length())  # the next power of two, at least 16 (tl.dot's minimum)
 
 
-def _keep(cfg, rows, cols, red, elem_size: int, limit: int) -> bool:
-    """Whether a candidate is worth timing for a GEMM of rows x cols with reduction red (None: unknown)."""
+def _keep(cfg, rows, cols, red, elem_size: int, cc) -> bool:
+    """Whether a candidate is worth timing on sm_<cc> (None: any) for a GEMM of rows x cols with reduction red
+    (None: unknown)."""
     bm, bn, bk = cfg[:3]
-    if smem_bytes(cfg, elem_size) > limit:
+    if smem_bytes(cfg, elem_size, cc) > SMEM_LIMIT.get(cc, max(SMEM_LIMIT.values())):
         return False
     if (rows is not None and bm > _pow2(rows)) or (cols is not None and bn > _pow2(cols)) or \
             (red is not None and bk > _pow2(red)):
@@ -265,9 +269,9 @@ def _keep(cfg, rows, cols, red, elem_size: int, limit: int) -> bool:
 def config_space(op: str, fixed: tuple, train: bool = False, tokens_log2=None, capability=None) -> dict:
     """The candidates per kernel class ("fwd"; with `train` also "bwd_dx" and "bwd_dw", the backward's two
     GEMMs) for a tuned linear bucket (`fixed` = (N, K, dtype) as roberta_fast.tuned.bucket gives it), the class's
-    default first, pruned: shared memory over the GPU's limit (capability (major, minor) or None: the largest,
-    sm_90's), a tile or K step larger than the problem, a tile over 128 x 128 with under one wave of programs;
-    the forward's TMA variant (TMA_CANDIDATE) only for sm_90 (or capability None) and K a multiple of 8.
+    default first, pruned: shared memory (`smem_bytes`) over the GPU's limit (capability (major, minor) or None:
+    sm_90's rule and limit), a tile or K step larger than the problem, a tile over 128 x 128 with under one wave
+    of programs; the forward's TMA variant (TMA_CANDIDATE) only for sm_90 (or capability None) and K a multiple of 8.
     tokens_log2 (the bucket's rounded log2 of M) or None: M unknown, no pruning by M and every default of the
     class (what installing a tuned table checks against)."""
     N, K, dtype = int(fixed[0]), int(fixed[1]), str(fixed[2]).removeprefix("torch.")
@@ -275,7 +279,6 @@ def config_space(op: str, fixed: tuple, train: bool = False, tokens_log2=None, c
     pool, elem = (CANDIDATES_HALF, 2) if half else (CANDIDATES_FP32, 4)
     cc = None if capability is None else (capability[0] * 10 + capability[1] if isinstance(capability, tuple)
                                           else int(capability))
-    limit = SMEM_LIMIT.get(cc, max(SMEM_LIMIT.values())) if cc is not None else max(SMEM_LIMIT.values())
     M = None if tokens_log2 is None else 1 << int(tokens_log2)
     dims = {"M": M, "N": N, "K": K}
     tdtype = torch.float16 if half else torch.float32
@@ -286,9 +289,9 @@ def config_space(op: str, fixed: tuple, train: bool = False, tokens_log2=None, c
             defaults = tuple(dict.fromkeys(CONFIGS[bucket(m, cols, tdtype)] for m in (1, 512, 2048)))
         else:
             defaults = (CONFIGS[bucket(rows, cols, tdtype)],)
-        rest = tuple(c for c in pool if c not in defaults and _keep(c, rows, cols, red, elem, limit))
+        rest = tuple(c for c in pool if c not in defaults and _keep(c, rows, cols, red, elem, cc))
         if cls == "fwd" and half and HAS_TMA and (cc is None or cc >= 90) and K % 8 == 0 and \
-                _keep(TMA_CANDIDATE, rows, cols, red, elem, limit):
+                _keep(TMA_CANDIDATE, rows, cols, red, elem, cc):
             rest += (TMA_CANDIDATE,)  # TMA's rule: K * 2 bytes, the row pitch, a multiple of 16
         space[cls] = defaults + rest
     return space

@@ -54,12 +54,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backends import BackendUnavailableError
+from ..backends import GPU_DEVICE_TYPES, BackendUnavailableError
 from ..ops import trusted as ops  # the model checks its inputs once per forward (docs/host_path.md)
 from ..ops.linear import bind_inference as bind_linear
 from ..ops.linear import choice as linear_choice
@@ -78,12 +79,17 @@ _GELU = {"none": "gelu", "tanh": "gelu_tanh"}  # bias_gelu's approximate -> ops.
 
 
 def _epilogue_backend(x, weight, bias, activation, residual, backend):
-    """The backend of ops.linear for this GEMM when it fuses the epilogue ("triton", "cublaslt"; docs/tuning.md),
-    else None: the layer then runs cuBLAS + its fused elementwise kernels (bias_gelu; bias + residual inside
-    layer_norm), the automatic choice until a GPU has been tuned. backend: the model's (None, or a name for every
-    op): "torch" and "cuda" keep the elementwise kernels (no CUDA C++ GEMM), "triton" takes Triton's epilogue. Not
-    under autocast (the GEMMs' dtype is autocast's there) nor with float32 parameters on half activations."""
-    if backend in ("torch", "cuda") or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+    """The backend of ops.linear for this GEMM when the layer should take it (docs/tuning.md), else None: the layer
+    then runs the GEMM without bias + its fused elementwise kernels (bias_gelu; bias + residual inside layer_norm),
+    the automatic choice on GPUs until one has been tuned.
+    - "triton", "cublaslt": the GEMM fuses the epilogue (one kernel instead of two).
+    - "torch" (F.linear with the bias inside the addmm, then GELU / the residual add in place) where the elementwise
+      ops run on plain PyTorch too: the model's backend="torch", or the automatic choice on CPU tensors. There the
+      bias-in-the-GEMM form saves the separate bias passes of the reference ops (docs/cpu_path.md).
+    backend: the model's (None, or one name for every op): "cuda" keeps the CUDA C++ elementwise kernels (there is
+    no CUDA C++ GEMM). Never under autocast (the GEMMs' dtype is autocast's there) nor with float32 parameters on
+    half activations."""
+    if backend == "cuda" or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
         return None
     if torch.is_autocast_enabled(x.device.type):
         return None
@@ -91,7 +97,20 @@ def _epilogue_backend(x, weight, bias, activation, residual, backend):
         b = linear_choice(x, weight, bias, activation=activation, residual=residual, backend=backend)
     except (ValueError, BackendUnavailableError):  # e.g. ROBERTA_FAST_BACKEND=cuda: no CUDA C++ GEMM
         return None
-    return b if b in _EPILOGUE_BACKENDS else None
+    if b in _EPILOGUE_BACKENDS:
+        return b
+    if b == "torch" and (backend == "torch" or (backend is None and _elementwise_on_torch(x.device))):
+        return b
+    return None
+
+
+def _elementwise_on_torch(device) -> bool:
+    """Whether the automatic choice runs the elementwise ops on plain PyTorch for this device: not a GPU device
+    and no ROBERTA_FAST_BACKEND naming a kernel backend (e.g. triton under the interpreter in tests)."""
+    if device.type in GPU_DEVICE_TYPES:
+        return False
+    env = os.environ.get("ROBERTA_FAST_BACKEND", "").strip().lower()
+    return env in ("", "auto", "torch")
 
 
 class Embeddings(nn.Module):

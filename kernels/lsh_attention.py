@@ -21,7 +21,9 @@ Kernels, all rounds in one launch each:
 Slots that hold no real query or key (padding, the tail, the other kind of item of the joint sort) are never
 read (predicated loads); a padding token's slot writes its zeros (o = 0, lse = -inf, zero gradients), so every
 output position is written and nothing is zero-filled first; SHARED (shared QK) replaces a slot's score with
-itself by SELF_SCORE (whose gradient is 0). A row with no valid key gives o = 0, lse = -inf.
+itself by SELF_SCORE (whose gradient is 0); its keys are the queries, normalised where loaded (the dk dv
+kernel carries the gradient through the normalisation, so q gets dq + dk). A row with no valid key gives o = 0,
+lse = -inf.
 
 Work per round: 4 * L * 2C * D FLOPs forward (linear in the length L), q, k, v read about twice and o written
 once, through the gathers (each slot's row of D contiguous elements).
@@ -76,6 +78,16 @@ def _gather(X, b, h, pos, stride_b, stride_s, stride_h, offs_d, dmask):
     ok = pos >= 0
     ptrs = X + b * stride_b + tl.where(ok, pos, 0)[:, None] * stride_s + h * stride_h + offs_d[None, :]
     return tl.load(ptrs, mask=ok[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _unit_rows(k):
+    """(k / max(|k|, 1e-12) in k's dtype, the fp32 normalised rows, the fp32 norms): shared QK's keys, made
+    from the queries where they are loaded (torch.nn.functional.normalize's definition)."""
+    kf = k.to(tl.float32)
+    nrm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+    khat = kf / nrm[:, None]
+    return khat.to(k.dtype), khat, nrm
 
 
 @triton.jit
@@ -149,7 +161,7 @@ def _lsh_hash(
 @triton.jit
 def _lsh_chunk_fwd(
     Q,  # (B, S, H, D) queries, last stride 1
-    K,  # (B, S, H, D) keys, last stride 1
+    K,  # (B, S, H, D) keys, last stride 1 (SHARED: the queries, normalised where loaded)
     V,  # (B, S, H, D) values, last stride 1
     PERM,  # (N, items) int64: the item in each slot (lsh.slots); N = R * B * H
     NREAL,  # (B,) int32: real tokens per sequence (MASKED only)
@@ -186,6 +198,8 @@ def _lsh_chunk_fwd(
             kpos = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)[1]
             ok = kpos >= 0
             k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+            if SHARED:  # K is the queries: the keys are their normalised rows
+                k = _unit_rows(k)[0]
             v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
             if UPCAST:
                 k = k.to(tl.float32)
@@ -311,6 +325,8 @@ def _lsh_chunk_bwd_dq(
             kpos = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)[1]
             ok = kpos >= 0
             k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+            if SHARED:  # K is the queries: the keys are their normalised rows
+                k = _unit_rows(k)[0]
             v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
             if UPCAST:
                 k = k.to(tl.float32)
@@ -364,6 +380,10 @@ def _lsh_chunk_bwd_dkdv(
     cols = kc * C + j0 + offs_n  # this program's key slots
     _, kpos, _, kall = _slot_pos(PERM, NREAL, n, b, cols, j0 + offs_n < C, items, S, SHARED, MASKED)
     k = _gather(K, b, h, kpos, stride_kb, stride_ks, stride_kh, offs_d, dmask)
+    khat = k.to(tl.float32)
+    nrm = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if SHARED:  # K is the queries: the keys are their normalised rows
+        k, khat, nrm = _unit_rows(k)
     v = _gather(V, b, h, kpos, stride_vb, stride_vs, stride_vh, offs_d, dmask)
     if UPCAST:
         k = k.to(tl.float32)
@@ -392,7 +412,10 @@ def _lsh_chunk_bwd_dkdv(
                 ds_t = tl.where(cols[:, None] == rows[None, :], 0.0, ds_t)
             dk += tl.dot(ds_t.to(q.dtype), q)
     kok = kpos >= 0  # padding keys: zeros (every position of DK and DV is written)
-    dk = tl.where(kok[:, None], dk * sm_scale, 0.0)
+    dk = dk * sm_scale
+    if SHARED:  # through the normalisation: d q = (d khat - khat (khat . d khat)) / max(|q|, eps)
+        dk = (dk - khat * tl.sum(khat * dk, 1)[:, None]) / nrm[:, None]
+    dk = tl.where(kok[:, None], dk, 0.0)
     dv = tl.where(kok[:, None], dv, 0.0)
     out_row = (rb * S + tl.where(kall >= 0, kall, 0)) * H + h
     out = out_row[:, None] * D + offs_d[None, :]

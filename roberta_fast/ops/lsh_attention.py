@@ -81,11 +81,8 @@ def _triton_padded(q, k, v, key_padding_mask, bucket_size, num_hashes, seed, sca
     q, v = unit_last_stride(q), unit_last_stride(v)
     k = None if k is None else unit_last_stride(k)
     sl = lsh.slots(q, k, key_padding_mask, bucket_size, num_hashes, seed, keys_fn=mod.sort_keys)
-    keys = k
-    if k is None:  # shared QK: the keys are the normalised queries (padding zeroed: NaN there stays out of dq)
-        real = q if key_padding_mask is None else torch.where(key_padding_mask[:, :, None, None], q, 0.0)
-        keys = torch.nn.functional.normalize(real, dim=-1)
-    return mod.lsh_attention(q, keys, v, sl.perm, sl.nreal, sl.chunk, float(scale), sl.shared)
+    # shared QK: the kernels normalise the queries into keys where they load them (and differentiate that)
+    return mod.lsh_attention(q, q if k is None else k, v, sl.perm, sl.nreal, sl.chunk, float(scale), sl.shared)
 
 
 def lsh_attention(q, k, v, *, key_padding_mask=None, bucket_size=64, num_hashes=2, seed=0, scale=None,

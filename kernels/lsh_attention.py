@@ -40,6 +40,7 @@ from ._launch import cdiv
 
 LOG2E = 1.4426950408889634
 SELF_SCORE = -1e5  # roberta_fast.lsh.SELF_SCORE (kernels do not import the package above them)
+SELF_SCORE_LOG2 = tl.constexpr(SELF_SCORE * LOG2E)  # in the kernels' log2 units (a jit global must be constexpr)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # on GPUs; float32 too under the interpreter
 MAX_HEAD_DIM = 128
 MAX_CHUNK = 128  # chunk slots (the tiles are at most TILE x TILE; longer chunks are a few of them)
@@ -206,7 +207,7 @@ def _lsh_chunk_fwd(
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) in log2 units
             if SHARED:
-                s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE * 1.4426950408889634, s)
+                s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE_LOG2, s)
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -333,7 +334,7 @@ def _lsh_chunk_bwd_dq(
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             if SHARED:
-                s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE * 1.4426950408889634, s)
+                s = tl.where(rows[:, None] == cols[None, :], SELF_SCORE_LOG2, s)
             p = tl.exp2(tl.where(ok[None, :], s - lse2[:, None], float("-inf")))
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
@@ -403,7 +404,7 @@ def _lsh_chunk_bwd_dkdv(
             lse2, delta = _row_stats(LSE_ALL, DELTA, b, h, qpos, S, H)
             s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (keys, queries)
             if SHARED:
-                s_t = tl.where(cols[:, None] == rows[None, :], SELF_SCORE * 1.4426950408889634, s_t)
+                s_t = tl.where(cols[:, None] == rows[None, :], SELF_SCORE_LOG2, s_t)
             p_t = tl.exp2(s_t - lse2[None, :])  # slots without a query: lse2 = +inf, p = 0
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
@@ -592,6 +593,7 @@ def aot_specs() -> list[AOTSpec]:
                 **{n: "i32" for n in ("R", "B", "S", "H", "D", "NB", "items")},
                 **{f"stride_{t}{s}": "i32" for t in "qk" for s in "bsh"},
                 **{n: "constexpr" for n in ("SHARED", "MASKED", "F16_DOT", "BLOCK_I", "BLOCK_D", "BLOCK_NB")}}
+    shared = {**consts, "SHARED": True, "MASKED": False}  # shared QK (bucket 64: chunks of 64 slots)
     return [
         AOTSpec("lsh_attention_hash[fp16,D=64]", _lsh_hash, hash_sig,
                 {"SHARED": False, "MASKED": True, "F16_DOT": True, "BLOCK_I": HASH_BLOCK_I, "BLOCK_D": 64,
@@ -602,5 +604,11 @@ def aot_specs() -> list[AOTSpec]:
         AOTSpec("lsh_attention_bwd_dq[fp16,M64N64,D=64]", _lsh_chunk_bwd_dq, dq, consts, num_warps=8,
                 uses_mma=True),
         AOTSpec("lsh_attention_bwd_dkdv[fp16,M64N64,D=64]", _lsh_chunk_bwd_dkdv, dkdv, consts, num_warps=8,
+                uses_mma=True),
+        AOTSpec("lsh_attention_fwd[fp16,M64N64,D=64,shared]", _lsh_chunk_fwd, fwd, shared, num_warps=8,
+                uses_mma=True),
+        AOTSpec("lsh_attention_bwd_dq[fp16,M64N64,D=64,shared]", _lsh_chunk_bwd_dq, dq, shared, num_warps=8,
+                uses_mma=True),
+        AOTSpec("lsh_attention_bwd_dkdv[fp16,M64N64,D=64,shared]", _lsh_chunk_bwd_dkdv, dkdv, shared, num_warps=8,
                 uses_mma=True),
     ]

@@ -1,23 +1,26 @@
-"""LSH attention's kernels: the chunked attention of every hash round, read through the sorted layout's
-indices (roberta_fast.lsh.slots: slot -> position, no sorted copies of q, k, v), the rounds' combination, and
+"""LSH attention's kernels: the hashing, the chunked attention of every hash round read through the sort's
+indices (roberta_fast.lsh.slots: slot -> token, no sorted copies of q, k, v), the rounds' combination, and
 the backward.
 
     for each row n = (r, b, h) (one hash round of one sequence and head) and chunk c of C sorted slots:
         o_r, lse_r [positions of chunk c's queries] = softmax(scale * q_c [k_{c-1}, k_c]^T, masked) [v_{c-1}, v_c]
     out = sum_r softmax_r(lse_r) o_r,   lse = logsumexp_r lse_r          (per position)
 
-Kernels, all rounds in one launch each:
-  _lsh_chunk_fwd    one program per (chunk, row): the chunk's C queries gathered by position into registers,
-                    the keys and values of chunk c - 1 (absent for c = 0) and chunk c gathered the same way
-                    and streamed with an online softmax in fp32 (exp2, log2(e) folded into the scale); o_r
-                    (q's dtype) and the natural-log lse_r (fp32) stored at the queries' positions.
+Kernels, all rounds in one launch each (a forward: _lsh_hash, torch.sort, _lsh_chunk_fwd, _lsh_combine):
+  _lsh_hash         per block of items of one (b, h): the sort key bucket * items + tie-break of every round,
+                    bucket = argmax(x [R, -R]) (fp32 sums; fp16 inputs on tensor cores), padding -> n_buckets.
+  _lsh_chunk_fwd    one program per (BLOCK_M query slots of a chunk, row): the queries gathered by position into
+                    registers, the keys and values of chunk c - 1 (absent for c = 0) and chunk c gathered the
+                    same way, BLOCK_N slots a step, with an online softmax in fp32 (exp2, log2(e) folded into the
+                    scale); o_r (q's dtype) and the natural-log lse_r (fp32) stored at the queries' positions.
   _lsh_combine      per position and head: the rounds combined by their lse (out, q's dtype) and the total lse.
   _lsh_chunk_bwd_dq, _lsh_chunk_bwd_dkdv
                     flash-attention's backward on the chunks: the probabilities recomputed from the TOTAL lse
                     (exp(s - lse) is round r's softmax times its combination weight), so with dO and
                     delta = rowsum(dO * out) of the combined output no per-round dO or dlse is needed. dq per
-                    (query chunk, row) over key chunks c - 1, c; dk, dv per (key chunk, row) over query chunks
-                    c, c + 1. Per-round gradients are written at positions and summed over rounds in torch.
+                    (query slots, row) over key chunks c - 1, c (and delta, stored by round 0 for dkdv); dk, dv
+                    per (key slots, row) over query chunks c, c + 1. Per-round gradients are written at
+                    positions and summed over rounds in torch (one op).
 Slots that hold no real query or key (padding, the tail, the other kind of item of the joint sort) are never
 read (predicated loads); a padding token's slot writes its zeros (o = 0, lse = -inf, zero gradients), so every
 output position is written and nothing is zero-filled first; SHARED (shared QK) replaces a slot's score with

@@ -17,5 +17,6 @@ trainer.py    PretrainArgs, Pretrainer, pretrain(): the loop on the fine-tuning 
 """
 
 from .corpus import BUILTIN_MODULES, Corpus, CorpusError, PackedStream, builtin_documents, write_builtin_corpus  # noqa: F401
+from .evaluate import unigram_entropy  # noqa: F401
 from .tokenizer import TokenizerError, train_bpe  # noqa: F401
-from .trainer import PRESETS, PretrainArgs, Pretrainer, PretrainResult, pretrain, unigram_entropy  # noqa: F401
+from .trainer import PRESETS, PretrainArgs, Pretrainer, PretrainResult, pretrain  # noqa: F401

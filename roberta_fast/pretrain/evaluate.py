@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from ..data.masking import MLMCollator
 from . import tokenizer as T
 from .corpus import Corpus, PackedStream
-from .trainer import unigram_entropy
+
+
+def unigram_entropy(counts: torch.Tensor) -> float:
+    """Entropy in nats of the distribution given by `counts` (e.g. the masked targets' token counts)."""
+    c = counts.double()
+    p = c[c > 0] / c.sum()
+    return float(-(p * p.log()).sum())
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from ..train import optim as O
 from ..train.trainer import Dist, RunBase, seed_all
 from . import tokenizer as T
 from .corpus import Corpus, PackedStream, write_builtin_corpus
+from .evaluate import mlm_eval, unigram_entropy
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -167,13 +168,6 @@ class PretrainResult:
     eval: dict | None = None  # pretrain.evaluate.mlm_eval on the held-out corpus at the end (rank 0)
     skipped_steps: int = 0
     resumed_from: str | None = None
-
-
-def unigram_entropy(counts: torch.Tensor) -> float:
-    """Entropy in nats of the distribution given by `counts` (the masked targets' token counts)."""
-    c = counts.double()
-    p = c[c > 0] / c.sum()
-    return float(-(p * p.log()).sum())
 
 
 class Pretrainer(RunBase):
@@ -407,8 +401,6 @@ class Pretrainer(RunBase):
         if self.target_counts.sum() > 0:
             result.unigram_entropy = unigram_entropy(self.target_counts)
         if self.is_main and self.eval_dir is not None:
-            from .evaluate import mlm_eval
-
             t1 = time.perf_counter()
             result.eval = mlm_eval(a.output, self.eval_dir, train_counts=self.target_counts, random_context=True)
             e = result.eval

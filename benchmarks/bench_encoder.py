@@ -9,6 +9,9 @@ the forward's one host sync):
   hf_sdpa_compile    torch.compile(hf_sdpa, mode="max-autotune") (that mode captures CUDA graphs itself)
   rf_padded          roberta_fast.optimize(hf_model) with padding_free=False (ops.attention + mask)
   rf_padding_free    roberta_fast.optimize(hf_model) (unpad once, attention_varlen, repad once)
+  rf_epilogue        GPU only: rf_padding_free with its GEMMs on ops.linear's Triton epilogues (FFN1 + bias +
+                     GELU, the output projections + bias + residual; ROBERTA_FAST_BACKEND_LINEAR=triton), the
+                     MFU change of fusing the elementwise work into the GEMMs (issue 16)
 
 Workloads: batch 32 x seqlen 128; batch 64 x seqlen 512; batch 64 with lengths uniform in
 [0.2 S, S] at S = 512 (seeded, padded to 512 with an attention mask); batch 1 x seqlen 128.
@@ -27,9 +30,11 @@ hf_eager (speedup) and hf_sdpa (speedup_sdpa) without CUDA graphs in the same ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
+import os
 import time
 
 import torch
@@ -145,7 +150,11 @@ def _graphed(fn, model=None, provider=None):
 # ----------------------------------------------------------------------------- the suite
 
 
-PROVIDERS = ("hf_eager", "hf_sdpa", "hf_sdpa_compile", "rf_padded", "rf_padding_free")
+PROVIDERS = ("hf_eager", "hf_sdpa", "hf_sdpa_compile", "rf_padded", "rf_padding_free", "rf_epilogue")
+# rf_epilogue (GPU only): the padding-free model with its GEMMs on ops.linear's Triton epilogues
+# (ROBERTA_FAST_BACKEND_LINEAR=triton while it is built and timed), every other op on its automatic choice: the
+# MFU change of issue 16 beside rf_padding_free (cuBLAS + the fused elementwise kernels, the untuned default)
+_EPILOGUE_ENV = {"ROBERTA_FAST_BACKEND_LINEAR": "triton"}
 
 
 def provider_variants(device, quick: bool):
@@ -155,6 +164,10 @@ def provider_variants(device, quick: bool):
         if p == "hf_sdpa_compile":
             if device.type == "cuda":
                 out.append((p, None))  # max-autotune captures its own graphs
+            continue
+        if p == "rf_epilogue":
+            if device.type == "cuda":
+                out.append((p, False))
             continue
         out.append((p, False))
         if device.type == "cuda":
@@ -207,20 +220,21 @@ def run_encoder(*, device: torch.device, models, dtypes, quick: bool, ceilings: 
                         r["error"] = skip
                         bar.update()
                     continue
-                try:
-                    model = _build(prov, ref, dt, device)
-                except Exception as e:  # noqa: BLE001
-                    msg = f"building the model: {short_error(e)}"
-                    for r in wrows:
-                        r["error"] = msg
-                        bar.update()
-                    continue
-                for wl, r, rf in zip(wls, wrows, refs):
-                    bar.update(f"{mname} {dtype_name(dt)} {prov}{'+graph' if graph else ''} {wl['name']}")
-                    if budget.left() <= 0:
-                        r["error"] = "skipped: time budget"
+                with _environment(_EPILOGUE_ENV if prov == "rf_epilogue" else {}):
+                    try:
+                        model = _build(prov, ref, dt, device)
+                    except Exception as e:  # noqa: BLE001
+                        msg = f"building the model: {short_error(e)}"
+                        for r in wrows:
+                            r["error"] = msg
+                            bar.update()
                         continue
-                    _measure(r, model, wl, rf, graph, device, rep_ms, quick)
+                    for wl, r, rf in zip(wls, wrows, refs):
+                        bar.update(f"{mname} {dtype_name(dt)} {prov}{'+graph' if graph else ''} {wl['name']}")
+                        if budget.left() <= 0:
+                            r["error"] = "skipped: time budget"
+                            continue
+                        _measure(r, model, wl, rf, graph, device, rep_ms, quick)
                 del model
                 _free(device)
             _finish(group, config, ceilings, datasheet)
@@ -241,9 +255,32 @@ def _build(prov, ref, dt, device):
         return torch.compile(hf_copy(ref, "sdpa", dt, device), mode="max-autotune", dynamic=False)
     if prov == "rf_padded":
         return build_roberta_fast(ref, dt, device, padding_free=False)
-    if prov == "rf_padding_free":
+    if prov in ("rf_padding_free", "rf_epilogue"):
         return build_roberta_fast(ref, dt, device, padding_free=True)
     raise ValueError(prov)
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """Set environment variables inside the block (the backend registry re-reads its settings on entry and exit:
+    backends.reset())."""
+    if not values:
+        yield
+        return
+    from roberta_fast import backends
+
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    backends.reset()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        backends.reset()
 
 
 def _reference_outputs(ref, wls, device):

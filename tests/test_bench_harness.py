@@ -499,3 +499,19 @@ def test_host_rows_over_target_are_not_accuracy_failures():
     lines = []
     bench._summary({"rows": rows, "elapsed_s": 1.0}, lines.append)
     assert "1 failing the accuracy rule, 1 host-time rows over their target" in lines[0]
+
+
+def test_epilogue_provider_on_gpus_only():
+    """The encoder suite's rf_epilogue row (the model's GEMMs on Triton's epilogues) runs on GPUs only, without a
+    CUDA graph, and its environment is set only while it runs."""
+    import os
+
+    from roberta_fast.benchmarks import bench_encoder
+
+    assert all(p != "rf_epilogue" for p, _ in bench_encoder.provider_variants(torch.device("cpu"), False))
+    assert ("rf_epilogue", False) in bench_encoder.provider_variants(torch.device("cuda"), False)
+    assert ("rf_epilogue", True) not in bench_encoder.provider_variants(torch.device("cuda"), False)
+    assert "ROBERTA_FAST_BACKEND_LINEAR" not in os.environ
+    with bench_encoder._environment(bench_encoder._EPILOGUE_ENV):
+        assert os.environ["ROBERTA_FAST_BACKEND_LINEAR"] == "triton"
+    assert "ROBERTA_FAST_BACKEND_LINEAR" not in os.environ

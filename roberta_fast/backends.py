@@ -245,10 +245,10 @@ def default_order(op: str, device: torch.device) -> tuple:
     call: the first row of DEFAULT_ORDERS that matches the op and the device's capability, else
     GENERAL_ORDER (also for device types other than "cuda", e.g. the host benchmark's stub)."""
     cap = capability(device)
-    if cap is not None:
-        for ops, lo, hi, order in DEFAULT_ORDERS:
-            if op in ops and lo <= cap < hi:
-                return order
+    for ops, lo, hi, order in DEFAULT_ORDERS:
+        # a device whose capability is unknown (the host benchmark's stub) matches the rows for every GPU only
+        if op in ops and (lo <= cap < hi if cap is not None else lo == (0, 0)):
+            return order
     return GENERAL_ORDER
 
 

@@ -383,6 +383,45 @@ def forward_inference(x, weight, bias, eps, residual, x_bias, dropout_p, rng):
     return y
 
 
+def bind_inference(x, weight, bias, residual, x_bias):
+    """forward_inference without dropout for many calls of ONE signature (roberta_fast.ops.layer_norm's
+    bind_inference: x (M, N) contiguous rows, residual like x or None, contiguous parameters): the parameters'
+    dtype, the config, the flags, the strides' and M's parts of the launch key and the meta fixed here once; each
+    call keys only the addresses' alignment. Returns fn(x, weight, bias, eps, residual, x_bias) -> y, the same
+    kernel launch as forward_inference's (None where the parameters would need a cast per call)."""
+    M, N = x.shape
+    pdt = _param_dtype(x, weight, bias, x_bias)
+    if any(p is not None and p.dtype != pdt for p in (weight, bias, x_bias)):
+        return None  # mixed parameter dtypes: forward_inference casts them per call
+    block, rows, num_warps = _config("fwd", x)
+    flags = (int(weight is not None), int(bias is not None), int(x_bias is not None), int(residual is not None))
+    has_w, has_b, has_xb, has_r = (bool(f) for f in flags)
+    sx = x.stride()[0]
+    sr = residual.stride()[0] if has_r else sx
+    head, tail = (x.dtype, pdt, N), (int_key(sx), int_key(sr), int_key(M), flags, block, rows, num_warps, False)
+    meta, grid = _fwd_meta(block, rows, num_warps, False), (cdiv(M, rows),)
+    shape, dtype, dev = (M, N), x.dtype, x.device
+    empty, launch = torch.empty, _FWD
+
+    def layer_norm_bound(x, weight, bias, eps, residual, x_bias):
+        y = empty(shape, dtype=dtype, device=dev)
+        s = stats_scratch(dev, M)
+        dummy = weight if has_w else (bias if has_b else (x_bias if has_xb else x))
+        w = weight if has_w else dummy
+        b = bias if has_b else dummy
+        xb = x_bias if has_xb else dummy
+        res = residual if has_r else x
+        px, pr, pw, pb, pxb, ps = (x.data_ptr(), res.data_ptr(), w.data_ptr(), b.data_ptr(), xb.data_ptr(),
+                                   s.data_ptr())
+        align = "A" if not (px | pr | pw | pb | pxb | ps) & 15 else (px & 15, pr & 15, pw & 15, pb & 15, pxb & 15,
+                                                                     ps & 15)
+        launch((*head, align, *tail), grid, (x, res, w, b, xb, y, s, s, s, sx, sr, M, N, float(eps), 0.0, *flags),
+               meta)
+        return y
+
+    return layer_norm_bound
+
+
 @functools.lru_cache(maxsize=64)
 def _fwd_meta(block: int, rows: int, num_warps: int, dropout: bool = False) -> dict:
     """The forward's constexprs and launch options (one dict per config, not one per call)."""

@@ -531,3 +531,24 @@ def test_cuda_bound_attention_equals_forward_inference_misaligned_too():
     mq, mk, mv = mis.unbind(1)
     assert torch.equal(fn(mq, mk, mv, None, cu, 5, 0.2),
                        ca.forward_inference(mq, mk, mv, None, cu, 5, 0.2, 0.0, None))
+
+
+@needs_triton
+def test_triton_layer_norm_bound_equals_forward_inference():
+    """kernels/layer_norm.bind_inference (everything but the addresses fixed once) launches what forward_inference
+    launches: bit-identical outputs with and without each parameter, residual and x_bias, misaligned rows, float32
+    parameters on half x; None where the parameters would need a cast per call (mixed dtypes)."""
+    from roberta_fast.kernels import layer_norm as k
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(9 * 48 + 8, generator=g).half()
+    for off in (0, 1):
+        x = base[off:off + 9 * 48].view(9, 48)
+        for pdt in (torch.float16, torch.float32):
+            w, b, xb = (torch.randn(48, generator=g).to(pdt) for _ in range(3))
+            r = torch.randn(9, 48, generator=g).half()
+            for args in ((w, b, r, xb), (None, b, None, None), (w, None, r, None), (None, None, None, xb)):
+                fn = k.bind_inference(x, args[0], args[1], args[2], args[3])
+                want = k.forward_inference(x, args[0], args[1], 1e-5, args[2], args[3], 0.0, None)
+                assert torch.equal(fn(x, args[0], args[1], 1e-5, args[2], args[3]), want)
+    assert k.bind_inference(x, w.half(), b.float(), None, None) is None

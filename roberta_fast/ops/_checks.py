@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import backends
 from .._utils import FLOAT_DTYPES, dtype_name
 
 
@@ -80,6 +81,13 @@ def check_dropout(op: str, dropout_p, rng, x):
         raise ValueError(f"{op}: rng must have shape (2,) (seed, offset), got {tuple(rng.shape)}")
     if rng.device != x.device:
         raise ValueError(f"{op}: rng must be on x's device ({x.device}), got {rng.device}")
+
+
+def values_readable(t) -> bool:
+    """Whether an op may read t's values on the host to check them: CPU tensors (free there), not GPU tensors (a
+    read would synchronize). The host benchmark treats CPU tensors as GPU ones (backends.GPU_DEVICE_TYPES gets
+    "cpu" in its process), so it measures the GPU path's host time, which reads nothing."""
+    return t.device.type not in backends.GPU_DEVICE_TYPES
 
 
 def bindable(x) -> bool:

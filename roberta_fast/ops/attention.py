@@ -32,6 +32,7 @@ from ._checks import (
     grad_on,
     modes,
     train_mode,
+    values_readable,
 )
 
 _OP = "attention"
@@ -292,7 +293,7 @@ def _bind_varlen(q, k, v, cu_seqlens, max_seqlen, scale, backend, check_values):
         return None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ms = int(max_seqlen)
-    if check_values and cu_seqlens.device.type == "cpu":  # the public op's CPU value checks, at every call
+    if check_values and values_readable(cu_seqlens):  # the public op's CPU value checks, at every call
         total = q.shape[0]
 
         def attention_varlen_cached(q, k, v, cu_seqlens):
@@ -419,7 +420,7 @@ def _run_traced(q, k, v, key_padding_mask, scale, dropout_p, rng, backend):
 
 def _check_cu_seqlens(cu_seqlens, max_seqlen, total):
     """Value checks on CPU tensors (free there); on GPUs they would synchronize, so they are skipped."""
-    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
+    if not values_readable(cu_seqlens) or torch.compiler.is_compiling():
         return
     _check_cu_values(cu_seqlens.tolist(), max_seqlen, total)
 

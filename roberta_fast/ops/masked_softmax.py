@@ -24,6 +24,7 @@ from ._checks import (
     grad_on,
     modes,
     train_mode,
+    values_readable,
 )
 
 _OP = "masked_softmax"
@@ -119,7 +120,7 @@ def _check_additive(mask):
     """A float mask is additive (0 keeps, -inf masks). A float mask of 0s and 1s is almost surely a keep-mask
     given as float, which as additive masks nothing: refuse it. Checked on CPU tensors only (free there;
     on a GPU it would synchronize) and never under torch.compile."""
-    if mask is None or mask.dtype == torch.bool or mask.device.type != "cpu" or torch.compiler.is_compiling():
+    if mask is None or mask.dtype == torch.bool or not values_readable(mask) or torch.compiler.is_compiling():
         return
     if mask.numel() and bool(((mask == 0) | (mask == 1)).all()) and bool((mask == 1).any()):
         raise ValueError(f"{_OP}: mask is a float tensor of 0s and 1s, which as an additive mask masks nothing; "
@@ -195,7 +196,7 @@ def _bind_public(scores, mask, scale, backend, check_values):
         def fn(scores, mask):
             return fwd(scores, None if mask is None else _mask_for_kernels(scores, mask), scale)
 
-    if check_values and mask is not None and mask.dtype != torch.bool and mask.device.type == "cpu":
+    if check_values and mask is not None and mask.dtype != torch.bool and values_readable(mask):
         bound = fn
 
         def fn(scores, mask):
